@@ -1,1 +1,3 @@
-"""placeholder"""
+"""litegen_ckpt."""
+
+__all__: list[str] = []

@@ -1,1 +1,3 @@
-"""placeholder"""
+"""litegen_ema."""
+
+__all__: list[str] = []

@@ -1,1 +1,3 @@
-"""placeholder"""
+"""litegen_sp."""
+
+__all__: list[str] = []

@@ -1,1 +1,3 @@
-"""placeholder"""
+"""litegen_vae."""
+
+__all__: list[str] = []

@@ -1,1 +1,3 @@
-"""placeholder"""
+"""litegen_zero."""
+
+__all__: list[str] = []
