@@ -1,0 +1,260 @@
+"""LiteGen's configuration: one dataclass tree, built from a YAML path, a dict or a dataclass, fully validated.
+
+Every key is checked before anything else happens: an unknown key names the closest valid one, a
+wrong type or range names the key, the value and what is allowed. The original LiteGen's keys keep
+their meaning (``zero_degree``, ``group_zero``, ``sp_size``, ``precision``, ``grad_precision``,
+``selective_ratio``, ``ac_offload``, ``encoder.fsdp``, ``encoder.group``, ``ema.enable``,
+``ema.sharded``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class EncoderConfig:
+    """Frozen modules (text encoders) passed to ``initialize``."""
+
+    fsdp: bool = False  # shard each frozen module's parameters (ZeRO-3 style, gathered per block)
+    group: bool = False  # shard within a node (LOCAL_WORLD_SIZE ranks) instead of the whole world
+
+
+@dataclass
+class EMAConfig:
+    enable: bool = False
+    sharded: bool = True  # each rank keeps 1/N of the EMA
+    decay: float = 0.9999
+    warmup: bool = False  # decay = min(decay, 1 - (1 + step / warmup_gamma) ** -warmup_power)
+    warmup_gamma: float = 1.0
+    warmup_power: float = 0.75
+    update_after_step: int = 0
+
+
+@dataclass
+class VAEConfig:
+    """The callable (e.g. ``vae.encode``) passed to ``initialize``."""
+
+    data_parallel: bool = True  # split each batch over the sequence-parallel group's ranks
+    slice_size: int | None = None  # encode in micro-batches of this many items
+    compile: bool = False
+
+
+@dataclass
+class LiteGenConfig:
+    """All of LiteGen's settings. Defaults give plain DDP in fp32 with nothing else switched on."""
+
+    # parallelism
+    zero_degree: int = 0  # 0 DDP, 1 ZeRO-1, 2 ZeRO-2, 3 ZeRO-3
+    group_zero: Union[bool, int] = False  # ZeRO-3 sharded within groups (True: a node) and replicated across
+    sp_size: int = 1  # Ulysses sequence-parallel degree (contiguous ranks)
+    cpu_offload: bool = False  # ZeRO-3 parameters and optimizer state on CPU
+    # precision
+    precision: str = "fp32"  # parameters / compute
+    grad_precision: str | None = None  # gradient reduction; default: same as precision
+    allow_tf32: bool = False
+    # activations
+    selective_ratio: float = 1.0  # fraction of blocks NOT checkpointed (1.0: none, 0.0: all)
+    ac_offload: bool = False  # saved activations to CPU memory (CUDA)
+    compile: bool = False  # torch.compile each block
+    # data
+    global_batch_size: int = 1
+    num_workers: int = 0
+    pin_memory: bool = True  # only takes effect on CUDA
+    shuffle: bool = True
+    drop_last: bool = True
+    global_seed: int = 0
+    # optimization (None: keep the optimizer's own values)
+    lr: float | None = None
+    weight_decay: float | None = None
+    max_steps: int | None = None
+    # checkpoints
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # a hint for trainers; 0: never
+    checkpoint_keep: int = 3
+    checkpoint_async: bool = False
+    auto_resume: bool = False
+    resume_from: str | None = None  # a step number, "latest", or a step directory
+    init_from: str | None = None  # a safetensors file of pretrained weights for the trainable model
+    # runtime
+    collective_timeout: float = 600.0  # seconds before a collective that does not complete fails
+    log_level: str = "INFO"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def group_size(self) -> int | None:
+        """The grouped-ZeRO-3 group size, or None (True resolves to the node size)."""
+        if self.group_zero is False:
+            return None
+        if self.group_zero is True:
+            return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        return int(self.group_zero)
+
+
+def load_config(source: str | os.PathLike | dict | LiteGenConfig | None) -> LiteGenConfig:
+    """A validated ``LiteGenConfig`` from a YAML path, a (nested) dict, a dataclass or None (defaults)."""
+    if source is None:
+        return LiteGenConfig()
+    if isinstance(source, LiteGenConfig):
+        return dataclasses.replace(source)  # re-validates
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"config: {str(path)!r} is not a file; pass a YAML path, a dict or a LiteGenConfig")
+        import yaml
+
+        data = yaml.safe_load(path.read_text())
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config: {str(path)!r} holds a {type(data).__name__}; a mapping of keys is required")
+        source = data
+    if dataclasses.is_dataclass(source) and not isinstance(source, type):
+        source = dataclasses.asdict(source)
+    if not isinstance(source, dict):
+        raise TypeError(
+            f"config: got {type(source).__name__}; pass a YAML path, a dict, a LiteGenConfig or None"
+        )
+    return _build(LiteGenConfig, source, prefix="")
+
+
+def config_as_dict(config: LiteGenConfig) -> dict[str, Any]:
+    """The resolved config as a nested dict (for logging and checkpoint metadata)."""
+    return dataclasses.asdict(config)
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    names = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if not isinstance(key, str) or key not in names:
+            close = difflib.get_close_matches(str(key), list(names), n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            raise ValueError(f"config: unknown key {where!r}{hint} Valid keys here: {sorted(names)}")
+        nested = _nested_type(cls, key)
+        if nested is not None:
+            if isinstance(value, nested):
+                value = dataclasses.asdict(value)
+            if not isinstance(value, dict):
+                raise TypeError(f"config: {where!r} must be a mapping of {sorted(f.name for f in fields(nested))}, "
+                                f"got {value!r}")
+            value = _build(nested, value, prefix=f"{where}.")
+        else:
+            value = _coerce(where, value, typing.get_type_hints(cls)[key])
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _nested_type(cls: type, key: str) -> type | None:
+    hint = typing.get_type_hints(cls)[key]
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a field's type hint; ints are accepted where floats are expected."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+    for kind in allowed:
+        if kind is type(None) and value is None:
+            return None
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
+    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+    raise TypeError(f"config: {key!r} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"config: {key}={value!r} is not allowed; {allowed}")
+
+
+def _validate(c: LiteGenConfig) -> None:
+    """Range and consistency checks that do not need the world size (see ``check_world``)."""
+    for f in fields(c):  # direct construction, e.g. LiteGenConfig(zero_degree="3"), is type-checked too
+        if not dataclasses.is_dataclass(getattr(c, f.name)):
+            setattr(c, f.name, _coerce(f.name, getattr(c, f.name), typing.get_type_hints(LiteGenConfig)[f.name]))
+    _check(c.zero_degree in (0, 1, 2, 3), "zero_degree", c.zero_degree,
+           "0 (DDP), 1 (ZeRO-1), 2 (ZeRO-2) or 3 (ZeRO-3)")
+    if c.group_zero is not False:
+        _check(c.zero_degree == 3, "group_zero", c.group_zero, "grouped sharding needs zero_degree: 3")
+        _check(c.group_zero is True or c.group_zero >= 1, "group_zero", c.group_zero,
+               "true (a node) or a group size >= 1")
+    _check(c.sp_size >= 1, "sp_size", c.sp_size, "an integer >= 1")
+    _check(not c.cpu_offload or c.zero_degree == 3, "cpu_offload", c.cpu_offload, "offload needs zero_degree: 3")
+    _check(c.precision in PRECISIONS, "precision", c.precision, f"one of {list(PRECISIONS)}")
+    _check(c.grad_precision is None or c.grad_precision in PRECISIONS, "grad_precision", c.grad_precision,
+           f"one of {list(PRECISIONS)} or null (same as precision)")
+    if c.precision != "fp32" or (c.grad_precision or "fp32") != "fp32":
+        _check(c.zero_degree >= 2, "precision", c.precision,
+               "mixed precision (bf16/fp16) needs zero_degree 2 or 3 (FSDP2's MixedPrecisionPolicy)")
+    _check(0.0 <= c.selective_ratio <= 1.0, "selective_ratio", c.selective_ratio,
+           "a fraction in [0, 1] of blocks NOT checkpointed (1.0: no checkpointing, 0.0: every block)")
+    _check(c.global_batch_size >= 1, "global_batch_size", c.global_batch_size, "an integer >= 1")
+    _check(c.num_workers >= 0, "num_workers", c.num_workers, "an integer >= 0")
+    _check(c.global_seed >= 0, "global_seed", c.global_seed, "an integer >= 0")
+    _check(c.lr is None or c.lr > 0, "lr", c.lr, "a number > 0 or null (keep the optimizer's)")
+    _check(c.weight_decay is None or c.weight_decay >= 0, "weight_decay", c.weight_decay,
+           "a number >= 0 or null (keep the optimizer's)")
+    _check(c.max_steps is None or c.max_steps >= 1, "max_steps", c.max_steps, "an integer >= 1 or null")
+    _check(c.checkpoint_every >= 0, "checkpoint_every", c.checkpoint_every, "an integer >= 0 (0: never)")
+    _check(c.checkpoint_keep >= 1, "checkpoint_keep", c.checkpoint_keep, "an integer >= 1")
+    needs_dir = {"auto_resume": c.auto_resume, "resume_from": c.resume_from, "checkpoint_every": c.checkpoint_every}
+    for key, value in needs_dir.items():
+        _check(not value or c.checkpoint_dir is not None, key, value, "it needs checkpoint_dir to be set")
+    if c.checkpoint_dir is not None:
+        _check(c.checkpoint_dir != "" and not Path(c.checkpoint_dir).is_file(), "checkpoint_dir", c.checkpoint_dir,
+               "a directory path (it is created when missing), not a file")
+    if c.init_from is not None:
+        _check(c.init_from.endswith(".safetensors"), "init_from", c.init_from,
+               "a .safetensors file (weights are never unpickled)")
+    _check(c.collective_timeout > 0, "collective_timeout", c.collective_timeout, "a number of seconds > 0")
+    _check(c.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", c.log_level,
+           "DEBUG, INFO, WARNING or ERROR")
+    for key, value in [("encoder", c.encoder), ("ema", c.ema), ("vae", c.vae)]:
+        expected = typing.get_type_hints(LiteGenConfig)[key]
+        if not isinstance(value, expected):
+            raise TypeError(f"config: {key!r} must be a {expected.__name__} or a mapping, got {value!r}")
+        for f in fields(value):
+            setattr(value, f.name, _coerce(f"{key}.{f.name}", getattr(value, f.name),
+                                           typing.get_type_hints(expected)[f.name]))
+    e = c.ema
+    _check(0.0 <= e.decay <= 1.0, "ema.decay", e.decay, "a number in [0, 1]")
+    _check(e.warmup_gamma > 0, "ema.warmup_gamma", e.warmup_gamma, "a number > 0")
+    _check(e.warmup_power > 0, "ema.warmup_power", e.warmup_power, "a number > 0")
+    _check(e.update_after_step >= 0, "ema.update_after_step", e.update_after_step, "an integer >= 0")
+    _check(c.vae.slice_size is None or c.vae.slice_size >= 1, "vae.slice_size", c.vae.slice_size,
+           "an integer >= 1 or null (no slicing)")
+
+
+def check_world(c: LiteGenConfig, world_size: int) -> None:
+    """Checks that need the world size; every rank runs them before any collective."""
+    _check(world_size % c.sp_size == 0, "sp_size", c.sp_size, f"a divisor of the world size {world_size}")
+    dp_size = world_size // c.sp_size
+    group = c.group_size
+    if group is not None:
+        _check(world_size % group == 0, "group_zero", c.group_zero,
+               f"a group size that divides the world size {world_size}")
+        _check(group % c.sp_size == 0, "group_zero", c.group_zero,
+               f"a group size that is a multiple of sp_size={c.sp_size} (SP groups live inside a shard group)")
+    _check(c.global_batch_size % dp_size == 0, "global_batch_size", c.global_batch_size,
+           f"a multiple of the data-parallel size {dp_size} (world {world_size} / sp_size {c.sp_size})")
