@@ -1,0 +1,354 @@
+"""``LiteGen(config).initialize(*objs)``: classify each object, optimize it, return them in order.
+
+The trainable model goes through, in this order: sequence-parallel plan → activation checkpointing
+→ activation offload → compile → sharding (ZeRO degree) → pretrained weights → EMA. Each step lives
+in the package that owns it; this module only decides what applies and in which order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset
+
+import litegen_ckpt
+import litegen_ema
+import litegen_sp
+import litegen_vae
+import litegen_zero
+
+from .activations import apply_activation_checkpointing, apply_activation_offload, record_parents
+from .config import LiteGenConfig, config_as_dict, load_config
+from .data import ResumableLoader, ResumableSampler
+from .runtime import Runtime, seed_everything, start
+
+logger = logging.getLogger("litegen")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RNGState:
+    """The process's random generators (torch CPU/CUDA, python, numpy) as a checkpoint stateful."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        with contextlib.suppress(ImportError):
+            import numpy as np
+
+            state["numpy"] = np.random.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+        if "numpy" in state:
+            import numpy as np
+
+            np.random.set_state(state["numpy"])
+
+
+class LiteGen:
+    """The facade: ``gen = LiteGen(config)``; ``model, optimizer, ... = gen.initialize(model, optimizer, ...)``.
+
+    ``config``: a YAML path, a dict or a ``LiteGenConfig``. Building it validates the config, joins
+    (or creates) the process group, builds the dp × sp meshes and seeds every rank identically, so a
+    model built afterwards starts with the same weights everywhere.
+    """
+
+    def __init__(self, config: str | os.PathLike | dict | LiteGenConfig | None = None) -> None:
+        self.config: LiteGenConfig = load_config(config)
+        logging.getLogger("litegen").setLevel(self.config.log_level.upper())
+        self.runtime: Runtime = start(self.config)
+        if self.is_main:
+            logger.info("LiteGen config: %s", config_as_dict(self.config))
+            logger.info("world %d = dp %d x sp %d on %s", self.runtime.world_size, self.runtime.dp_size,
+                        self.runtime.sp_size, self.device)
+        seed_everything(self.config.global_seed)
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.dataloader: ResumableLoader | None = None
+        self.ema: Any = None
+        self.start_step: int = 0
+        self._checkpointer: Any = None
+        self._rng = RNGState()
+
+    # ---- where this process stands -------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.runtime.is_main
+
+    @property
+    def sp_group(self) -> dist.ProcessGroup:
+        return self.runtime.sp_group
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.runtime.dp_group
+
+    # ---- initialize ----------------------------------------------------------------------------
+    def initialize(self, *objs: Any, sp_plan: Any = None, blocks: Sequence[nn.Module] | None = None) -> Any:
+        """Optimize each object by kind and return them in the given order (one object: unwrapped).
+
+        Trainable ``nn.Module`` (exactly one) → SP, checkpointing, offload, compile, sharding, EMA;
+        ``Optimizer`` → rebuilt on the sharded parameters; frozen ``nn.Module`` → sharded encoder or
+        moved to the device, in eval mode; map-style ``Dataset`` → resumable ``DataLoader``; any other
+        callable (``vae.encode``) → data-parallel / sliced / compiled encode.
+        ``sp_plan``: a ``litegen_sp.SPPlan`` for models the default plan does not fit; ``blocks``:
+        the repeated blocks (default: auto-detected).
+        """
+        kinds = self._classify(objs)  # raises on every rank before any collective
+        out: list[Any] = list(objs)
+        trainable = [i for i, k in enumerate(kinds) if k == "model"]
+        optimizers = [i for i, k in enumerate(kinds) if k == "optimizer"]
+        if trainable:
+            i = trainable[0]
+            opt = objs[optimizers[0]] if optimizers else None
+            model, opt = self._prepare_model(objs[i], opt, sp_plan=sp_plan, blocks=blocks)
+            out[i] = model
+            if optimizers:
+                out[optimizers[0]] = opt
+        for i, kind in enumerate(kinds):
+            if kind == "frozen":
+                out[i] = self._prepare_frozen(objs[i])
+            elif kind == "dataset":
+                out[i] = self._prepare_dataset(objs[i])
+            elif kind == "encode":
+                out[i] = self._prepare_encode(objs[i])
+        seed_everything(self.config.global_seed + 1 + self.runtime.dp_rank)  # distinct noise per dp rank
+        if self.config.resume_from is not None or self.config.auto_resume:
+            self._resume_at_start()
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def _classify(self, objs: Sequence[Any]) -> list[str]:
+        kinds = []
+        for i, obj in enumerate(objs):
+            if isinstance(obj, nn.Module):
+                kinds.append("model" if any(p.requires_grad for p in obj.parameters()) else "frozen")
+            elif isinstance(obj, torch.optim.Optimizer):
+                kinds.append("optimizer")
+            elif isinstance(obj, IterableDataset):
+                raise TypeError(f"initialize: argument {i} is an IterableDataset ({type(obj).__name__}); "
+                                "pass a map-style Dataset (with __len__ and __getitem__)")
+            elif isinstance(obj, Dataset) or (hasattr(obj, "__getitem__") and hasattr(obj, "__len__")
+                                              and not callable(obj) and not isinstance(obj, (str, bytes, dict))):
+                kinds.append("dataset")
+            elif callable(obj) and not isinstance(obj, type):
+                kinds.append("encode")
+            else:
+                raise TypeError(f"initialize: argument {i} has type {type(obj).__name__}; expected a trainable "
+                                "nn.Module, an Optimizer, a frozen nn.Module, a map-style Dataset or a callable")
+        models = [i for i, k in enumerate(kinds) if k == "model"]
+        if len(models) > 1:
+            names = ", ".join(f"argument {i} ({type(objs[i]).__name__})" for i in models)
+            raise ValueError(f"initialize: exactly one trainable nn.Module is allowed, got {names}; freeze the "
+                             "others (requires_grad_(False)) to have them treated as encoders")
+        optimizers = [i for i, k in enumerate(kinds) if k == "optimizer"]
+        if len(optimizers) > 1:
+            raise ValueError(f"initialize: at most one optimizer is allowed, got arguments {optimizers}")
+        if optimizers and not models:
+            raise ValueError(f"initialize: the optimizer (argument {optimizers[0]}) needs its trainable model "
+                             "in the same call")
+        if models and self.model is not None:
+            raise ValueError("initialize: a trainable model was already initialized by this LiteGen")
+        return kinds
+
+    def _prepare_model(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, sp_plan: Any,
+                       blocks: Sequence[nn.Module] | None) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+        c, rt = self.config, self.runtime
+        model.to(self.device)
+        block_list = list(blocks) if blocks is not None else litegen_zero.find_blocks(model)
+        done = []
+        if c.sp_size > 1:
+            litegen_sp.sequence_parallel(model, rt.sp_group, plan=sp_plan)
+            done.append(f"sequence parallel over {c.sp_size} ranks")
+        if c.selective_ratio < 1.0 or c.ac_offload or c.compile:
+            record_parents(model, block_list)
+        if c.selective_ratio < 1.0:
+            block_list = apply_activation_checkpointing(block_list, c.selective_ratio)
+            done.append(f"activation checkpointing ({1 - c.selective_ratio:.0%} of {len(block_list)} blocks)")
+        if c.ac_offload:
+            apply_activation_offload(model, block_list, self.device)
+            done.append("activation offload")
+        if c.compile:
+            for block in block_list:
+                block.compile()
+            done.append("torch.compile per block")
+        if optimizer is not None:
+            self._override_hyperparameters(optimizer)
+        param_dtype = DTYPES[c.precision] if c.precision != "fp32" else None
+        reduce_dtype = DTYPES[c.grad_precision] if c.grad_precision not in (None, c.precision) else None
+        model, optimizer = litegen_zero.shard(
+            model, optimizer, degree=c.zero_degree, mesh=rt.zero_mesh, param_dtype=param_dtype,
+            reduce_dtype=reduce_dtype, offload=c.cpu_offload, blocks=block_list,
+        )
+        done.append(f"ZeRO degree {c.zero_degree}" + (f", grouped by {c.group_size}" if c.group_size else ""))
+        if c.init_from is not None:
+            litegen_ckpt.load_safetensors(model, c.init_from)
+            done.append(f"weights from {c.init_from}")
+        if c.ema.enable:
+            e = c.ema
+            self.ema = litegen_ema.ShardedEMA(
+                model, decay=e.decay, warmup=(e.warmup_gamma, e.warmup_power) if e.warmup else None,
+                update_after_step=e.update_after_step, sharded=e.sharded,
+            )
+            done.append("EMA (sharded)" if e.sharded else "EMA (replicated)")
+        self.model, self.optimizer = model, optimizer
+        if self.is_main:
+            logger.info("initialize: trainable %s -> %s", type(model).__name__, "; ".join(done))
+        return model, optimizer
+
+    def _override_hyperparameters(self, optimizer: torch.optim.Optimizer) -> None:
+        """Config ``lr`` sets every group's lr; ``weight_decay`` sets every group that had decay (>0)."""
+        for group in optimizer.param_groups:
+            if self.config.lr is not None:
+                group["lr"] = self.config.lr
+            if self.config.weight_decay is not None and group.get("weight_decay", 0.0) > 0:
+                group["weight_decay"] = self.config.weight_decay
+
+    def _prepare_frozen(self, module: nn.Module) -> nn.Module:
+        c = self.config
+        module.requires_grad_(False)
+        module.to(self.device)
+        if c.encoder.fsdp:
+            group = int(os.environ.get("LOCAL_WORLD_SIZE", self.runtime.world_size)) if c.encoder.group else None
+            if group is not None and self.runtime.world_size % group:
+                raise ValueError(f"config: encoder.group=True needs LOCAL_WORLD_SIZE={group} to divide the world "
+                                 f"size {self.runtime.world_size}")
+            dtype = DTYPES[c.precision] if c.precision != "fp32" else None
+            module = litegen_zero.shard_frozen(module, group_size=group, dtype=dtype)
+        module.eval()
+        if self.is_main:
+            logger.info("initialize: frozen %s -> %s, eval mode", type(module).__name__,
+                        "sharded" if c.encoder.fsdp else f"on {self.device}")
+        return module
+
+    def _prepare_dataset(self, dataset: Dataset) -> ResumableLoader:
+        c, rt = self.config, self.runtime
+        sampler = ResumableSampler(len(dataset), dp_rank=rt.dp_rank, dp_size=rt.dp_size, seed=c.global_seed,
+                                   shuffle=c.shuffle, drop_last=c.drop_last)
+        loader = ResumableLoader(
+            dataset, sampler, batch_size=c.global_batch_size // rt.dp_size, num_workers=c.num_workers,
+            pin_memory=c.pin_memory and self.device.type == "cuda", drop_last=True,
+            collate_fn=getattr(dataset, "collate_fn", None),
+        )
+        self.dataloader = loader
+        if self.is_main:
+            logger.info("initialize: dataset %s -> DataLoader, %d samples per rank per step, %d steps per epoch",
+                        type(dataset).__name__, loader.batch_size, len(loader))
+        return loader
+
+    def _prepare_encode(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        v, done = self.config.vae, []
+        if v.compile:
+            fn = litegen_vae.compiled(fn)
+            done.append("compiled")
+        if v.slice_size is not None:
+            fn = litegen_vae.sliced(fn, v.slice_size)
+            done.append(f"sliced by {v.slice_size}")
+        if v.data_parallel and self.runtime.sp_size > 1:
+            fn = litegen_vae.data_parallel(fn, self.sp_group)
+            done.append(f"data parallel over the {self.runtime.sp_size} SP ranks")
+        if self.is_main:
+            logger.info("initialize: encode callable -> %s", ", ".join(done) or "unchanged")
+        return fn
+
+    # ---- training-state API --------------------------------------------------------------------
+    def _statefuls(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rng": self._rng}
+        for name in ("model", "optimizer", "ema", "dataloader"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+    @property
+    def checkpointer(self) -> Any:
+        if self.config.checkpoint_dir is None:
+            raise ValueError("config: checkpoint_dir is not set; saving and resuming need it")
+        if self._checkpointer is None:
+            self._checkpointer = litegen_ckpt.Checkpointer(
+                self.config.checkpoint_dir, keep=self.config.checkpoint_keep, async_save=self.config.checkpoint_async,
+            )
+        return self._checkpointer
+
+    def save(self, step: int) -> None:
+        """Save model, optimizer, EMA, data position and RNG as ``checkpoint_dir/step_<step>``."""
+        self.checkpointer.save(step, **self._statefuls())
+
+    def resume(self, step: int | str = "latest") -> int | None:
+        """Load a checkpoint into the live objects; returns its step, or None when there is none."""
+        loaded = self.checkpointer.load(step, **self._statefuls())
+        if loaded is not None:
+            self.start_step = loaded
+            if self.is_main:
+                logger.info("resumed from step %d", loaded)
+        return loaded
+
+    def _resume_at_start(self) -> None:
+        target: int | str = "latest"
+        if self.config.resume_from is not None:
+            target = int(self.config.resume_from) if self.config.resume_from.isdigit() else self.config.resume_from
+        loaded = self.resume(target)
+        if loaded is None and self.config.resume_from is not None:
+            raise ValueError(f"config: resume_from={self.config.resume_from!r} found no checkpoint under "
+                             f"{self.config.checkpoint_dir!r}")
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the trainable model's gradients; returns the global norm (any degree)."""
+        return litegen_zero.clip_grad_norm_(self._trained(), max_norm, norm_type)
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Gradient accumulation: backward inside this context does not synchronize gradients."""
+        return litegen_zero.no_sync(self._trained())
+
+    def sp_split(self, x: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, Any]:
+        """This rank's slice of ``x`` along ``dim`` (padded to a multiple of sp_size) and the info to undo it."""
+        return litegen_sp.split_sequence(x, self.sp_group, dim=dim)
+
+    def sp_gather(self, x_local: torch.Tensor, info: Any, dim: int = 1) -> torch.Tensor:
+        """The full sequence back from every SP rank's slice (padding trimmed)."""
+        return litegen_sp.gather_sequence(x_local, self.sp_group, info, dim=dim)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable model's consolidated weights on rank 0 (clean names); {} elsewhere."""
+        return litegen_zero.full_state_dict(self._trained())
+
+    def _trained(self) -> nn.Module:
+        if self.model is None:
+            raise ValueError("no trainable model: pass it to initialize() first")
+        return self.model
+
+    def close(self) -> None:
+        """Finish pending saves; destroy the process group if LiteGen created it."""
+        if self._checkpointer is not None:
+            self._checkpointer.wait()
+        if self.runtime.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def __enter__(self) -> LiteGen:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def batches(self) -> Iterator[Any]:
+        """Batches forever (epoch after epoch) from the initialized dataset, resuming where it stopped."""
+        if self.dataloader is None:
+            raise ValueError("no dataset: pass a Dataset to initialize() first")
+        while True:
+            yield from self.dataloader
