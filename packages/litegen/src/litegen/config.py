@@ -144,7 +144,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         where = f"{prefix}{key}"
         if not isinstance(key, str) or key not in names:
             close = difflib.get_close_matches(str(key), list(names), n=1, cutoff=0.5)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
             raise ValueError(f"config: unknown key {where!r}{hint} Valid keys here: {sorted(names)}")
         nested = _nested_type(cls, key)
         if nested is not None:
