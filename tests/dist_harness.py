@@ -8,7 +8,8 @@ on each, and returns the per-rank results in rank order.
     results = pool.run(fn, *args, world_size=4, timeout=60, **kwargs)
 
 ``fn`` must be a module-level function (the worker loads its module from the file by path, under
-the same module name, so classes defined in a test module pickle both ways). A rank that raises
+the same module name, so classes defined in a test module pickle both ways; the file's folder is
+put on ``sys.path`` so its sibling helper modules import). A rank that raises
 fails the call with a ``RankError`` that shows every failing rank's traceback and log tail. A call
 that does not finish within ``timeout`` seconds (a hung collective, a dead rank) kills the
 workers, which are respawned lazily, and raises ``RankError`` naming the ranks still running.
@@ -53,6 +54,9 @@ def _free_port() -> int:
 def _load_module(name: str, path: str) -> Any:
     if name in sys.modules:
         return sys.modules[name]
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:  # the test's sibling helper modules import as in the pytest process
+        sys.path.append(folder)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load test module {name!r} from {path}")

@@ -1,0 +1,101 @@
+"""A tiny DiT for the facade's tests: patch tokens, adaLN, self- and cross-attention, MLP, head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DIM, HEADS, TOKENS, TEXT, BLOCKS = 16, 4, 9, 5, 3
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.kv, self.out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x: (b, s, dim), context: (b, s_kv, dim) -> (b, s, dim)."""
+        b, s, d = x.shape
+        q = self.q(x).view(b, s, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).reshape(b, s, d))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim, elementwise_affine=False) for _ in range(3))
+        self.attn, self.cross_attn = Attention(dim, heads), Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.ada = nn.Linear(dim, 4 * dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """x: (b, s, dim) tokens, c: (b, dim) conditioning, text: (b, t, dim)."""
+        shift, scale, gate1, gate2 = self.ada(c).unsqueeze(1).chunk(4, dim=-1)
+        h = self.norm1(x) * (1 + scale) + shift
+        x = x + gate1 * self.attn(h, h)
+        x = x + self.cross_attn(self.norm2(x), text)
+        return x + gate2 * self.mlp(self.norm3(x))
+
+
+class TinyDiT(nn.Module):
+    def __init__(self, dim: int = DIM, heads: int = HEADS, blocks: int = BLOCKS) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, dim)
+        self.pos = nn.Parameter(torch.randn(1, TOKENS, dim) * 0.1)
+        self.time = nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.text_proj = nn.Linear(8, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(blocks))
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """x: (b, TOKENS, 4), t: (b,), text: (b, TEXT, 8) -> (b, TOKENS, 4)."""
+        h = self.embed(x) + self.pos
+        c = self.time(t[:, None])
+        ctx = self.text_proj(text)
+        for block in self.blocks:
+            h = block(h, c, ctx)
+        return self.head(h)
+
+
+def make_model_and_optimizer(seed: int = 0) -> tuple[TinyDiT, torch.optim.Optimizer]:
+    """The model (seeded) and an AdamW with a decay group and a no-decay group (biases, pos)."""
+    torch.manual_seed(seed)
+    model = TinyDiT()
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0,
+                                                                       "lr": 2e-2}], lr=1e-2)
+    return model, opt
+
+
+def make_batch(global_batch: int, seed: int = 123) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(global_batch, TOKENS, 4, generator=g),
+        "t": torch.rand(global_batch, generator=g),
+        "text": torch.randn(global_batch, TEXT, 8, generator=g),
+        "target": torch.randn(global_batch, TOKENS, 4, generator=g),
+    }
+
+
+def train_steps(model, opt, batches: list[dict[str, torch.Tensor]]) -> list[float]:
+    losses = []
+    for b in batches:
+        loss = F.mse_loss(model(b["x"], b["t"], b["text"]), b["target"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def reference(steps: int, global_batch: int, seed: int = 0) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Single-process, full-batch training: the truth every strategy must match."""
+    model, opt = make_model_and_optimizer(seed)
+    batches = [make_batch(global_batch, seed=100 + s) for s in range(steps)]
+    losses = train_steps(model, opt, batches)
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
