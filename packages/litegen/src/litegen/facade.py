@@ -337,8 +337,15 @@ class LiteGen:
         """Finish pending saves; destroy the process group if LiteGen created it."""
         if self._checkpointer is not None:
             self._checkpointer.wait()
-        if self.runtime.owns_process_group and dist.is_initialized():
+        if not dist.is_initialized():
+            return
+        if self.runtime.owns_process_group:
             dist.destroy_process_group()
+            return
+        meshes = [self.runtime.mesh] + ([self.runtime.zero_mesh] if self.runtime.zero_mesh is not None else [])
+        for group in {g for mesh in meshes for g in mesh.get_all_groups()}:  # ours, not the caller's world
+            if group != dist.group.WORLD:
+                dist.destroy_process_group(group)
 
     def __enter__(self) -> LiteGen:
         return self
