@@ -1,0 +1,160 @@
+"""initialize(): classification, order, error cases, and save/resume through the facade."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_dit import TEXT, TOKENS, make_model_and_optimizer
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset
+
+from litegen import LiteGen, ResumableLoader
+
+KINDS = ("model", "optimizer", "encoder", "dataset", "encode")
+
+
+class Samples(Dataset):
+    """Deterministic samples; each carries its index so tests can see which samples were used."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(i)
+        return {"index": torch.tensor(i), "x": torch.randn(TOKENS, 4, generator=g),
+                "text": torch.randn(TEXT, 8, generator=g), "target": torch.randn(TOKENS, 4, generator=g)}
+
+
+def encode(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def check_every_order() -> list[str]:
+    """For every permutation of the five kinds, initialize returns each object's result in its place."""
+    failures = []
+    for order in itertools.permutations(KINDS):
+        gen = LiteGen({"global_batch_size": 2})
+        model, opt = make_model_and_optimizer()
+        objs = {"model": model, "optimizer": opt, "encoder": nn.Linear(3, 3).requires_grad_(False),
+                "dataset": Samples(), "encode": encode}
+        out = gen.initialize(*(objs[k] for k in order))
+        got = dict(zip(order, out))
+        ok = (
+            isinstance(got["model"], nn.Module) and any(p.requires_grad for p in got["model"].parameters())
+            and isinstance(got["optimizer"], torch.optim.Optimizer)
+            and {id(p) for g in got["optimizer"].param_groups for p in g["params"]}
+            <= {id(p) for p in got["model"].parameters()}
+            and isinstance(got["encoder"], nn.Linear) and not got["encoder"].training
+            and isinstance(got["dataset"], ResumableLoader)
+            and torch.equal(got["encode"](torch.ones(2)), torch.full((2,), 2.0))
+        )
+        if not ok:
+            failures.append(str(order))
+        gen.close()
+    return failures
+
+
+def test_every_order_of_the_five_kinds(dist_pool):
+    assert dist_pool.run(check_every_order, world_size=1, timeout=300) == [[]]
+
+
+def single_object_is_unwrapped() -> bool:
+    gen = LiteGen({})
+    loader = gen.initialize(Samples())
+    gen.close()
+    return isinstance(loader, ResumableLoader)
+
+
+def test_a_single_object_comes_back_unwrapped(dist_pool):
+    assert dist_pool.run(single_object_is_unwrapped, world_size=1) == [True]
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        yield 1
+
+
+def initialize_error(case: str) -> str:
+    gen = LiteGen({})
+    model, opt = make_model_and_optimizer()
+    args = {
+        "two_models": (model, nn.Linear(2, 2)),
+        "iterable": (model, Stream()),
+        "bad_type": (model, 42),
+        "optimizer_alone": (opt,),
+        "two_optimizers": (model, opt, torch.optim.SGD(model.parameters(), lr=0.1)),
+    }[case]
+    try:
+        gen.initialize(*args)
+    except (TypeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        gen.close()
+    return "no error"
+
+
+@pytest.mark.parametrize(
+    ("case", "text"),
+    [
+        ("two_models", "exactly one trainable nn.Module is allowed, got argument 0 (TinyDiT), argument 1 (Linear)"),
+        ("iterable", "TypeError: initialize: argument 1 is an IterableDataset (Stream)"),
+        ("bad_type", "TypeError: initialize: argument 1 has type int"),
+        ("optimizer_alone", "the optimizer (argument 0) needs its trainable model"),
+        ("two_optimizers", "at most one optimizer is allowed, got arguments [1, 2]"),
+    ],
+)
+def test_initialize_errors(dist_pool, case, text):
+    (message,) = dist_pool.run(initialize_error, case, world_size=1)
+    assert text in message
+
+
+def train_with_resume(root: str, cfg: dict, stop_at: int | None, total: int) -> dict:
+    """Train ``total`` steps from the facade's dataloader; with ``stop_at``, save there, rebuild everything
+    (new LiteGen, new model) and resume. Returns the sample indices each step used and the weights."""
+    seen: list[list[int]] = []
+
+    def run(gen, model, opt, loader, steps):
+        batches = gen.batches()
+        for _ in range(steps):
+            b = next(batches)
+            seen.append(b["index"].tolist())
+            t = torch.full((b["x"].shape[0],), 0.5)
+            loss = F.mse_loss(model(b["x"], t, b["text"]), b["target"])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if gen.ema is not None:
+                gen.ema.update(gen.start_step + len(seen))
+
+    full = {**cfg, "checkpoint_dir": root, "global_batch_size": 4}
+    gen = LiteGen(full)
+    model, opt, loader = gen.initialize(*make_model_and_optimizer(), Samples())
+    first = total if stop_at is None else stop_at
+    run(gen, model, opt, loader, first)
+    if stop_at is not None:
+        gen.save(stop_at)
+        gen.close()
+        gen = LiteGen({**full, "auto_resume": True})
+        model, opt, loader = gen.initialize(*make_model_and_optimizer(seed=99), Samples())
+        assert gen.start_step == stop_at
+        run(gen, model, opt, loader, total - stop_at)
+    state = gen.full_state_dict()
+    ema = gen.ema.full_state_dict() if gen.ema is not None else {}
+    gen.close()
+    return {"seen": seen, "state": state, "ema": ema}
+
+
+@pytest.mark.parametrize("cfg", [{"zero_degree": 3, "ema": {"enable": True}}, {"zero_degree": 1, "sp_size": 2}],
+                         ids=["zero3-ema", "zero1-sp2"])
+def test_resume_mid_epoch_equals_uninterrupted(dist_pool, tmp_path, cfg):
+    straight = dist_pool.run(train_with_resume, str(tmp_path / "a"), cfg, None, 7, world_size=2, timeout=180)
+    resumed = dist_pool.run(train_with_resume, str(tmp_path / "b"), cfg, 3, 7, world_size=2, timeout=180)
+    for a, b in zip(straight, resumed):
+        assert a["seen"] == b["seen"]  # 24 samples / 4 per step: crosses an epoch boundary at step 6
+    for key in straight[0]["state"]:
+        assert torch.equal(straight[0]["state"][key], resumed[0]["state"][key]), key
+    for key in straight[0]["ema"]:
+        assert torch.equal(straight[0]["ema"][key], resumed[0]["ema"][key]), key
