@@ -1,0 +1,363 @@
+"""Ulysses sequence parallelism: sequence split/gather and all-to-all attention.
+
+Layout everywhere: ``(batch, seq, heads, head_dim)``. A sequence of ``seq_len`` tokens is padded at
+its end to a multiple of the group size ``P`` and cut into ``P`` contiguous slices of
+``local_len = padded_len / P`` tokens, one per rank of the group, in group-rank order.
+
+``ulysses_attention`` trades the sequence split for a head split with one all-to-all (q, k and v in
+one buffer), drops the pad tokens, runs the local kernel over the whole true sequence for ``heads / P``
+heads, pads again and trades back with a second all-to-all. Gradients flow through both.
+
+Gradient rule: every rank of an SP group ends with the full output (``gather_sequence``) and the same
+loss. ``gather_sequence``'s backward returns this rank's slice of the gradient times ``P`` and
+``split_sequence``'s backward places the local gradient into zeros of the full size, so the sum of any
+parameter's gradient over the ranks of one SP group is ``P`` times the true gradient: averaging
+gradients over the whole world (data parallel x sequence parallel) gives the exact data-parallel mean.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+AttentionFn = Callable[..., Tensor]
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class SequenceInfo:
+    """How ``split_sequence`` cut a sequence: true length, padded length, dim and group size."""
+
+    seq_len: int
+    padded_len: int
+    dim: int
+    group_size: int
+
+    @property
+    def local_len(self) -> int:
+        """Tokens per rank (pad included)."""
+        return self.padded_len // self.group_size
+
+
+def _group_size_and_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("litegen_sp needs an initialized torch.distributed process group")
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _normalize_dim(dim: int, ndim: int, name: str, shape: torch.Size) -> int:
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{name}: dim={dim} is out of range for a tensor of shape {tuple(shape)}")
+    return dim % ndim
+
+
+# ----------------------------------------------------------------------------- split / gather
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather the local slices along ``dim`` and trim the pad; backward: own slice x group size."""
+
+    @staticmethod
+    def forward(ctx, x_local: Tensor, group: dist.ProcessGroup | None, info: SequenceInfo, dim: int) -> Tensor:
+        ctx.group_size, ctx.rank = _group_size_and_rank(group)
+        ctx.info, ctx.dim = info, dim
+        x_local = x_local.contiguous()
+        gathered = x_local.new_empty((info.group_size * x_local.shape[0], *x_local.shape[1:]))
+        dist.all_gather_into_tensor(gathered, x_local, group=group)
+        full = gathered.unflatten(0, (info.group_size, x_local.shape[0])).movedim(0, dim).flatten(dim, dim + 1)  # (..., padded_len, ...)
+        return full.narrow(dim, 0, info.seq_len)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        info, dim = ctx.info, ctx.dim
+        local = _local_slice(grad, info, dim, ctx.rank)
+        return local * ctx.group_size, None, None, None
+
+
+def _local_slice(x: Tensor, info: SequenceInfo, dim: int, rank: int) -> Tensor:
+    """This rank's ``local_len`` tokens of the unpadded ``x`` along ``dim``, zero-padded at the end."""
+    start = min(rank * info.local_len, info.seq_len)
+    stop = min(start + info.local_len, info.seq_len)
+    real = x.narrow(dim, start, stop - start)
+    pad = info.local_len - (stop - start)
+    if pad == 0:
+        return real.contiguous()
+    pad_shape = list(x.shape)
+    pad_shape[dim] = pad
+    return torch.cat([real, x.new_zeros(pad_shape)], dim=dim)
+
+
+def split_sequence(x: Tensor, group: dist.ProcessGroup | None, dim: int = 1) -> tuple[Tensor, SequenceInfo]:
+    """This rank's slice of ``x`` along ``dim``, padded with zeros to ``ceil(seq / P)`` tokens.
+
+    ``x``: the full tensor, identical on every rank of ``group`` (e.g. ``(batch, seq, channels)``).
+    Returns ``(x_local, info)``; ``x_local`` has ``info.local_len`` tokens along ``dim``. No
+    communication; the backward places the local gradient into zeros of ``x``'s shape.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"split_sequence: x must be a Tensor, got {type(x).__name__}")
+    dim = _normalize_dim(dim, x.dim(), "split_sequence", x.shape)
+    seq_len = x.shape[dim]
+    if seq_len == 0:
+        raise ValueError(f"split_sequence: x has no tokens along dim={dim} (shape {tuple(x.shape)})")
+    size, rank = _group_size_and_rank(group)
+    padded_len = -(-seq_len // size) * size
+    info = SequenceInfo(seq_len=seq_len, padded_len=padded_len, dim=dim, group_size=size)
+    return _local_slice(x, info, dim, rank), info
+
+
+def gather_sequence(
+    x_local: Tensor, group: dist.ProcessGroup | None, info: SequenceInfo, dim: int | None = None
+) -> Tensor:
+    """All ranks' slices concatenated along ``dim`` (default ``info.dim``), pad removed.
+
+    ``x_local``: ``info.local_len`` tokens along ``dim``. Returns ``info.seq_len`` tokens on every
+    rank. Backward: this rank's slice of the incoming gradient times the group size (no communication).
+    """
+    if not isinstance(x_local, Tensor):
+        raise TypeError(f"gather_sequence: x_local must be a Tensor, got {type(x_local).__name__}")
+    if not isinstance(info, SequenceInfo):
+        raise TypeError(f"gather_sequence: info must be the SequenceInfo from split_sequence, got {info!r}")
+    dim = _normalize_dim(info.dim if dim is None else dim, x_local.dim(), "gather_sequence", x_local.shape)
+    size, _ = _group_size_and_rank(group)
+    if size != info.group_size:
+        raise ValueError(f"gather_sequence: the group has {size} ranks but info was made for {info.group_size}")
+    if x_local.shape[dim] != info.local_len:
+        raise ValueError(
+            f"gather_sequence: x_local has shape {tuple(x_local.shape)}, {x_local.shape[dim]} tokens along "
+            f"dim={dim}; info expects local_len={info.local_len} (seq_len={info.seq_len}, P={size})"
+        )
+    return _GatherSequence.apply(x_local, group, info, dim)
+
+
+# ----------------------------------------------------------------------------- all-to-all
+
+
+def _exchange(pieces: Sequence[Tensor], group: dist.ProcessGroup | None) -> list[Tensor]:
+    """One ``all_to_all_single`` for several tensors of shape ``(P, ...)``: piece ``[j]`` goes to rank j.
+
+    Returns tensors of the same shapes whose ``[j]`` came from rank j.
+    """
+    size = pieces[0].shape[0]
+    numels = [piece[0].numel() for piece in pieces]
+    send = pieces[0].new_empty((size, sum(numels)))
+    for piece, chunk in zip(pieces, send.split(numels, dim=1)):
+        chunk.view(piece.shape).copy_(piece)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return [chunk.view(piece.shape) for piece, chunk in zip(pieces, recv.split(numels, dim=1))]
+
+
+def _seq_to_heads(tensors: Sequence[Tensor], group: dist.ProcessGroup | None) -> tuple[Tensor, ...]:
+    """``(b, s_local, h, d)`` per rank -> ``(b, P * s_local, h / P, d)``: all tokens, this rank's heads."""
+    size = dist.get_world_size(group)
+    pieces = [t.unflatten(2, (size, t.shape[2] // size)).permute(2, 0, 1, 3, 4) for t in tensors]
+    return tuple(r.permute(1, 0, 2, 3, 4).flatten(1, 2) for r in _exchange(pieces, group))
+
+
+def _heads_to_seq(tensors: Sequence[Tensor], group: dist.ProcessGroup | None) -> tuple[Tensor, ...]:
+    """``(b, P * s_local, h / P, d)`` per rank -> ``(b, s_local, h, d)``: this rank's tokens, all heads."""
+    size = dist.get_world_size(group)
+    pieces = [t.unflatten(1, (size, t.shape[1] // size)).permute(1, 0, 2, 3, 4) for t in tensors]
+    return tuple(r.permute(1, 2, 0, 3, 4).flatten(2, 3) for r in _exchange(pieces, group))
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group: dist.ProcessGroup | None, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.group = group
+        return _seq_to_heads(tensors, group)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        return (None, *_heads_to_seq(grads, ctx.group))
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group: dist.ProcessGroup | None, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.group = group
+        return _heads_to_seq(tensors, group)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        return (None, *_seq_to_heads(grads, ctx.group))
+
+
+# ----------------------------------------------------------------------------- local kernel
+
+
+@functools.cache
+def _flash_attn_func() -> AttentionFn | None:
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Local attention. ``q``: ``(b, s, h, d)``; ``k``, ``v``: ``(b, s_kv, h_kv, d)``; returns ``(b, s, h, d_v)``.
+
+    flash-attn's ``flash_attn_func`` when it is installed, the tensors are on CUDA in fp16/bf16 with
+    ``d <= 256``, there is no mask and a causal mask is square; otherwise
+    ``F.scaled_dot_product_attention`` (GQA through ``enable_gqa``; causal is top-left aligned).
+    ``attn_mask`` is in SDPA's layout, broadcastable to ``(b, h, s, s_kv)``.
+    """
+    flash = _flash_attn_func()
+    if (
+        flash is not None
+        and q.is_cuda
+        and q.dtype in FLASH_DTYPES
+        and q.shape[-1] <= FLASH_MAX_HEAD_DIM
+        and q.shape[-1] == k.shape[-1] == v.shape[-1]
+        and attn_mask is None
+        and (not causal or q.shape[1] == k.shape[1])
+    ):
+        return flash(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, dropout_p=dropout_p,
+        is_causal=causal, scale=scale, enable_gqa=k.shape[2] != q.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- Ulysses
+
+
+def _check_ulysses_inputs(
+    q: Tensor, k: Tensor, v: Tensor, size: int, kv_replicated: bool, seq_len: int | None
+) -> int:
+    """Validate shapes on every rank before any collective; return the true sequence length."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"ulysses_attention: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"ulysses_attention: {name} has shape {tuple(t.shape)}; expected 4 dims "
+                "(batch, seq_local, heads, head_dim)"
+            )
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(f"ulysses_attention: q, k, v must share dtype and device ({q.dtype}/{k.dtype}/{v.dtype})")
+    if not q.shape[0] == k.shape[0] == v.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"ulysses_attention: batch and q/k head_dim must match: {shapes}")
+    if k.shape[1:3] != v.shape[1:3]:
+        raise ValueError(f"ulysses_attention: k and v must have the same seq and heads: {shapes}")
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if heads % size or kv_heads % size:
+        raise ValueError(
+            f"ulysses_attention: heads={heads} and kv_heads={kv_heads} must both be divisible by the "
+            f"sequence-parallel group size {size} ({shapes})"
+        )
+    if heads % kv_heads:
+        raise ValueError(f"ulysses_attention: heads={heads} must be a multiple of kv_heads={kv_heads} (GQA)")
+    if not kv_replicated and k.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"ulysses_attention: sequence-sharded k/v must have q's local length {q.shape[1]}, got "
+            f"{k.shape[1]} ({shapes}); pass kv_replicated=True when every rank holds the whole k/v"
+        )
+    padded_len = q.shape[1] * size
+    if seq_len is None:
+        return padded_len
+    if not isinstance(seq_len, int) or not padded_len - size < seq_len <= padded_len:
+        raise ValueError(
+            f"ulysses_attention: seq_len={seq_len!r} does not fit q's local length {q.shape[1]} on {size} "
+            f"ranks; allowed: {max(1, padded_len - size + 1)}..{padded_len} (SequenceInfo.seq_len)"
+        )
+    return seq_len
+
+
+def _mask_for_heads(mask: Tensor | None, q: Tensor, kv_len: int, size: int, rank: int) -> Tensor | None:
+    """Key-padding / per-key masks ``(b|1, h|1, 1, kv_len|1)``; this rank's heads of it."""
+    if mask is None:
+        return None
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    batch, heads = q.shape[0], q.shape[2]
+    if (
+        mask.dim() > 4
+        or shape[0] not in (1, batch)
+        or shape[1] not in (1, heads)
+        or shape[2] != 1
+        or shape[3] not in (1, kv_len)
+    ):
+        raise ValueError(
+            f"ulysses_attention: attn_mask of shape {tuple(mask.shape)} is not supported; allowed: per-key "
+            f"masks broadcastable as ({batch} or 1, {heads} or 1, 1, {kv_len} or 1) (batch, heads, query, key)"
+        )
+    mask = mask.reshape(shape)
+    if shape[1] == heads:
+        local = heads // size
+        mask = mask[:, rank * local : (rank + 1) * local]
+    return mask
+
+
+def ulysses_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group: dist.ProcessGroup | None,
+    causal: bool = False,
+    scale: float | None = None,
+    attn_fn: AttentionFn | None = None,
+    kv_replicated: bool = False,
+    seq_len: int | None = None,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Attention over the whole sequence of ``group``; inputs and output stay sequence-sharded.
+
+    ``q``: ``(batch, seq_local, heads, head_dim)``, this rank's slice (``split_sequence``).
+    ``k``, ``v``: ``(batch, seq_local, kv_heads, head_dim)`` sharded like ``q`` (self-attention), or
+    with ``kv_replicated=True`` ``(batch, seq_kv, kv_heads, head_dim)`` held whole by every rank
+    (cross-attention to text): not exchanged, each rank takes its head slice (gradient: its slice only).
+    ``heads`` and ``kv_heads`` must be divisible by the group size (GQA grouping is kept).
+    ``seq_len``: the true (unpadded) length, ``SequenceInfo.seq_len``; pad tokens are dropped before
+    the kernel, so they never act as keys. ``attn_fn(q, k, v, causal=, scale=, attn_mask=, dropout_p=)``
+    replaces the local kernel (default: ``attention``). ``attn_mask``: per-key mask, SDPA layout
+    ``(batch|1, heads|1, 1, kv_len|1)``. Returns ``(batch, seq_local, heads, head_dim_v)``.
+    """
+    size, rank = _group_size_and_rank(group)
+    seq_len = _check_ulysses_inputs(q, k, v, size, kv_replicated, seq_len)
+    kv_len = k.shape[1] if kv_replicated else seq_len
+    mask = _mask_for_heads(attn_mask, q, kv_len, size, rank)
+    if kv_replicated:
+        (q_heads,) = _SeqToHeads.apply(group, q)
+        local_kv_heads = k.shape[2] // size
+        k_heads = k[:, :, rank * local_kv_heads : (rank + 1) * local_kv_heads]
+        v_heads = v[:, :, rank * local_kv_heads : (rank + 1) * local_kv_heads]
+    else:
+        q_heads, k_heads, v_heads = _SeqToHeads.apply(group, q, k, v)
+        k_heads, v_heads = k_heads[:, :seq_len], v_heads[:, :seq_len]
+    q_heads = q_heads[:, :seq_len]
+    out = (attn_fn or attention)(
+        q_heads, k_heads, v_heads, causal=causal, scale=scale, attn_mask=mask, dropout_p=dropout_p
+    )
+    expected = (q.shape[0], seq_len, q.shape[2] // size, v.shape[3])
+    if tuple(out.shape) != expected:
+        raise ValueError(
+            f"ulysses_attention: attn_fn returned shape {tuple(out.shape)}, expected {expected} "
+            "(batch, seq, heads, head_dim)"
+        )
+    padded_len = q.shape[1] * size
+    if padded_len != seq_len:
+        out = F.pad(out, (0, 0, 0, 0, 0, padded_len - seq_len))
+    (out,) = _HeadsToSeq.apply(group, out)
+    return out
