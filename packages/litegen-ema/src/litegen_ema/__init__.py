@@ -1,3 +1,5 @@
-"""litegen_ema."""
+"""litegen_ema: sharded EMA of a model's weights, 1/N of the model per rank, no communication per step."""
 
-__all__: list[str] = []
+from litegen_ema.ema import ShardedEMA
+
+__all__ = ["ShardedEMA"]
