@@ -1,0 +1,55 @@
+"""Training helpers valid for every degree: gradient clipping, gradient accumulation, consolidated weights."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """Clip the gradients of ``model`` in place to a global norm of ``max_norm``; return that norm, shape ().
+
+    Plain gradients (DDP, ZeRO-1) are already complete on every rank; FSDP2's sharded DTensor gradients
+    get their norm reduced over the mesh. Every rank gets the same norm.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module) -> Iterator[None]:
+    """Accumulate gradients locally, without communication, for the backward passes run inside.
+
+    The first backward after the context synchronizes the accumulated gradients.
+    """
+    module = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if isinstance(module, DistributedDataParallel):
+        with module.no_sync():
+            yield
+    elif isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on CPU on rank 0 (clean names, as in the unwrapped model); {} elsewhere.
+
+    A collective for sharded models: call it on every rank.
+    """
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
