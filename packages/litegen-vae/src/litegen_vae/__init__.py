@@ -1,3 +1,5 @@
-"""litegen_vae."""
+"""litegen_vae: sliced, data-parallel and compiled encoders for frozen VAEs (see ``encode``)."""
 
-__all__: list[str] = []
+from litegen_vae.encode import compiled, data_parallel, sliced
+
+__all__ = ["sliced", "data_parallel", "compiled"]
