@@ -1,3 +1,6 @@
-"""litegen_ckpt."""
+"""litegen_ckpt: sharded, resumable, crash-safe checkpoints (torch.distributed.checkpoint) and safetensors I/O."""
 
-__all__: list[str] = []
+from .checkpointer import Checkpointer
+from .safetensors_io import export_safetensors, load_safetensors
+
+__all__ = ["Checkpointer", "export_safetensors", "load_safetensors"]

@@ -1,0 +1,342 @@
+"""Sharded, resumable, crash-safe checkpoints of live training objects with torch.distributed.checkpoint.
+
+On disk, under ``root``::
+
+    latest                  text: the directory name of the newest complete checkpoint, e.g. "step_1000"
+    step_<N>/               one complete checkpoint
+        __<rank>_<i>.distcp     DCP shards (each rank writes its own)
+        .metadata               DCP's index of every tensor and python value
+        litegen.json            step, world size, time, versions, entries, and every file's size
+    step_<N>.tmp/           a save in progress; removed by the next save
+
+A save writes ``step_<N>.tmp/``, and only once every rank has written its shards, rank 0 adds
+``litegen.json``, renames the directory to ``step_<N>/`` and replaces ``latest`` (write, then rename), so a
+crash at any moment leaves ``latest`` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from importlib import metadata as package_metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+from .statefuls import Adapter, ModelState, OptimizerState, RNGState, StatefulState, ZeroOptimizerState
+
+logger = logging.getLogger(__name__)
+
+INFO_FILE = "litegen.json"
+LATEST_FILE = "latest"
+STEP_DIR = re.compile(r"step_(\d+)")
+
+
+class Checkpointer:
+    """Save and load training state under ``root`` (see the module docstring for the layout).
+
+    Statefuls are keyword arguments: ``model=`` (an ``nn.Module`` of any degree), ``optimizer=`` (saved with
+    the one model passed in the same call, incl. ``ZeroRedundancyOptimizer`` and FSDP2), ``rng=True`` (this
+    rank's torch / CUDA / python / numpy generators) and any object with ``state_dict()`` /
+    ``load_state_dict()`` (EMA, sampler, scheduler). Every rank of the group calls every method.
+
+    Args:
+        root: directory of the checkpoints (created on the first save); shared by all ranks.
+        keep: how many complete checkpoints to keep (the oldest are removed after a newer one is complete);
+            ``None`` keeps all.
+        async_save: ``save()`` returns once the state is copied to CPU memory; files are written in the
+            background over a dedicated gloo group, completed by the next ``save``/``load``/``wait()``.
+        process_group: the ranks that checkpoint together (default: the whole world, or one process).
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, *, keep: int | None = 3, async_save: bool = False,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(f"root={str(root)!r} is a file; Checkpointer needs a directory (existing or not)")
+        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+            raise ValueError(f"keep={keep!r}; expected an int >= 1, or None to keep every checkpoint")
+        if not isinstance(async_save, bool):
+            raise TypeError(f"async_save={async_save!r}; expected True or False")
+        self._distributed = dist.is_available() and dist.is_initialized()
+        if process_group is not None and not self._distributed:
+            raise ValueError("process_group was given but torch.distributed is not initialized")
+        self.keep, self.async_save = keep, async_save
+        self._group = process_group
+        self._rank = dist.get_rank(process_group) if self._distributed else 0
+        self._world_size = dist.get_world_size(process_group) if self._distributed else 1
+        self._pending: Future[None] | None = None
+        self._async_group: dist.ProcessGroup | None = None
+        if async_save:
+            if self._distributed:  # a collective: every rank of the world constructs the Checkpointer
+                ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
+                self._async_group = dist.new_group(ranks, backend="gloo")
+            # reused across saves: the CPU copies of the state are allocated once
+            self._stager = DefaultStager(StagingOptions(torch.cuda.is_available(), False, False, False))
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="litegen-ckpt")
+
+    def save(self, step: int, **statefuls: Any) -> None:
+        """Write ``root/step_<step>/`` from the live objects, then point ``latest`` at it."""
+        if not _is_step(step):
+            raise ValueError(f"step={step!r}; expected an int >= 0")
+        adapters = _adapters(statefuls, self._rank)
+        self.wait()
+        work_dir = self.root / f"step_{step}.tmp"
+        if self._rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("step_*.tmp"):  # left by a crashed save
+                shutil.rmtree(stale)
+        self._barrier(self._group)
+        state = {name: adapter.state_dict() for name, adapter in adapters.items()}
+        start = time.perf_counter()
+        if self.async_save:
+            upload = dcp.async_save(
+                state, checkpoint_id=work_dir, process_group=self._async_group, async_stager=self._stager,
+                no_dist=not self._distributed,
+            )
+            self._pending = self._executor.submit(self._finish, upload, step, work_dir, sorted(state))
+            self._log(f"step {step}: state staged in {time.perf_counter() - start:.2f} s, writing in the background")
+            return
+        with single_process_quiet():
+            dcp.save(state, checkpoint_id=work_dir, process_group=self._group, no_dist=not self._distributed)
+        if self._rank == 0:
+            self._publish(step, work_dir, sorted(state))
+        self._barrier(self._group)
+        self._log(f"step {step}: saved to {self.root / f'step_{step}'} in {time.perf_counter() - start:.2f} s")
+
+    def load(self, step: int | str = "latest", **statefuls: Any) -> int | None:
+        """Load ``step`` (an int, or ``"latest"``) into the live objects; return the step, or None if none exists.
+
+        Works whatever the current world size and degree. RNG states are restored only when the world
+        size is the one that saved them.
+        """
+        if step != "latest" and not _is_step(step):
+            raise ValueError(f'step={step!r}; expected an int >= 0 or "latest"')
+        adapters = _adapters(statefuls, self._rank)
+        self.wait()
+        directory = self._directory(step)
+        if directory is None:
+            return None
+        info = verify_checkpoint(directory)
+        if info["world_size"] != self._world_size:
+            for name in [n for n, a in adapters.items() if isinstance(a, RNGState)]:
+                self._log(f"{name}: not restored, saved by {info['world_size']} ranks, loading on {self._world_size}",
+                          logging.WARNING)
+                del adapters[name]
+        saved = dcp.FileSystemReader(directory).read_metadata()
+        state = {name: adapter.template(saved, name) for name, adapter in adapters.items()}
+        _check_compatible(state, saved, directory)
+        with single_process_quiet():
+            dcp.load(state, checkpoint_id=directory, process_group=self._group, no_dist=not self._distributed)
+        for name, adapter in adapters.items():
+            adapter.load(state[name])
+        self._log(f"step {info['step']}: loaded from {directory}")
+        return info["step"]
+
+    def wait(self) -> None:
+        """Block until a background save is written and published."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        pending.result()
+        self._barrier(self._async_group)
+
+    def steps(self) -> list[int]:
+        """The steps of the complete checkpoints under ``root``, ascending."""
+        return sorted(int(STEP_DIR.fullmatch(d.name).group(1)) for d in _complete_dirs(self.root))
+
+    def close(self) -> None:
+        """Finish a background save and free the async resources (the CPU copy, the thread, the group)."""
+        self.wait()
+        if self.async_save:
+            self._stager.close()
+            self._executor.shutdown()
+            if self._async_group is not None:
+                dist.destroy_process_group(self._async_group)
+                self._async_group = None
+
+    def _directory(self, step: int | str) -> Path | None:
+        if step == "latest":
+            return latest_directory(self.root)
+        directory = self.root / f"step_{step}"
+        if not (directory / INFO_FILE).is_file():
+            raise FileNotFoundError(f"step={step}: no complete checkpoint {directory}; complete steps: {self.steps()}")
+        return directory
+
+    def _finish(self, upload: Future, step: int, work_dir: Path, names: list[str]) -> None:
+        upload.result()
+        if self._rank == 0:
+            self._publish(step, work_dir, names)
+
+    def _publish(self, step: int, work_dir: Path, names: list[str]) -> None:
+        """Rank 0, after every rank wrote its shards: record the files, rename, move ``latest``, rotate."""
+        info = {
+            "step": step, "world_size": self._world_size, "time": time.time(),
+            "litegen_version": _version(), "torch_version": torch.__version__, "entries": names,
+            "files": {p.name: p.stat().st_size for p in sorted(work_dir.iterdir()) if p.is_file()},
+        }
+        _write_durably(work_dir / INFO_FILE, json.dumps(info, indent=1))
+        final = self.root / f"step_{step}"
+        replaced = final.rename(self.root / f"step_{step}.old.tmp") if final.exists() else None
+        os.replace(work_dir, final)
+        _write_durably(self.root / f"{LATEST_FILE}.tmp", final.name)
+        os.replace(self.root / f"{LATEST_FILE}.tmp", self.root / LATEST_FILE)
+        _fsync_directory(self.root)
+        if replaced is not None:
+            shutil.rmtree(replaced)
+        if self.keep is not None:
+            by_age = sorted(_complete_dirs(self.root), key=lambda d: _info_time(d), reverse=True)
+            for old in by_age[self.keep:]:
+                if old != final:
+                    shutil.rmtree(old)
+
+    def _barrier(self, group: dist.ProcessGroup | None) -> None:
+        if self._distributed:
+            dist.barrier(group=group)
+
+    def _log(self, message: str, level: int = logging.INFO) -> None:
+        if self._rank == 0:
+            logger.log(level, message)
+
+
+def latest_directory(root: Path) -> Path | None:
+    """The checkpoint directory ``root/latest`` names, or None when there is none."""
+    pointer = root / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    directory = root / name
+    if not STEP_DIR.fullmatch(name) or not (directory / INFO_FILE).is_file():
+        raise FileNotFoundError(f"{pointer} names {name!r}, which is not a complete checkpoint directory in {root}")
+    return directory
+
+
+def verify_checkpoint(directory: Path) -> dict[str, Any]:
+    """Read ``litegen.json`` and check every file it lists exists with its recorded size."""
+    try:
+        info = json.loads((directory / INFO_FILE).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{directory / INFO_FILE} is not valid JSON: {error}") from error
+    for name, size in info["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint file {path} is missing (listed in {INFO_FILE})")
+        if path.stat().st_size != size:
+            raise ValueError(
+                f"checkpoint file {path} has {path.stat().st_size} bytes but {INFO_FILE} records {size}: "
+                "it was truncated or modified"
+            )
+    return info
+
+
+def _adapters(statefuls: dict[str, Any], rank: int) -> dict[str, Adapter]:
+    """Classify the keyword statefuls; raise on anything that cannot be checkpointed."""
+    if not statefuls:
+        raise ValueError("no statefuls given; pass e.g. model=model, optimizer=optimizer, rng=True")
+    models = [name for name, obj in statefuls.items() if isinstance(obj, nn.Module)]
+    adapters: dict[str, Adapter] = {}
+    for name, obj in statefuls.items():
+        if isinstance(obj, torch.optim.Optimizer):
+            if len(models) != 1:
+                raise TypeError(
+                    f"{name}= is an optimizer: pass exactly one nn.Module in the same call (the model it "
+                    f"optimizes), got {len(models)}: {models}"
+                )
+            model = statefuls[models[0]]
+            zero = isinstance(obj, ZeroRedundancyOptimizer)
+            adapters[name] = ZeroOptimizerState(model, obj) if zero else OptimizerState(model, obj)
+        elif isinstance(obj, nn.Module):
+            adapters[name] = ModelState(obj)
+        elif name == "rng" and isinstance(obj, bool):
+            if obj:
+                adapters[name] = RNGState(rank)
+        elif callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None)):
+            adapters[name] = StatefulState(obj)
+        else:
+            raise TypeError(
+                f"{name}={type(obj).__name__}: expected an nn.Module, a torch Optimizer, rng=True/False, "
+                "or an object with state_dict() and load_state_dict()"
+            )
+    return adapters
+
+
+def _is_step(step: Any) -> bool:
+    return isinstance(step, int) and not isinstance(step, bool) and step >= 0
+
+
+def _check_compatible(state: dict[str, Any], saved: Metadata, directory: Path) -> None:
+    """Every live tensor must exist in the checkpoint with the same (global) shape."""
+    flat, _ = flatten_state_dict(state)
+    missing = [key for key in flat if key not in saved.state_dict_metadata]
+    if missing:
+        held = sorted({key.split(".")[0] for key in saved.state_dict_metadata})
+        raise ValueError(
+            f"checkpoint {directory} lacks {len(missing)} entries the live objects need, e.g. {missing[:5]}; "
+            f"it holds {held}"
+        )
+    for key, value in flat.items():
+        meta = saved.state_dict_metadata[key]
+        if isinstance(value, torch.Tensor) and isinstance(meta, TensorStorageMetadata):
+            if tuple(value.shape) != tuple(meta.size):
+                raise ValueError(
+                    f"{key}: checkpoint {directory} holds shape {tuple(meta.size)}, "
+                    f"the live tensor has shape {tuple(value.shape)}"
+                )
+
+
+def _complete_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return [d for d in root.iterdir() if STEP_DIR.fullmatch(d.name) and (d / INFO_FILE).is_file()]
+
+
+def _info_time(directory: Path) -> float:
+    return json.loads((directory / INFO_FILE).read_text())["time"]
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _version() -> str:
+    try:
+        return package_metadata.version("litegen-ckpt")
+    except package_metadata.PackageNotFoundError:  # vendored copy
+        return "unknown"
+
+
+@contextlib.contextmanager
+def single_process_quiet() -> Iterator[None]:
+    """Silence DCP's warning that it runs in one process: that is intended without a process group."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield

@@ -1,0 +1,141 @@
+"""Weights in and out as safetensors: consolidated export with clean names, sharded slice-wise import."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from .checkpointer import INFO_FILE, single_process_quiet, latest_directory, verify_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def export_safetensors(source: Any, path: str | os.PathLike, *, name: str = "model") -> None:
+    """Write consolidated weights with clean names (no DDP / FSDP / checkpoint-wrapper prefixes) to ``path``.
+
+    ``source`` is one of:
+      - a live model of any degree: gathered to rank 0's CPU, which writes (call on every rank);
+      - an EMA-like object with ``full_state_dict()`` (call on every rank; rank 0 writes);
+      - a checkpoint directory (a ``Checkpointer`` root, meaning its latest, or a ``step_<N>`` directory):
+        the tensors saved under the keyword ``name`` (``"model"``, ``"ema"``, ...) are read by rank 0.
+    The file loads with ``safetensors.torch.load_file`` and into a diffusers / transformers model of the
+    same architecture.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    if isinstance(source, nn.Module):
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        tensors = get_model_state_dict(source, options=options)
+    elif callable(getattr(source, "full_state_dict", None)):
+        tensors = source.full_state_dict()
+    elif isinstance(source, (str, os.PathLike)):
+        directory, keys = _checkpoint_entry(Path(source), name)
+        tensors = _read_checkpoint(directory, keys, len(name) + 1) if rank == 0 else {}
+    else:
+        raise TypeError(
+            f"source={type(source).__name__}: expected an nn.Module, an object with full_state_dict(), "
+            "or a checkpoint directory path"
+        )
+    if rank == 0:
+        _write(tensors, Path(path))
+        logger.info(f"exported {len(tensors)} tensors to {path}")
+    if distributed:
+        dist.barrier()
+
+
+def load_safetensors(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
+    """Load weights from a safetensors file into a plain or sharded model (parameters and buffers).
+
+    Each rank reads only the slices of the file its DTensor shards own; plain tensors are read whole.
+    ``strict``: the file's names must equal the model's (clean FQNs); otherwise only common names load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path={str(path)!r} is not a safetensors file")
+    state = get_model_state_dict(model)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        stored = set(f.keys())
+        missing, unexpected = sorted(set(state) - stored), sorted(stored - set(state))
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"{path} does not match the model (strict=True): missing keys {missing}, "
+                f"unexpected keys {unexpected}"
+            )
+        names = [key for key in state if key in stored]
+        for key in names:
+            shape = tuple(f.get_slice(key).get_shape())
+            if shape != tuple(state[key].shape):
+                raise ValueError(f"{key}: {path} holds shape {shape}, the model has shape {tuple(state[key].shape)}")
+        with torch.no_grad():
+            for key in names:
+                _read_owned(f, key, state[key])
+    set_model_state_dict(model, {key: state[key] for key in names}, options=StateDictOptions(strict=strict))
+
+
+def _read_owned(f: Any, key: str, target: torch.Tensor) -> None:
+    """Copy the part of tensor ``key`` that ``target`` holds on this rank (its shard, or all of it)."""
+    if isinstance(target, DTensor) and target.dim() > 0:
+        shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+        target.to_local().copy_(f.get_slice(key)[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+    elif isinstance(target, DTensor):
+        target.to_local().copy_(f.get_tensor(key))
+    else:
+        target.copy_(f.get_tensor(key))
+
+
+def _checkpoint_entry(source: Path, name: str) -> tuple[Path, list[str]]:
+    """The checkpoint directory ``source`` means and its tensor keys under ``name`` (checked on every rank)."""
+    if (source / INFO_FILE).is_file():
+        directory = source
+    else:
+        directory = latest_directory(source) if source.is_dir() else None
+        if directory is None:
+            raise FileNotFoundError(f"source={str(source)!r} is neither a checkpoint directory nor a root with a latest")
+    verify_checkpoint(directory)
+    saved = dcp.FileSystemReader(directory).read_metadata()
+    keys = [k for k, m in saved.state_dict_metadata.items() if k.startswith(f"{name}.") and isinstance(m, TensorStorageMetadata)]
+    if not keys:
+        held = sorted({key.split(".")[0] for key in saved.state_dict_metadata})
+        raise ValueError(f"name={name!r}: checkpoint {directory} has no tensors under it; it holds {held}")
+    return directory, keys
+
+
+def _read_checkpoint(directory: Path, keys: list[str], strip: int) -> dict[str, torch.Tensor]:
+    """Read whole tensors from a DCP checkpoint in this process; drop the first ``strip`` characters of names."""
+    saved = dcp.FileSystemReader(directory).read_metadata()
+    state = {}
+    for key in keys:
+        meta = saved.state_dict_metadata[key]
+        state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    with single_process_quiet():
+        dcp.load(state, checkpoint_id=directory, no_dist=True)
+    return {key[strip:]: tensor for key, tensor in state.items()}
+
+
+def _write(tensors: dict[str, Any], path: Path) -> None:
+    """Save the tensors (on CPU, contiguous, no shared storage) to ``path`` atomically."""
+    out, seen = {}, set()
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        tensor = value.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if storage in seen else tensor  # tied weights: safetensors refuses shared memory
+        seen.add(storage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(out, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)

@@ -1,0 +1,191 @@
+"""What a checkpoint stores for each kind of live object, as DCP state dicts keyed by clean FQNs.
+
+Each adapter has three methods:
+    state_dict()              what to save (DTensor shards where the object is sharded)
+    template(saved, prefix)   the tensors DCP loads into, shaped for the live object
+    load(state)               puts the loaded ``template`` back into the live object
+
+An optimizer is stored in torch's flattened form, ``state.<fqn>.<name>`` and
+``param_groups.<fqn>.<hyper-parameter>``, whatever the degree, so a ZeRO-1 checkpoint loads into a plain
+or FSDP optimizer and the other way round.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    _get_fqns,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+try:
+    import numpy
+except ImportError:  # numpy is optional: its RNG is saved only when it is installed
+    numpy = None
+
+FLAT_OPTIMIZER = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class Adapter(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def template(self, saved: Metadata, prefix: str) -> dict[str, Any]: ...
+    def load(self, state: dict[str, Any]) -> None: ...
+
+
+class ModelState:
+    """A model of any degree (plain, DDP, FSDP2, HSDP, checkpoint-wrapped): parameters and buffers."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model)
+
+    def template(self, saved: Metadata, prefix: str) -> dict[str, Any]:
+        return self.state_dict()
+
+    def load(self, state: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state)
+
+
+class OptimizerState:
+    """A plain or FSDP2 optimizer, through torch's FQN-keyed (flattened) optimizer state dict."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer, options=FLAT_OPTIMIZER)
+
+    def template(self, saved: Metadata, prefix: str) -> dict[str, Any]:
+        return self.state_dict()
+
+    def load(self, state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=FLAT_OPTIMIZER)
+
+
+class ZeroOptimizerState:
+    """A ZeroRedundancyOptimizer (ZeRO-1): each rank saves and loads the state of the parameters it owns.
+
+    Keys are the flattened torch form, so they are disjoint across ranks and any world size can load them.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: ZeroRedundancyOptimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def _owned(self) -> set[int]:
+        return {id(p) for group in self.optimizer.optim.param_groups for p in group["params"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        fqns, owned = parameter_fqns(self.model), self._owned()
+        state: dict[str, Any] = {}
+        for group in self.optimizer.param_groups:
+            for param in (p for p in group["params"] if id(p) in owned):
+                fqn = fqns[param]
+                for name, value in self.optimizer.optim.state.get(param, {}).items():
+                    state[f"state.{fqn}.{name}"] = value
+                for name, value in group.items():
+                    if name != "params":
+                        state[f"param_groups.{fqn}.{name}"] = value
+        return state
+
+    def template(self, saved: Metadata, prefix: str) -> dict[str, Any]:
+        fqns, owned = parameter_fqns(self.model), self._owned()
+        wanted = {f"{prefix}.state.{fqns[p]}." for g in self.optimizer.param_groups for p in g["params"] if id(p) in owned}
+        wanted |= {f"{prefix}.param_groups.{fqns[g['params'][0]]}." for g in self.optimizer.param_groups if g["params"]}
+        template = {}
+        for key, meta in saved.state_dict_metadata.items():
+            head, _, name = key.rpartition(".")
+            if head + "." in wanted:
+                template[key[len(prefix) + 1:]] = _empty_like_saved(meta)
+        return template
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Rebuild torch's index-keyed state dict for the owned parameters and let ZeRO load it."""
+        fqns, owned = parameter_fqns(self.model), self._owned()
+        per_fqn: dict[str, dict[str, Any]] = {}
+        for key, value in state.items():
+            if key.startswith("state."):
+                fqn, _, name = key[len("state."):].rpartition(".")
+                per_fqn.setdefault(fqn, {})[name] = value
+        native_state, groups, index = {}, [], 0
+        for group in self.optimizer.param_groups:
+            first = fqns[group["params"][0]] if group["params"] else ""
+            hypers = {k: state.get(f"param_groups.{first}.{k}", v) for k, v in group.items() if k != "params"}
+            groups.append({**hypers, "params": list(range(index, index + len(group["params"])))})
+            for param in group["params"]:
+                if id(param) in owned and fqns[param] in per_fqn:
+                    native_state[index] = per_fqn[fqns[param]]
+                index += 1
+        self.optimizer.load_state_dict({"state": native_state, "param_groups": groups})
+
+
+class StatefulState:
+    """Any object with ``state_dict()`` / ``load_state_dict()`` (EMA, data sampler, LR scheduler, ...)."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.obj.state_dict()
+
+    def template(self, saved: Metadata, prefix: str) -> dict[str, Any]:
+        return self.obj.state_dict()
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.obj.load_state_dict(state)
+
+
+class RNGState:
+    """This rank's torch CPU, CUDA, python ``random`` and numpy generator states, under ``rank_<r>``."""
+
+    def __init__(self, rank: int) -> None:
+        self.key = f"rank_{rank}"
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        if numpy is not None:  # stored as python values, so loading needs no numpy unpickling
+            kind, key, pos, has_gauss, gauss = numpy.random.get_state()
+            state["numpy"] = (kind, key.tolist(), pos, has_gauss, gauss)
+        return {self.key: state}
+
+    def template(self, saved: Metadata, prefix: str) -> dict[str, Any]:
+        state = self.state_dict()
+        for name in list(state[self.key]):
+            if not any(k.startswith(f"{prefix}.{self.key}.{name}") for k in saved.state_dict_metadata):
+                del state[self.key][name]  # e.g. saved without CUDA or numpy
+        return state
+
+    def load(self, state: dict[str, Any]) -> None:
+        state = state[self.key]
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        if "numpy" in state and numpy is not None:
+            kind, key, pos, has_gauss, gauss = state["numpy"]
+            numpy.random.set_state((kind, numpy.asarray(key, dtype=numpy.uint32), pos, has_gauss, gauss))
+
+
+def parameter_fqns(model: nn.Module) -> dict[torch.Tensor, str]:
+    """Each parameter's clean FQN (no DDP / compile / checkpoint-wrapper prefixes), as DCP names it."""
+    return {param: next(iter(_get_fqns(model, name))) for name, param in model.named_parameters()}
+
+
+def _empty_like_saved(meta: Any) -> Any:
+    """A tensor to load a saved tensor into, or a placeholder DCP replaces with a saved python value."""
+    if isinstance(meta, TensorStorageMetadata):
+        return torch.empty(meta.size, dtype=meta.properties.dtype)
+    return None
