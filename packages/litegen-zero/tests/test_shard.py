@@ -203,15 +203,18 @@ def run_mixed_precision() -> list[dict]:
 
 
 def test_bf16_params_fp32_reduce_stay_close_to_fp32(dist_pool):
-    # bf16 keeps 8 mantissa bits (relative rounding 2**-9 ~ 2e-3 per operation). Over 3 AdamW steps the
-    # measured errors are ~1e-3 (loss) and ~1e-3 (weights, norm-relative); 1e-2 leaves margin but still
-    # fails if a step were lost (that changes the weights by ~5e-2 relative) or precision silently dropped.
+    # bf16 rounds to 8 mantissa bits (2**-9 ~ 2e-3 relative): measured loss error 2e-3. AdamW moves every
+    # weight by ~lr per step whatever its gradient size, so bf16 noise flips the sign of updates of
+    # near-zero gradients: measured weight error 1e-2 (norm-relative), against ~7e-2 for one whole step.
+    # Tolerances: loss 1e-2, weights 3e-2 -- a lost step or fp32 master weights dropped to bf16 fail.
+    # The bf16 all-reduce of DDP (fp32 compute) measures 7e-6 / 2e-4: tolerances 1e-4 / 2e-3.
     results = dist_pool.run(run_mixed_precision, world_size=2, timeout=120)
-    for r in results[0]:
-        assert r["loss"] <= 1e-2 and r["weights"] <= 1e-2, r
+    bf16_params, bf16_reduce = results[0][:2], results[0][2]
+    for r in bf16_params:
+        assert r["loss"] <= 1e-2 and r["weights"] <= 3e-2 and r["out_dtype"] == torch.bfloat16, r
         assert r["param_dtype"] == {"torch.float32"}, r  # master weights stay fp32
-    assert [r["out_dtype"] for r in results[0]] == [torch.bfloat16, torch.bfloat16, torch.float32]
-    assert results[0][0]["loss"] > 0  # the bf16 run really computed in bf16
+    assert bf16_reduce["loss"] <= 1e-4 and bf16_reduce["weights"] <= 2e-3, bf16_reduce
+    assert bf16_reduce["out_dtype"] == torch.float32 and bf16_reduce["weights"] > 0  # the reduction was bf16
 
 
 def test_find_blocks_takes_outermost_lists_of_one_type():
