@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -33,30 +32,6 @@ from .runtime import Runtime, seed_everything, start
 logger = logging.getLogger("litegen")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class RNGState:
-    """The process's random generators (torch CPU/CUDA, python, numpy) as a checkpoint stateful."""
-
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state()
-        with contextlib.suppress(ImportError):
-            import numpy as np
-
-            state["numpy"] = np.random.get_state()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        torch.set_rng_state(state["torch"])
-        random.setstate(state["python"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
-        if "numpy" in state:
-            import numpy as np
-
-            np.random.set_state(state["numpy"])
 
 
 class LiteGen:
@@ -82,7 +57,6 @@ class LiteGen:
         self.ema: Any = None
         self.start_step: int = 0
         self._checkpointer: Any = None
-        self._rng = RNGState()
 
     # ---- where this process stands -------------------------------------------------------------
     @property
@@ -270,7 +244,7 @@ class LiteGen:
 
     # ---- training-state API --------------------------------------------------------------------
     def _statefuls(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"rng": self._rng}
+        out: dict[str, Any] = {"rng": True}  # every rank's torch / CUDA / python / numpy generators
         for name in ("model", "optimizer", "ema", "dataloader"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
