@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from litegen_ckpt import Checkpointer
 
 LR, WEIGHT_DECAY, GLOBAL_BATCH = 1e-2, 0.1, 12
+TIMEOUT = 240  # seconds per harness call: generous for a loaded machine
 
 
 class Block(nn.Module):
@@ -217,7 +218,7 @@ def resume_matches_straight(degree, root: str) -> tuple[int | None, list[str]]:
 
 @pytest.mark.parametrize("degree", [0, 1, 2, 3, "grouped"])
 def test_resume_is_bitwise_identical_to_straight_training(dist_pool, tmp_path, degree):
-    results = dist_pool.run(resume_matches_straight, degree, str(tmp_path), world_size=4)
+    results = dist_pool.run(resume_matches_straight, degree, str(tmp_path), world_size=4, timeout=TIMEOUT)
     assert [step for step, _ in results] == [3] * 4
     assert [diff for _, diff in results] == [[]] * 4
 
@@ -252,7 +253,7 @@ def world4_checkpoints(dist_pool, tmp_path_factory) -> dict[str, str]:
     roots = {}
     for degree in [3, 1]:
         roots[degree] = str(tmp_path_factory.mktemp(f"saved_degree{degree}"))
-        dist_pool.run(save_after_three_steps, degree, roots[degree], world_size=4)
+        dist_pool.run(save_after_three_steps, degree, roots[degree], world_size=4, timeout=TIMEOUT)
     return roots
 
 
@@ -261,7 +262,7 @@ def world4_checkpoints(dist_pool, tmp_path_factory) -> dict[str, str]:
     [(2, 3, 2), (2, 1, 3), (3, 3, 0), (3, 3, 1), (3, 1, 2)],
 )
 def test_resharded_resume_matches_the_reference(dist_pool, world4_checkpoints, world_size, saved_degree, degree):
-    results = dist_pool.run(resume_and_finish, degree, world4_checkpoints[saved_degree], world_size=world_size)
+    results = dist_pool.run(resume_and_finish, degree, world4_checkpoints[saved_degree], world_size=world_size, timeout=TIMEOUT)
     step, weights, ema_weights = results[0]
     assert [r[0] for r in results] == [3] * world_size
     expected_weights, expected_ema = reference()
@@ -290,6 +291,6 @@ def async_save_snapshot_and_rotate(root: str) -> tuple[list[str], int | None, li
 
 
 def test_async_save_writes_the_state_at_save_time_and_keeps_the_newest(dist_pool, tmp_path):
-    results = dist_pool.run(async_save_snapshot_and_rotate, str(tmp_path), world_size=3)
+    results = dist_pool.run(async_save_snapshot_and_rotate, str(tmp_path), world_size=3, timeout=TIMEOUT)
     assert results == [(["latest", "step_2", "step_3"], 3, [])] * 3
     assert (tmp_path / "latest").read_text() == "step_3"

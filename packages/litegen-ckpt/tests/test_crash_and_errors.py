@@ -1,0 +1,137 @@
+"""Crash safety (a save killed mid-write) and bad input, in one process without a process group."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from litegen_ckpt import Checkpointer
+
+SAVE_THEN_HANG = """
+import sys, time
+from pathlib import Path
+import torch, torch.distributed as dist
+import torch.distributed.checkpoint.filesystem as filesystem
+from torch import nn
+from litegen_ckpt import Checkpointer
+
+root, marker, store = sys.argv[1:4]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+torch.manual_seed(0)
+model = nn.Linear(64, 64)
+checkpointer = Checkpointer(root, keep=1)
+checkpointer.save(1, model=model)
+with torch.no_grad():
+    model.weight.add_(1.0)
+write_item = filesystem._write_item
+
+def write_then_hang(*args, **kwargs):
+    result = write_item(*args, **kwargs)
+    Path(marker).touch()
+    time.sleep(600)
+    return result
+
+filesystem._write_item = write_then_hang
+checkpointer.save(2, model=model)
+"""
+
+
+def test_a_save_killed_mid_write_leaves_latest_on_the_previous_complete_checkpoint(tmp_path):
+    root, marker = tmp_path / "ckpt", tmp_path / "writing"
+    script = tmp_path / "save_then_hang.py"
+    script.write_text(SAVE_THEN_HANG)
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(root), str(marker), str(tmp_path / "store")],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert proc.poll() is None, (tmp_path / "log.txt").read_text()
+            assert time.monotonic() < deadline, "the save never started writing"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (root / "latest").read_text() == "step_1"
+    assert sorted(os.listdir(root)) == ["latest", "step_1", "step_2.tmp"]  # keep=1 removed nothing
+
+    torch.manual_seed(0)
+    expected = nn.Linear(64, 64)
+    model = nn.Linear(64, 64)
+    assert Checkpointer(root).load(model=model) == 1
+    assert torch.equal(model.weight, expected.weight) and torch.equal(model.bias, expected.bias)
+
+    Checkpointer(root, keep=1).save(2, model=model)  # the next save clears the partial directory
+    assert sorted(os.listdir(root)) == ["latest", "step_2"]
+
+
+def test_a_truncated_or_missing_file_is_named(tmp_path):
+    Checkpointer(tmp_path).save(5, model=nn.Linear(8, 8))
+    shard = next((tmp_path / "step_5").glob("*.distcp"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-10])
+    with pytest.raises(ValueError, match=f"{shard.name}.*truncated"):
+        Checkpointer(tmp_path).load(model=nn.Linear(8, 8))
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        Checkpointer(tmp_path).load(step=5, model=nn.Linear(8, 8))
+
+
+def test_bad_input_is_refused_with_the_value_and_what_is_allowed(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="root=.*is a file"):
+        Checkpointer(a_file)
+    with pytest.raises(ValueError, match="keep=0"):
+        Checkpointer(tmp_path, keep=0)
+    checkpointer = Checkpointer(tmp_path / "root")
+    model = nn.Linear(4, 4)
+    assert checkpointer.load(model=model) is None  # nothing saved yet
+    with pytest.raises(ValueError, match="step=-1"):
+        checkpointer.save(-1, model=model)
+    with pytest.raises(ValueError, match="step='last'.*latest"):
+        checkpointer.load("last", model=model)
+    with pytest.raises(TypeError, match="thing=object"):
+        checkpointer.save(1, model=model, thing=object())
+    with pytest.raises(TypeError, match="optimizer=.*exactly one nn.Module"):
+        checkpointer.save(1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="no statefuls"):
+        checkpointer.save(1)
+
+    checkpointer.save(1, model=model)
+    with pytest.raises(FileNotFoundError, match=r"step=7.*complete steps: \[1\]"):
+        checkpointer.load(7, model=model)
+    with pytest.raises(ValueError, match=r"model.weight: .* shape \(4, 4\), the live tensor has shape \(3, 4\)"):
+        checkpointer.load(model=nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"lacks .*'ema.*it holds \['model'\]"):
+        checkpointer.load(model=model, ema=nn.Linear(4, 4))
+
+
+def test_rng_and_python_state_round_trip_in_one_process(tmp_path):
+    class Counter:
+        def __init__(self) -> None:
+            self.state = {"seen": 0, "order": [3, 1, 2]}
+
+        def state_dict(self) -> dict:
+            return self.state
+
+        def load_state_dict(self, state: dict) -> None:
+            self.state = dict(state)
+
+    counter = Counter()
+    counter.state["seen"] = 17
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save(0, counter=counter, rng=True)
+    expected = torch.rand(3)
+    restored = Counter()
+    assert checkpointer.load(counter=restored, rng=True) == 0
+    assert restored.state == {"seen": 17, "order": [3, 1, 2]}
+    assert torch.equal(torch.rand(3), expected)
