@@ -73,7 +73,13 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         start = time.perf_counter()
         with count_all_to_all_bytes(fwd):
             out_local = ulysses_attention(
-                q_local, k_local, v_local, group=None, causal=causal, kv_replicated=cross, seq_len=info.seq_len
+                q_local,
+                k_local,
+                v_local,
+                group=None,
+                causal=causal,
+                kv_replicated=cross,
+                seq_len=info.seq_len,
             )
         w_local = split_sequence(weight, None)[0]
         with count_all_to_all_bytes(bwd):
@@ -92,15 +98,21 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     full_grads = torch.autograd.grad((q_local, k_local, v_local), (q, k, v), grad_outputs=grads)
     for grad in full_grads:
         dist.all_reduce(grad)
-    err = max([err] + [(g - e).abs().max().item() for g, e in zip(full_grads, ref_grads)])
+    err = max([err] + [(g - e).abs().max().item() for g, e in zip(full_grads, ref_grads, strict=True)])
     return {
-        "case": name, "fwd_bytes": fwd[0], "bwd_bytes": bwd[0], "theory": theory,
-        "err": err, "ms": 1e3 * statistics.median(times),
+        "case": name,
+        "fwd_bytes": fwd[0],
+        "bwd_bytes": bwd[0],
+        "theory": theory,
+        "err": err,
+        "ms": 1e3 * statistics.median(times),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=None, help="default: 1030 on CPU, 32770 on CUDA")
     parser.add_argument("--heads", type=int, default=16)
@@ -121,17 +133,23 @@ def main() -> None:
     everyone = [None] * size
     dist.all_gather_object(everyone, rows)
     if rank == 0:
-        print(f"Ulysses over {size} ranks ({device.type}), batch {args.batch}, seq {args.seq}, heads "
-              f"{args.heads}, head_dim {args.head_dim}, fp32; bytes per rank per attention call")
-        print(f"{'rank':>4} {'case':>6} {'fwd bytes':>12} {'bwd bytes':>12} {'theory':>12} {'fwd/th':>7} "
-              f"{'bwd/th':>7} {'max err':>9} {'ms':>8}")
+        print(
+            f"Ulysses over {size} ranks ({device.type}), batch {args.batch}, seq {args.seq}, heads "
+            f"{args.heads}, head_dim {args.head_dim}, fp32; bytes per rank per attention call"
+        )
+        print(
+            f"{'rank':>4} {'case':>6} {'fwd bytes':>12} {'bwd bytes':>12} {'theory':>12} {'fwd/th':>7} "
+            f"{'bwd/th':>7} {'max err':>9} {'ms':>8}"
+        )
         ratio, err = 0.0, 0.0
         for r, per_rank in enumerate(everyone):
             for row in per_rank:
                 f, b = row["fwd_bytes"] / row["theory"], row["bwd_bytes"] / row["theory"]
                 ratio, err = max(ratio, f, b), max(err, row["err"])
-                print(f"{r:>4} {row['case']:>6} {row['fwd_bytes']:>12} {row['bwd_bytes']:>12} "
-                      f"{row['theory']:>12.0f} {f:>7.4f} {b:>7.4f} {row['err']:>9.2e} {row['ms']:>8.1f}")
+                print(
+                    f"{r:>4} {row['case']:>6} {row['fwd_bytes']:>12} {row['bwd_bytes']:>12} "
+                    f"{row['theory']:>12.0f} {f:>7.4f} {b:>7.4f} {row['err']:>9.2e} {row['ms']:>8.1f}"
+                )
         print(f"RESULT ulysses_bytes_over_theory={ratio:.4f}")
         print(f"RESULT ulysses_max_abs_err_fp32={err:.3e}")
     dist.destroy_process_group()

@@ -49,7 +49,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(DIM)
         self.cross_attn = Attention(DIM, HEADS, DIM)
         self.norm3 = nn.LayerNorm(DIM, elementwise_affine=False)
-        self.mlp = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(approximate="tanh"), nn.Linear(2 * DIM, DIM))
+        self.mlp = nn.Sequential(
+            nn.Linear(DIM, 2 * DIM), nn.GELU(approximate="tanh"), nn.Linear(2 * DIM, DIM)
+        )
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(DIM, 6 * DIM))
 
     def forward(self, x, cond, text, bias=None):
@@ -173,7 +175,9 @@ def bad_plans_raise() -> list[tuple[str, str]]:
         "plan_type": lambda: sequence_parallel(TinyDiT(), group, {"blocks": "blocks"}),
         "cross_type": lambda: sequence_parallel(TinyDiT(), group, SPPlan(cross_attention="cross")),
         "twice": lambda: sequence_parallel(sequence_parallel(TinyDiT(), group), group),
-        "joint": lambda: sequence_parallel(JointModel(), group)(torch.randn(1, 4, DIM), torch.randn(1, 3, DIM)),
+        "joint": lambda: sequence_parallel(JointModel(), group)(
+            torch.randn(1, 4, DIM), torch.randn(1, 3, DIM)
+        ),
         "split_len": lambda: sequence_parallel(TinyDiT(token_bias=True), group, SPPlan(split={"text": 1}))(
             torch.randn(1, 3, IMAGE, IMAGE), torch.rand(1), torch.randn(1, TEXT_LEN, TEXT_DIM)
         ),

@@ -21,7 +21,11 @@ CASES = ["self", "self_gqa", "cross", "cross_gqa", "cross_mask"]
 def reference_attention(q, k, v, causal, mask):
     """Plain SDPA on the whole sequence; layout (batch, seq, heads, head_dim)."""
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal,
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=causal,
         enable_gqa=k.shape[2] != q.shape[2],
     )
     return out.transpose(1, 2)
@@ -58,13 +62,19 @@ def ulysses_matches_full_attention() -> dict[str, float]:
         q_local, info = split_sequence(q, None)
         k_local, v_local = (k, v) if cross else (split_sequence(k, None)[0], split_sequence(v, None)[0])
         out_local = ulysses_attention(
-            q_local, k_local, v_local, group=None, causal=causal, kv_replicated=cross, seq_len=info.seq_len,
+            q_local,
+            k_local,
+            v_local,
+            group=None,
+            causal=causal,
+            kv_replicated=cross,
+            seq_len=info.seq_len,
             attn_mask=mask,
         )
         out = gather_sequence(out_local, None, info)
         (out * weight).sum().backward()
         err = (out - expected).abs().max().item()
-        for t, ref in zip((q, k, v), ref_grads):
+        for t, ref in zip((q, k, v), ref_grads, strict=True):
             grad = t.grad.clone()
             dist.all_reduce(grad)  # every rank holds size x its share: the sum is size x the gradient
             err = max(err, (grad / size - ref).abs().max().item())
@@ -104,7 +114,9 @@ def tokens_land_where_they_should() -> None:
 
     for kv_replicated in (False, True):
         kv = (k_full, v_full) if kv_replicated else (k, v)
-        out = ulysses_attention(q, *kv, group=None, attn_fn=identity, kv_replicated=kv_replicated, seq_len=seq_len)
+        out = ulysses_attention(
+            q, *kv, group=None, attn_fn=identity, kv_replicated=kv_replicated, seq_len=seq_len
+        )
         assert torch.equal(seen["q"], q_full[:, :seq_len, rank * 2 : rank * 2 + 2])
         kv_tokens = slice(None) if kv_replicated else slice(0, seq_len)
         assert torch.equal(seen["k"], k_full[:, kv_tokens, rank : rank + 1])
@@ -197,7 +209,9 @@ def test_ulysses_equals_full_sequence_attention(dist_pool, world_size):
 def test_flash_attention_path_matches_sdpa_in_bf16():
     pytest.importorskip("flash_attn")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(2, 128, 8, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    q, k, v = (
+        torch.randn(2, 128, 8, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3)
+    )
     for causal in (False, True):
         flash = attention(q, k, v, causal=causal)
         sdpa = reference_attention(q, k, v, causal, None)

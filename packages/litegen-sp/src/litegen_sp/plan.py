@@ -118,7 +118,9 @@ class _SPRuntime:
     def split_hidden(self, slot: _ArgSlot, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x = slot.get(args, kwargs)
         if not isinstance(x, Tensor):
-            raise TypeError(f"SPPlan.hidden={slot.label!r}: the first block got {type(x).__name__}, not a Tensor")
+            raise TypeError(
+                f"SPPlan.hidden={slot.label!r}: the first block got {type(x).__name__}, not a Tensor"
+            )
         x_local, self.info = split_sequence(x, self.group, self.plan.hidden_dim)
         return slot.set(args, kwargs, x_local)
 
@@ -129,7 +131,11 @@ class _SPRuntime:
         parts = list(value) if isinstance(value, (tuple, list)) else [value]
         split = []
         for part in parts:
-            if not isinstance(part, Tensor) or not -part.dim() <= dim < part.dim() or part.shape[dim] != self.info.seq_len:
+            if (
+                not isinstance(part, Tensor)
+                or not -part.dim() <= dim < part.dim()
+                or part.shape[dim] != self.info.seq_len
+            ):
                 shape = tuple(part.shape) if isinstance(part, Tensor) else type(part).__name__
                 raise ValueError(
                     f"SPPlan.split[{slot.label!r}]: got {shape}; expected tensors with the token stream's "
@@ -182,9 +188,16 @@ class _SPRuntime:
             )
         kv_replicated = self.cross_depth > 0 or key.shape[2] != query.shape[2]
         out = ulysses_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), group=self.group,
-            causal=is_causal, scale=scale, kv_replicated=kv_replicated, seq_len=self.info.seq_len,
-            attn_mask=attn_mask, dropout_p=dropout_p,
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            group=self.group,
+            causal=is_causal,
+            scale=scale,
+            kv_replicated=kv_replicated,
+            seq_len=self.info.seq_len,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
         )
         return out.transpose(1, 2)
 
@@ -206,10 +219,14 @@ class _UlyssesRouting(TorchFunctionMode):
 def _check_plan(plan: SPPlan) -> None:
     dims = [plan.hidden_dim, *plan.split.values()]
     if not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
-        raise TypeError(f"SPPlan: hidden_dim and split dims must be ints, got {plan.hidden_dim!r}, {dict(plan.split)!r}")
+        raise TypeError(
+            f"SPPlan: hidden_dim and split dims must be ints, got {plan.hidden_dim!r}, {dict(plan.split)!r}"
+        )
     if plan.output is not None and (not isinstance(plan.output, int) or isinstance(plan.output, bool)):
         raise TypeError(f"SPPlan.output must be an int or None, got {plan.output!r}")
-    if isinstance(plan.cross_attention, str) or not all(isinstance(f, str) and f for f in plan.cross_attention):
+    if isinstance(plan.cross_attention, str) or not all(
+        isinstance(f, str) and f for f in plan.cross_attention
+    ):
         raise TypeError(
             f"SPPlan.cross_attention must be a tuple of non-empty name fragments, got {plan.cross_attention!r}"
         )
@@ -220,7 +237,9 @@ def _find_blocks(model: nn.Module, plan: SPPlan) -> tuple[str, nn.Module]:
         try:
             blocks = model.get_submodule(plan.blocks)
         except AttributeError as exc:
-            raise ValueError(f"SPPlan.blocks={plan.blocks!r}: no such submodule in {type(model).__name__}") from exc
+            raise ValueError(
+                f"SPPlan.blocks={plan.blocks!r}: no such submodule in {type(model).__name__}"
+            ) from exc
         if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
             raise ValueError(
                 f"SPPlan.blocks={plan.blocks!r} is a {type(blocks).__name__} of {len(list(blocks.children()))} "
@@ -279,13 +298,19 @@ def _wrap_block(block: nn.Module, first: bool, last: bool, runtime: _SPRuntime) 
     block.forward = forward
     cross = []
     for name, module in block.named_modules():
-        if name and _is_cross(name, plan.cross_attention) and not any(name.startswith(c + ".") for c in cross):
+        if (
+            name
+            and _is_cross(name, plan.cross_attention)
+            and not any(name.startswith(c + ".") for c in cross)
+        ):
             _wrap_cross(module, runtime)
             cross.append(name)
     return cross
 
 
-def sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None, plan: SPPlan | None = None) -> nn.Module:
+def sequence_parallel(
+    model: nn.Module, group: dist.ProcessGroup | None, plan: SPPlan | None = None
+) -> nn.Module:
     """Run ``model``'s block stack under Ulysses SP over ``group``, in place; returns ``model``.
 
     Every rank of ``group`` must call the model with the same full inputs; every rank gets the same
@@ -311,6 +336,9 @@ def sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None, plan: S
     if dist.get_rank(group) == 0:
         logger.info(
             "litegen_sp: %d blocks at %r run Ulysses SP over %d ranks; cross-attention modules: %s",
-            len(blocks), name, dist.get_world_size(group), cross or "none (key length decides)",
+            len(blocks),
+            name,
+            dist.get_world_size(group),
+            cross or "none (key length decides)",
         )
     return model

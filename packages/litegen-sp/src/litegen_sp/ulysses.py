@@ -65,13 +65,17 @@ class _GatherSequence(torch.autograd.Function):
     """All-gather the local slices along ``dim`` and trim the pad; backward: own slice x group size."""
 
     @staticmethod
-    def forward(ctx, x_local: Tensor, group: dist.ProcessGroup | None, info: SequenceInfo, dim: int) -> Tensor:
+    def forward(
+        ctx, x_local: Tensor, group: dist.ProcessGroup | None, info: SequenceInfo, dim: int
+    ) -> Tensor:
         ctx.group_size, ctx.rank = _group_size_and_rank(group)
         ctx.info, ctx.dim = info, dim
         x_local = x_local.contiguous()
         gathered = x_local.new_empty((info.group_size * x_local.shape[0], *x_local.shape[1:]))
         dist.all_gather_into_tensor(gathered, x_local, group=group)
-        full = gathered.unflatten(0, (info.group_size, x_local.shape[0])).movedim(0, dim).flatten(dim, dim + 1)  # (..., padded_len, ...)
+        full = (
+            gathered.unflatten(0, (info.group_size, x_local.shape[0])).movedim(0, dim).flatten(dim, dim + 1)
+        )  # (..., padded_len, ...)
         return full.narrow(dim, 0, info.seq_len)
 
     @staticmethod
@@ -128,7 +132,9 @@ def gather_sequence(
     dim = _normalize_dim(info.dim if dim is None else dim, x_local.dim(), "gather_sequence", x_local.shape)
     size, _ = _group_size_and_rank(group)
     if size != info.group_size:
-        raise ValueError(f"gather_sequence: the group has {size} ranks but info was made for {info.group_size}")
+        raise ValueError(
+            f"gather_sequence: the group has {size} ranks but info was made for {info.group_size}"
+        )
     if x_local.shape[dim] != info.local_len:
         raise ValueError(
             f"gather_sequence: x_local has shape {tuple(x_local.shape)}, {x_local.shape[dim]} tokens along "
@@ -148,11 +154,11 @@ def _exchange(pieces: Sequence[Tensor], group: dist.ProcessGroup | None) -> list
     size = pieces[0].shape[0]
     numels = [piece[0].numel() for piece in pieces]
     send = pieces[0].new_empty((size, sum(numels)))
-    for piece, chunk in zip(pieces, send.split(numels, dim=1)):
+    for piece, chunk in zip(pieces, send.split(numels, dim=1), strict=True):
         chunk.view(piece.shape).copy_(piece)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    return [chunk.view(piece.shape) for piece, chunk in zip(pieces, recv.split(numels, dim=1))]
+    return [chunk.view(piece.shape) for piece, chunk in zip(pieces, recv.split(numels, dim=1), strict=True)]
 
 
 def _seq_to_heads(tensors: Sequence[Tensor], group: dist.ProcessGroup | None) -> tuple[Tensor, ...]:
@@ -220,20 +226,25 @@ def attention(
     ``F.scaled_dot_product_attention`` (GQA through ``enable_gqa``; causal is top-left aligned).
     ``attn_mask`` is in SDPA's layout, broadcastable to ``(b, h, s, s_kv)``.
     """
-    flash = _flash_attn_func()
     if (
-        flash is not None
-        and q.is_cuda
+        q.is_cuda
         and q.dtype in FLASH_DTYPES
         and q.shape[-1] <= FLASH_MAX_HEAD_DIM
         and q.shape[-1] == k.shape[-1] == v.shape[-1]
         and attn_mask is None
         and (not causal or q.shape[1] == k.shape[1])
+        and (flash := _flash_attn_func()) is not None
     ):
         return flash(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal)
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, dropout_p=dropout_p,
-        is_causal=causal, scale=scale, enable_gqa=k.shape[2] != q.shape[2],
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=k.shape[2] != q.shape[2],
     )
     return out.transpose(1, 2)
 
@@ -255,7 +266,9 @@ def _check_ulysses_inputs(
             )
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise ValueError(f"ulysses_attention: q, k, v must share dtype and device ({q.dtype}/{k.dtype}/{v.dtype})")
+        raise ValueError(
+            f"ulysses_attention: q, k, v must share dtype and device ({q.dtype}/{k.dtype}/{v.dtype})"
+        )
     if not q.shape[0] == k.shape[0] == v.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"ulysses_attention: batch and q/k head_dim must match: {shapes}")
     if k.shape[1:3] != v.shape[1:3]:
