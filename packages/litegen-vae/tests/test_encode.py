@@ -1,4 +1,10 @@
-"""sliced and compiled in one process, data_parallel without a process group, and bad input."""
+"""sliced, data_parallel and compiled: equal to the plain function, in one process and on real gloo
+groups of 2, 3 and 4 ranks; bad input is refused.
+
+Distributed cases: each world size runs all its cases in one harness call (re-forming a world costs a
+second); every rank compares its result with the plain function computed locally and returns the
+names of the cases that differ.
+"""
 
 from __future__ import annotations
 
@@ -186,3 +192,105 @@ def test_compiled_really_compiles_with_the_default_backend():
     x = torch.randn(4, 3, 5)  # slices of 2: one graph
     encode = compiled(sliced(lambda x: nn.functional.silu(x) * 2, 2))
     torch.testing.assert_close(encode(x), nn.functional.silu(x) * 2)
+
+
+# ---- data_parallel on real process groups --------------------------------------------------------
+def close(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Convolutions may round differently for another batch size; the gather itself is exact."""
+    return out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def trees_equal(out, ref) -> bool:
+    try:
+        assert_trees_equal(out, ref)
+    except AssertionError:
+        return False
+    return True
+
+
+def image_and_video_cases(world: int) -> list[str]:
+    """Image batches (b, c, h, w) on dim 0 and videos (b, c, t, h, w) on frames; returns failing cases."""
+    failures = []
+    net, frames = small_encoder(), nn.Conv3d(3, 4, (1, 3, 3), padding=(0, 1, 1))
+    torch.manual_seed(1)  # every rank draws the same batches
+    with torch.no_grad():
+        for batch in sorted({1, world - 1, world + 1, 2 * world + 1}):
+            x = torch.randn(batch, 3, 8, 8)
+            if not close(data_parallel(net)(x), net(x)):
+                failures.append(f"conv batch={batch}")
+            if not trees_equal(data_parallel(tree_fn)(x), tree_fn(x)):
+                failures.append(f"pytree batch={batch}")
+            if not trees_equal(data_parallel(tree_fn, dist.group.WORLD)(x), tree_fn(x)):
+                failures.append(f"explicit world group batch={batch}")
+            if not trees_equal(sliced(data_parallel(tree_fn), 2)(x), tree_fn(x)):
+                failures.append(f"sliced(data_parallel) batch={batch}")
+            if not trees_equal(data_parallel(sliced(tree_fn, 2))(x), tree_fn(x)):
+                failures.append(f"data_parallel(sliced) batch={batch}")
+        for length in sorted({2, world + 1}):
+            video = torch.randn(2, 3, length, 6, 6)
+            for dim in (2, -3):
+                if not close(data_parallel(frames, dim=dim)(video), frames(video)):
+                    failures.append(f"video frames={length} dim={dim}")
+                if not close(data_parallel(sliced(frames, 1, dim=dim), dim=dim)(video), frames(video)):
+                    failures.append(f"video data_parallel(sliced) frames={length} dim={dim}")
+        empty = torch.randn(0, 3, 8, 8)
+        if not close(data_parallel(net)(empty), net(empty)):
+            failures.append("empty batch")
+    return failures
+
+
+def errors_on_every_rank(world: int) -> dict[str, str]:
+    """Bad input raises ValueError on every rank: a dim out of range before any collective, and
+    batches of different sizes on different ranks at the first (small) collective."""
+    messages = {}
+    try:
+        data_parallel(tree_fn, dim=4)(torch.randn(3, 2, 4, 4))
+    except ValueError as error:
+        messages["dim"] = str(error)
+    try:
+        data_parallel(tree_fn)(torch.randn(3 + (dist.get_rank() == 0), 2))
+    except ValueError as error:
+        messages["batch"] = str(error)
+    try:
+        data_parallel(lambda x: (x, x.size(0)))(torch.randn(world + 1, 2))  # a constant that depends on the batch
+    except ValueError as error:
+        messages["constant"] = str(error)
+    dist.barrier()
+    return messages
+
+
+def compiled_composition(world: int) -> bool:
+    encode = compiled(sliced(data_parallel(tree_fn), 2), backend="eager")
+    x = torch.randn(2 * world + 1, 3)
+    return trees_equal(encode(x), tree_fn(x))
+
+
+def subgroups() -> dict:
+    """Two pairs (like SP groups of 2) encode two different batches; the other pair's group is refused."""
+    rank = dist.get_rank()
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    torch.manual_seed(rank // 2)
+    x = torch.randn(3, 4, 5)
+    result = {"pair": trees_equal(data_parallel(tree_fn, pairs[rank // 2])(x), tree_fn(x))}
+    try:
+        data_parallel(tree_fn, pairs[1 - rank // 2])
+    except ValueError as error:
+        result["other pair"] = str(error)
+    return result
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_data_parallel_equals_the_plain_function(dist_pool, world):
+    per_rank = dist_pool.run(image_and_video_cases, world, world_size=world, timeout=120)
+    assert per_rank == [[]] * world, per_rank
+    messages = dist_pool.run(errors_on_every_rank, world, world_size=world)
+    for rank_messages in messages:
+        assert "dim=4 is out of range for x of shape (3, 2, 4, 4)" in rank_messages["dim"]
+        assert f"batches of {[4] + [3] * (world - 1)} items on dim 0" in rank_messages["batch"]
+        assert "non-tensor outputs" in rank_messages["constant"]
+    if world == 2:
+        assert dist_pool.run(compiled_composition, world, world_size=world, timeout=120) == [True] * world
+    if world == 4:
+        out = dist_pool.run(subgroups, world_size=4)
+        assert [o["pair"] for o in out] == [True] * 4
+        assert all("this process is not in it" in o["other pair"] for o in out), out

@@ -168,9 +168,9 @@ def _log_fallback(fn: Encode, reason: str) -> None:
 
 def _all_gather_rows(row: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """``row``: (k,) on every rank -> (world, k)."""
-    rows = row.new_empty((dist.get_world_size(group), row.numel()))
+    rows = row.new_empty(dist.get_world_size(group) * row.numel())
     dist.all_gather_into_tensor(rows, row, group=group)
-    return rows
+    return rows.view(-1, row.numel())
 
 
 def _all_gather_cat(local: torch.Tensor, lengths: list[int], dim: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -247,16 +247,13 @@ def _check_group(group: Any) -> None:
     if group is None:
         return
     if dist.is_available() and group is dist.GroupMember.NON_GROUP_MEMBER:
-        raise ValueError(f"data_parallel: group={group!r} is the marker new_group returns to ranks outside the "
-                         f"group: this process is not in it; pass a group that holds this rank, or None")
+        raise ValueError(f"data_parallel: group={group!r} is what new_group returns to ranks outside the "
+                         "new group: this process is not in it; pass a group that holds this rank, or None")
     if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"data_parallel: group={group!r} ({type(group).__name__}); allowed: a "
                         "torch.distributed.ProcessGroup or None (the default world)")
     if not dist.is_initialized():
         raise ValueError("data_parallel: a group was given but torch.distributed is not initialized")
-    if dist.get_rank(group) < 0:
-        raise ValueError(f"data_parallel: this process (rank {dist.get_rank()}) is not in group {group!r} of "
-                         f"ranks {dist.get_process_group_ranks(group)}; pass a group that holds it, or None")
 
 
 def _batch_dim(x: Any, dim: int, wrapper: str) -> int:
