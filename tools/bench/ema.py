@@ -80,8 +80,13 @@ def measure(strategy: str, args: argparse.Namespace, device: torch.device) -> tu
     logger.info(
         "%s: %.1f MiB model, EMA %.2f MiB on the largest rank (%.4f of full, 1/N = %.4f); "
         "optimizer step %.2f ms, ema.update %.2f ms (slowest rank)",
-        strategy, full / 2**20, local_max / 2**20, local_max / full, 1 / dist.get_world_size(),
-        step_max * 1e3, update_max * 1e3,
+        strategy,
+        full / 2**20,
+        local_max / 2**20,
+        local_max / full,
+        1 / dist.get_world_size(),
+        step_max * 1e3,
+        update_max * 1e3,
     )
     return local_max / full, update_max / step_max
 

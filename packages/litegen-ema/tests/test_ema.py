@@ -26,8 +26,12 @@ LR = 0.1
 # two EMAs ride along every training run: a sharded warm-up one and a constant full-replica one
 EMA_A = dict(decay=0.8, warmup=(2.0, 1.0), update_after_step=2)
 EMA_B = dict(decay=0.7, sharded=False)
-STRATEGIES = {1: ["ddp", "zero1", "zero2", "zero3"], 2: ["ddp", "zero1", "zero2", "zero3"],
-              3: ["ddp", "zero2", "zero3"], 4: ["ddp", "zero1", "zero2", "zero3", "hsdp"]}
+STRATEGIES = {
+    1: ["ddp", "zero1", "zero2", "zero3"],
+    2: ["ddp", "zero1", "zero2", "zero3"],
+    3: ["ddp", "zero2", "zero3"],
+    4: ["ddp", "zero1", "zero2", "zero3", "hsdp"],
+}
 
 
 class Block(nn.Module):
@@ -108,7 +112,9 @@ def train_every_strategy(strategies: list[str], steps: int) -> dict:
     return out
 
 
-def reference_decay(step: int, decay: float, warmup=None, update_after_step: int = 0, sharded: bool = True) -> float:
+def reference_decay(
+    step: int, decay: float, warmup=None, update_after_step: int = 0, sharded: bool = True
+) -> float:
     if step < update_after_step:
         return 0.0
     if warmup is None:
@@ -122,17 +128,21 @@ def reference(steps: int) -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
     torch.manual_seed(0)
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    emas = [{n: p.detach().double().clone() for n, p in model.named_parameters() if p.requires_grad} for _ in "ab"]
+    emas = [
+        {n: p.detach().double().clone() for n, p in model.named_parameters() if p.requires_grad} for _ in "ab"
+    ]
     for step in range(1, steps + 1):
         train(model, optimizer, [], range(step, step + 1))
-        for ema, settings in zip(emas, [EMA_A, EMA_B]):
+        for ema, settings in zip(emas, [EMA_A, EMA_B], strict=True):
             d = reference_decay(step, **settings)
             for n, v in ema.items():
                 ema[n] = d * v + (1 - d) * dict(model.named_parameters())[n].detach().double()
     return model, emas
 
 
-def assert_matches_reference(full: dict[str, torch.Tensor], model: nn.Module, ema: dict[str, torch.Tensor]) -> None:
+def assert_matches_reference(
+    full: dict[str, torch.Tensor], model: nn.Module, ema: dict[str, torch.Tensor]
+) -> None:
     expected = model.state_dict()
     assert full.keys() == expected.keys()
     for name, value in full.items():
@@ -151,7 +161,7 @@ def test_consolidated_ema_matches_fp64_reference(dist_pool, world_size):
     model, ref_emas = reference(steps)
     full_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     for strategy in STRATEGIES[world_size]:
-        for full, ref in zip(results[0][strategy]["full"], ref_emas):
+        for full, ref in zip(results[0][strategy]["full"], ref_emas, strict=True):
             assert_matches_reference(full, model, ref)
         assert all(r[strategy]["full"] == [{}, {}] for r in results[1:])  # consolidated on rank 0 only
         per_rank = [r[strategy]["bytes"] for r in results]
@@ -192,12 +202,14 @@ def local_params(model: nn.Module) -> list[torch.Tensor]:
 
 def evaluate_swapped(strategy: str) -> dict:
     model, optimizer = build(strategy)
-    ema = ShardedEMA(model, decay=0.5)
-    train(model, optimizer, [ema], range(1, 3))
+    ema, replica = ShardedEMA(model, decay=0.5), ShardedEMA(model, decay=0.5, sharded=False)
+    train(model, optimizer, [ema, replica], range(1, 3))
     x, _ = batch(0)
     before = local_params(model)
     with torch.no_grad():
         out_before = model(x)
+        with replica.swapped(model):
+            out_replica = model(x)
         with ema.swapped(model):
             out_ema = model(x)
         restored = local_params(model)
@@ -209,10 +221,13 @@ def evaluate_swapped(strategy: str) -> dict:
         except KeyError:
             pass
     return {
-        "bit_exact": all(torch.equal(a, b) for a, b in zip(before, restored)),
-        "bit_exact_after_raise": all(torch.equal(a, b) for a, b in zip(before, local_params(model))),
+        "bit_exact": all(torch.equal(a, b) for a, b in zip(before, restored, strict=True)),
+        "bit_exact_after_raise": all(
+            torch.equal(a, b) for a, b in zip(before, local_params(model), strict=True)
+        ),
         "same_output_after": torch.equal(out_before, out_after),
         "out_ema": out_ema,
+        "out_replica": out_replica,
         "full": ema.full_state_dict(),
     }
 
@@ -243,6 +258,7 @@ def test_swapped_evaluates_with_ema_weights_and_restores_bit_exactly(dist_pool):
             expected = reference_model(batch(0)[0])
         for r in results:
             torch.testing.assert_close(r["out_ema"], expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(r["out_replica"], expected, rtol=1e-5, atol=1e-6)
     messages = dist_pool.run(build_ema_then_shard, world_size=3)
     assert "parameters are not the ones this EMA was built from" in messages[0]
 
@@ -278,6 +294,13 @@ def test_single_process_update_swap_and_names():
     assert torch.equal(net.head.weight, original + 1.0)
     full = ema.full_state_dict()
     assert set(full) == set(Net().state_dict())
+    fp64 = ShardedEMA(net, decay=0.5, dtype=torch.float64, update_after_step=2)
+    fp64.update(1)  # copies
+    assert torch.equal(fp64.state_dict()["head.weight"], net.head.weight.double())
+    with torch.no_grad():
+        net.head.weight.add_(2.0)
+    fp64.update(2)  # averages
+    torch.testing.assert_close(fp64.state_dict()["head.weight"], (original + 2.0).double())
     ema.load_state_dict({k: v for k, v in full.items() if k in ema.state_dict()})
     ema.load_state_dict(full, strict=False)
 

@@ -107,8 +107,14 @@ class ShardedEMA:
             and len(warmup) == 2
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in warmup)
         ):
-            raise ValueError(f"warmup={warmup!r}; allowed: None or (gamma, power) with both > 0, e.g. (1.0, 2/3)")
-        if isinstance(update_after_step, bool) or not isinstance(update_after_step, int) or update_after_step < 0:
+            raise ValueError(
+                f"warmup={warmup!r}; allowed: None or (gamma, power) with both > 0, e.g. (1.0, 2/3)"
+            )
+        if (
+            isinstance(update_after_step, bool)
+            or not isinstance(update_after_step, int)
+            or update_after_step < 0
+        ):
             raise ValueError(f"update_after_step={update_after_step!r}; allowed: an int >= 0")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype={dtype!r}; allowed: a floating torch.dtype, e.g. torch.float32")
@@ -140,7 +146,10 @@ class ShardedEMA:
             full = sum(slot.param.numel() for slot in self._slots) * torch.finfo(dtype).bits // 8
             logger.info(
                 "ShardedEMA: %d parameters, %.1f MiB of %.1f MiB on rank 0 (%s)",
-                len(self._slots), local / 2**20, full / 2**20, "sharded" if sharded else "full replica",
+                len(self._slots),
+                local / 2**20,
+                full / 2**20,
+                "sharded" if sharded else "full replica",
             )
 
     def _make_slot(self, name: str, param: nn.Parameter, mesh: DeviceMesh | None) -> _Slot:
@@ -159,12 +168,22 @@ class ShardedEMA:
         shadow = ema
         if isinstance(param, DTensor) and self.sharded:
             shadow = DTensor.from_local(
-                ema, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+                ema,
+                param.device_mesh,
+                param.placements,
+                run_check=False,
+                shape=param.shape,
+                stride=param.stride(),
             )
         elif mesh is not None:
             placement = Shard(0) if rows is not None else Replicate()
             shadow = DTensor.from_local(
-                ema, mesh, [placement], run_check=False, shape=param.shape, stride=_contiguous_stride(param.shape)
+                ema,
+                mesh,
+                [placement],
+                run_check=False,
+                shape=param.shape,
+                stride=_contiguous_stride(param.shape),
             )
         if isinstance(shadow, DTensor):
             ema = shadow.to_local()  # the very tensor the DTensor wraps (no grad mode here)
@@ -194,7 +213,7 @@ class ShardedEMA:
         if decay == 0.0:
             torch._foreach_copy_(emas, sources)
             return
-        sources = [s if s.dtype == e.dtype else s.to(e.dtype) for s, e in zip(sources, emas)]
+        sources = [s if s.dtype == e.dtype else s.to(e.dtype) for s, e in zip(sources, emas, strict=True)]
         torch._foreach_lerp_(emas, sources, 1.0 - decay)
 
     @contextlib.contextmanager
@@ -222,7 +241,7 @@ class ShardedEMA:
             self._swapped = False
             _reshard_fsdp(model)  # drop unsharded copies of the EMA weights (FSDP2 without reshard)
             with torch.no_grad():
-                for slot, backup in zip(self._slots, backups):
+                for slot, backup in zip(self._slots, backups, strict=True):
                     if isinstance(slot.param, DTensor):
                         slot.local_param().copy_(backup)
                     else:
@@ -247,12 +266,16 @@ class ShardedEMA:
             value = state_dict[slot.name]
             if not isinstance(value, torch.Tensor) or value.shape != slot.param.shape:
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"state_dict[{slot.name!r}]: shape {shape}; allowed: {tuple(slot.param.shape)}")
+                raise ValueError(
+                    f"state_dict[{slot.name!r}]: shape {shape}; allowed: {tuple(slot.param.shape)}"
+                )
             if value is slot.shadow:
                 continue  # torch.distributed.checkpoint loaded in place
             if isinstance(value, DTensor):
-                if isinstance(slot.shadow, DTensor) and value.placements == slot.shadow.placements and (
-                    value.device_mesh == slot.shadow.device_mesh
+                if (
+                    isinstance(slot.shadow, DTensor)
+                    and value.placements == slot.shadow.placements
+                    and (value.device_mesh == slot.shadow.device_mesh)
                 ):
                     slot.ema.copy_(value.to_local())
                     continue
@@ -288,7 +311,9 @@ class ShardedEMA:
 
     def _check_parameters(self, model: nn.Module, where: str) -> None:
         current = tuple(model.parameters())
-        if len(current) == len(self._params) and all(a is b for a, b in zip(current, self._params)):
+        if len(current) == len(self._params) and all(
+            a is b for a, b in zip(current, self._params, strict=True)
+        ):
             return
         raise RuntimeError(
             f"ShardedEMA.{where}: the model's parameters are not the ones this EMA was built from "
