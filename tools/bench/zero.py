@@ -18,14 +18,13 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from litegen_zero import shard
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
-
-from litegen_zero import shard
 
 
 class Block(nn.Module):

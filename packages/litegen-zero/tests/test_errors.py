@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from litegen_zero import shard, shard_frozen
+from torch import nn
 
 
 class Net(nn.Module):
@@ -66,7 +65,7 @@ def test_bad_input_fails_clearly_on_every_rank(dist_pool):
         ("TypeError", "mesh='rows'", "DeviceMesh"),
         ("ValueError", "no trainable parameter", "Net"),
         ("ValueError", "not in the model", "(3, 5)"),
-        ("ValueError", "offload=True with degree=2", "needs degree=3"),
+        ("ValueError", "offload=True with degree=2", "True with degree=3"),
         ("ValueError", "param_dtype=torch.bfloat16 with degree=0", "degree 2 or 3"),
         ("ValueError", "reduce_dtype='int8'", "'bf16'"),
         ("ValueError", "Conv2d", "allowed: nn.Module subclasses"),
@@ -75,5 +74,5 @@ def test_bad_input_fails_clearly_on_every_rank(dist_pool):
         ("ValueError", "group_size=0", "allowed: [1, 2]"),
     ]
     assert len(errors) == len(expected)
-    for error, (kind, *parts) in zip(errors, expected):
+    for error, (kind, *parts) in zip(errors, expected, strict=True):
         assert error.startswith(kind) and all(p in error for p in parts), (error, parts)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
+from litegen_zero import shard_frozen
 from torch import nn
 from torch.distributed.tensor import DTensor
-
-from litegen_zero import shard_frozen
 
 
 class Encoder(nn.Module):
@@ -69,7 +67,7 @@ def test_frozen_output_equals_unsharded_and_bytes_are_a_shard(dist_pool, world):
     configs = [{}, {"dtype": torch.bfloat16}] + ([{"group_size": 2}] if world == 4 else [])
     results = dist_pool.run(run_frozen, configs, world_size=world, timeout=120)
     for per_rank in results:
-        for config, r in zip(configs, per_rank):
+        for config, r in zip(configs, per_rank, strict=True):
             assert r["max_error"] <= 1e-6 and r["trainable"] == 0, (config, r)
             assert r["dtype"] == config.get("dtype", torch.float32)
             shards = config.get("group_size", world)

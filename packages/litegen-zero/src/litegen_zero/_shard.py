@@ -11,7 +11,6 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from types import MappingProxyType
-from typing import Union
 
 import torch
 import torch.distributed as dist
@@ -25,9 +24,9 @@ from torch.optim import Optimizer
 
 logger = logging.getLogger(__name__)
 
-Blocks = Sequence[Union[type[nn.Module], nn.Module]]
+Blocks = Sequence[type[nn.Module] | nn.Module]
 OptimizerFactory = Callable[[list[nn.Parameter]], Optimizer]
-DtypeLike = Union[torch.dtype, str, None]
+DtypeLike = torch.dtype | str | None
 
 _DTYPES = MappingProxyType({
     "fp32": torch.float32, "float32": torch.float32, torch.float32: torch.float32,
@@ -100,7 +99,7 @@ def shard(
             "(FSDP2 MixedPrecisionPolicy); with DDP run the forward under torch.autocast instead"
         )
     if not isinstance(offload, bool) or (offload and degree != 3):
-        raise ValueError(f"offload={offload!r} with degree={degree}; offload=True needs degree=3")
+        raise ValueError(f"offload={offload!r} with degree={degree}; allowed: False, or True with degree=3")
     names = {id(p): name for name, p in model.named_parameters()}
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"model {type(model).__name__} has no trainable parameter (requires_grad=True)")
