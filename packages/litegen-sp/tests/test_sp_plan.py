@@ -94,7 +94,7 @@ class TinyDiT(nn.Module):
         return out.reshape(b, c, height, width)
 
 
-def sp_dit_matches_single_rank(sp_size: int, token_bias: bool, checkpoint: bool, fsdp: bool) -> dict:
+def sp_dit_matches_single_rank(sp_size: int, token_bias: bool, checkpoint: str, fsdp: bool) -> dict:
     """SP (x DP) run of TinyDiT vs the single-process full batch; world-averaged gradients."""
     world, rank = dist.get_world_size(), dist.get_rank()
     dp_size = world // sp_size
@@ -114,8 +114,10 @@ def sp_dit_matches_single_rank(sp_size: int, token_bias: bool, checkpoint: bool,
     F.mse_loss(expected, target).backward()
 
     plan = SPPlan(split={"bias": 1}) if token_bias else None
+    if checkpoint == "before":
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
     sequence_parallel(model, mesh.get_group("sp"), plan)
-    if checkpoint:
+    if checkpoint == "after":
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
     if fsdp:
         world_mesh = init_device_mesh("cpu", (world,))
@@ -212,12 +214,13 @@ def test_bad_plans_raise_clear_errors(dist_pool):
 @pytest.mark.parametrize(
     "world_size, sp_size, token_bias, checkpoint, fsdp",
     [
-        (2, 2, False, False, False),
-        (2, 2, False, True, False),
-        (4, 4, False, False, False),
-        (4, 4, True, True, False),
-        (4, 2, False, False, False),  # 2 data-parallel pairs with different samples x SP 2
-        (4, 2, True, True, True),  # the facade's order: SP plan -> activation checkpointing -> FSDP2
+        (2, 2, False, "none", False),
+        (2, 2, False, "after", False),
+        (2, 2, False, "before", False),
+        (4, 4, False, "none", False),
+        (4, 4, True, "after", False),
+        (4, 2, False, "none", False),  # 2 data-parallel pairs with different samples x SP 2
+        (4, 2, True, "after", True),  # the facade's order: SP plan -> activation checkpointing -> FSDP2
     ],
 )
 def test_sp_dit_equals_single_rank(dist_pool, world_size, sp_size, token_bias, checkpoint, fsdp):

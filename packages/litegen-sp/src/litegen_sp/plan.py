@@ -209,7 +209,9 @@ class _UlyssesRouting(TorchFunctionMode):
         super().__init__()
         self.runtime = runtime
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+    def __torch_function__(
+        self, func: Callable[..., Any], types: tuple[type, ...], args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             return self.runtime.attention(*args, **kwargs)
@@ -258,6 +260,12 @@ def _find_blocks(model: nn.Module, plan: SPPlan) -> tuple[str, nn.Module]:
         )
     _, _, name, blocks = max(candidates, key=lambda c: c[:2])
     return name, blocks
+
+
+def _unwrap_checkpoint(block: nn.Module) -> nn.Module:
+    while isinstance(getattr(block, "_checkpoint_wrapped_module", None), nn.Module):
+        block = block._checkpoint_wrapped_module
+    return block
 
 
 def _is_cross(name: str, fragments: tuple[str, ...]) -> bool:
@@ -326,6 +334,8 @@ def sequence_parallel(
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("sequence_parallel needs an initialized torch.distributed process group")
     name, blocks = _find_blocks(model, plan)
+    # wrap the module that really runs: a checkpoint wrapper re-runs its inner module in backward
+    blocks = [_unwrap_checkpoint(b) for b in blocks]
     if any(getattr(b.forward, "litegen_sp", False) for b in blocks):
         raise ValueError(f"sequence_parallel: {type(model).__name__}.{name} is already sequence-parallel")
     runtime = _SPRuntime(group, plan)
