@@ -284,6 +284,11 @@ def test_single_process_update_swap_and_names():
     net.blocks[0] = checkpoint_wrapper(net.blocks[0])
     ema = ShardedEMA(net, decay=0.5)
     assert "blocks.0.fc.weight" in ema.state_dict()
+    compiled = (
+        nn.Module()
+    )  # torch.compile's OptimizedModule holds the model as `_orig_mod` (importing dynamo is slow)
+    compiled._orig_mod = net
+    assert set(ShardedEMA(compiled).state_dict()) == set(ema.state_dict())
     original = net.head.weight.detach().clone()
     with torch.no_grad():
         net.head.weight.add_(1.0)

@@ -228,14 +228,15 @@ class ShardedEMA:
         self._check_parameters(model, "swapped()")
         with torch.no_grad():
             backups = [slot.local_param().clone() for slot in self._slots]
-            for slot in self._slots:
-                if isinstance(slot.param, DTensor):
-                    ema = slot.ema if isinstance(slot.shadow, DTensor) else _local_piece(slot.ema, slot.param)
-                    slot.local_param().copy_(ema)
-                else:
-                    slot.param.copy_(slot.full(slot.ema))
         self._swapped = True
         try:
+            with torch.no_grad():
+                for slot in self._slots:
+                    if isinstance(slot.param, DTensor):
+                        sharded = isinstance(slot.shadow, DTensor)
+                        slot.local_param().copy_(slot.ema if sharded else _local_piece(slot.ema, slot.param))
+                    else:
+                        slot.param.copy_(slot.full(slot.ema))
             yield model
         finally:
             self._swapped = False
