@@ -139,7 +139,9 @@ class DiT(nn.Module):
         self.patch_embed = nn.Linear(in_channels * patch_size**2, dim)
         self.t_embedder = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.text_proj = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.text_proj = nn.Sequential(
+            nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
         self.blocks = nn.ModuleList([DiTBlock(dim, heads, mlp_ratio) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
@@ -179,7 +181,9 @@ class DiT(nn.Module):
             x = x.unsqueeze(2)
         expected = (self.in_channels, self.num_frames, self.input_size, self.input_size)
         if tuple(x.shape[1:]) != expected:
-            raise ValueError(f"latents of shape {tuple(x.shape)} do not match the model's (b, c, t, h, w)={expected}")
+            raise ValueError(
+                f"latents of shape {tuple(x.shape)} do not match the model's (b, c, t, h, w)={expected}"
+            )
         frames, height, width = x.shape[2:]
 
         tokens = self.patch_embed(self.patchify(x)) + self.pos_embed  # (b, n, dim)
