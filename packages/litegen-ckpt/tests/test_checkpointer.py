@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from litegen_ckpt import Checkpointer
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -21,8 +22,6 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
-
-from litegen_ckpt import Checkpointer
 
 LR, WEIGHT_DECAY, GLOBAL_BATCH = 1e-2, 0.1, 12
 TIMEOUT = 240  # seconds per harness call: generous for a loaded machine
@@ -141,7 +140,7 @@ def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randn(GLOBAL_BATCH, 2, generator=g)
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     n = GLOBAL_BATCH // world
-    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+    return x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
 
 
 def train(model, optimizer, ema, net, steps, batch=global_batch, sampler=None) -> None:
@@ -157,6 +156,7 @@ def train(model, optimizer, ema, net, steps, batch=global_batch, sampler=None) -
 
 def local_state(model, optimizer, ema, sampler) -> dict:
     """Everything this rank holds, as plain local tensors / values."""
+
     def local(t):
         return (t.to_local() if isinstance(t, DTensor) else t).detach().clone()
 
@@ -261,8 +261,12 @@ def world4_checkpoints(dist_pool, tmp_path_factory) -> dict[str, str]:
     "world_size, saved_degree, degree",
     [(2, 3, 2), (2, 1, 3), (3, 3, 0), (3, 3, 1), (3, 1, 2)],
 )
-def test_resharded_resume_matches_the_reference(dist_pool, world4_checkpoints, world_size, saved_degree, degree):
-    results = dist_pool.run(resume_and_finish, degree, world4_checkpoints[saved_degree], world_size=world_size, timeout=TIMEOUT)
+def test_resharded_resume_matches_the_reference(
+    dist_pool, world4_checkpoints, world_size, saved_degree, degree
+):
+    results = dist_pool.run(
+        resume_and_finish, degree, world4_checkpoints[saved_degree], world_size=world_size, timeout=TIMEOUT
+    )
     step, weights, ema_weights = results[0]
     assert [r[0] for r in results] == [3] * world_size
     expected_weights, expected_ema = reference()

@@ -9,9 +9,8 @@ import time
 
 import pytest
 import torch
-from torch import nn
-
 from litegen_ckpt import Checkpointer
+from torch import nn
 
 SAVE_THEN_HANG = """
 import sys, time
@@ -49,7 +48,8 @@ def test_a_save_killed_mid_write_leaves_latest_on_the_previous_complete_checkpoi
     with open(tmp_path / "log.txt", "w") as log:
         proc = subprocess.Popen(
             [sys.executable, str(script), str(root), str(marker), str(tmp_path / "store")],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         deadline = time.monotonic() + 240
@@ -109,7 +109,9 @@ def test_bad_input_is_refused_with_the_value_and_what_is_allowed(tmp_path):
     checkpointer.save(1, model=model)
     with pytest.raises(FileNotFoundError, match=r"step=7.*complete steps: \[1\]"):
         checkpointer.load(7, model=model)
-    with pytest.raises(ValueError, match=r"model.weight: .* shape \(4, 4\), the live tensor has shape \(3, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"model.weight: .* shape \(4, 4\), the live tensor has shape \(3, 4\)"
+    ):
         checkpointer.load(model=nn.Linear(4, 3))
     with pytest.raises(ValueError, match=r"lacks .*'ema.*it holds \['model'\]"):
         checkpointer.load(model=model, ema=nn.Linear(4, 4))

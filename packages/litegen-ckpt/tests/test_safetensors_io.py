@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from litegen_ckpt import Checkpointer, export_safetensors, load_safetensors
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -14,8 +15,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
-
-from litegen_ckpt import Checkpointer, export_safetensors, load_safetensors
 
 TIMEOUT = 240  # seconds per harness call: generous for a loaded machine
 
@@ -86,7 +85,9 @@ def export_live_and_reload(path: str, degree: str) -> tuple[list[str], dict]:
 @pytest.mark.parametrize("degree", ["grouped", "zero3"])
 def test_export_from_a_live_sharded_model_has_clean_names_and_reloads(dist_pool, tmp_path, degree):
     path = tmp_path / "export.safetensors"
-    raw_names, reloaded = dist_pool.run(export_live_and_reload, str(path), degree, world_size=4, timeout=TIMEOUT)[0]
+    raw_names, reloaded = dist_pool.run(
+        export_live_and_reload, str(path), degree, world_size=4, timeout=TIMEOUT
+    )[0]
     assert any("_checkpoint_wrapped_module" in n for n in raw_names)
     exported = load_file(path)
     expected = plain(seed=0).state_dict()
@@ -146,7 +147,9 @@ def test_load_safetensors_names_missing_unexpected_keys_and_shape_mismatches(tmp
     renamed = {("module." + k if k.startswith("head") else k): v for k, v in weights.items()}
     save_file(renamed, tmp_path / "renamed.safetensors")
     model = plain(seed=1)
-    with pytest.raises(ValueError, match=r"missing keys \['head.bias', 'head.weight'\], unexpected keys \['module.head.bias'"):
+    with pytest.raises(
+        ValueError, match=r"missing keys \['head.bias', 'head.weight'\], unexpected keys \['module.head.bias'"
+    ):
         load_safetensors(model, tmp_path / "renamed.safetensors")
     load_safetensors(model, tmp_path / "renamed.safetensors", strict=False)
     assert torch.equal(model.embed.weight, weights["embed.weight"])

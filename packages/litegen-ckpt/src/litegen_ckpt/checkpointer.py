@@ -66,12 +66,18 @@ class Checkpointer:
     """
 
     def __init__(
-        self, root: str | os.PathLike, *, keep: int | None = 3, async_save: bool = False,
+        self,
+        root: str | os.PathLike,
+        *,
+        keep: int | None = 3,
+        async_save: bool = False,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
-            raise ValueError(f"root={str(root)!r} is a file; Checkpointer needs a directory (existing or not)")
+            raise ValueError(
+                f"root={str(root)!r} is a file; Checkpointer needs a directory (existing or not)"
+            )
         if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
             raise ValueError(f"keep={keep!r}; expected an int >= 1, or None to keep every checkpoint")
         if not isinstance(async_save, bool):
@@ -109,18 +115,25 @@ class Checkpointer:
         start = time.perf_counter()
         if self.async_save:
             upload = dcp.async_save(
-                state, checkpoint_id=work_dir, process_group=self._async_group, async_stager=self._stager,
+                state,
+                checkpoint_id=work_dir,
+                process_group=self._async_group,
+                async_stager=self._stager,
                 no_dist=not self._distributed,
             )
             self._pending = self._executor.submit(self._finish, upload, step, work_dir, sorted(state))
-            self._log(f"step {step}: state staged in {time.perf_counter() - start:.2f} s, writing in the background")
+            self._log(
+                f"step {step}: state staged in {time.perf_counter() - start:.2f} s, writing in the background"
+            )
             return
         with single_process_quiet():
             dcp.save(state, checkpoint_id=work_dir, process_group=self._group, no_dist=not self._distributed)
         if self._rank == 0:
             self._publish(step, work_dir, sorted(state))
         self._barrier(self._group)
-        self._log(f"step {step}: saved to {self.root / f'step_{step}'} in {time.perf_counter() - start:.2f} s")
+        self._log(
+            f"step {step}: saved to {self.root / f'step_{step}'} in {time.perf_counter() - start:.2f} s"
+        )
 
     def load(self, step: int | str = "latest", **statefuls: Any) -> int | None:
         """Load ``step`` (an int, or ``"latest"``) into the live objects; return the step, or None if none exists.
@@ -138,8 +151,10 @@ class Checkpointer:
         info = verify_checkpoint(directory)
         if info["world_size"] != self._world_size:
             for name in [n for n, a in adapters.items() if isinstance(a, RNGState)]:
-                self._log(f"{name}: not restored, saved by {info['world_size']} ranks, loading on {self._world_size}",
-                          logging.WARNING)
+                self._log(
+                    f"{name}: not restored, saved by {info['world_size']} ranks, loading on {self._world_size}",
+                    logging.WARNING,
+                )
                 del adapters[name]
         saved = dcp.FileSystemReader(directory).read_metadata()
         state = {name: adapter.template(saved, name) for name, adapter in adapters.items()}
@@ -178,7 +193,9 @@ class Checkpointer:
             return latest_directory(self.root)
         directory = self.root / f"step_{step}"
         if not (directory / INFO_FILE).is_file():
-            raise FileNotFoundError(f"step={step}: no complete checkpoint {directory}; complete steps: {self.steps()}")
+            raise FileNotFoundError(
+                f"step={step}: no complete checkpoint {directory}; complete steps: {self.steps()}"
+            )
         return directory
 
     def _finish(self, upload: Future, step: int, work_dir: Path, names: list[str]) -> None:
@@ -189,8 +206,12 @@ class Checkpointer:
     def _publish(self, step: int, work_dir: Path, names: list[str]) -> None:
         """Rank 0, after every rank wrote its shards: record the files, rename, move ``latest``, rotate."""
         info = {
-            "step": step, "world_size": self._world_size, "time": time.time(),
-            "litegen_version": _version(), "torch_version": torch.__version__, "entries": names,
+            "step": step,
+            "world_size": self._world_size,
+            "time": time.time(),
+            "litegen_version": _version(),
+            "torch_version": torch.__version__,
+            "entries": names,
             "files": {p.name: p.stat().st_size for p in sorted(work_dir.iterdir()) if p.is_file()},
         }
         _write_durably(work_dir / INFO_FILE, json.dumps(info, indent=1))
@@ -204,7 +225,7 @@ class Checkpointer:
             shutil.rmtree(replaced)
         if self.keep is not None:
             by_age = sorted(_complete_dirs(self.root), key=lambda d: _info_time(d), reverse=True)
-            for old in by_age[self.keep:]:
+            for old in by_age[self.keep :]:
                 if old != final:
                     shutil.rmtree(old)
 
@@ -225,7 +246,9 @@ def latest_directory(root: Path) -> Path | None:
     name = pointer.read_text().strip()
     directory = root / name
     if not STEP_DIR.fullmatch(name) or not (directory / INFO_FILE).is_file():
-        raise FileNotFoundError(f"{pointer} names {name!r}, which is not a complete checkpoint directory in {root}")
+        raise FileNotFoundError(
+            f"{pointer} names {name!r}, which is not a complete checkpoint directory in {root}"
+        )
     return directory
 
 

@@ -14,11 +14,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .checkpointer import INFO_FILE, single_process_quiet, latest_directory, verify_checkpoint
+from .checkpointer import INFO_FILE, latest_directory, single_process_quiet, verify_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +82,9 @@ def load_safetensors(model: nn.Module, path: str | os.PathLike, *, strict: bool 
         for key in names:
             shape = tuple(f.get_slice(key).get_shape())
             if shape != tuple(state[key].shape):
-                raise ValueError(f"{key}: {path} holds shape {shape}, the model has shape {tuple(state[key].shape)}")
+                raise ValueError(
+                    f"{key}: {path} holds shape {shape}, the model has shape {tuple(state[key].shape)}"
+                )
         with torch.no_grad():
             for key in names:
                 _read_owned(f, key, state[key])
@@ -88,8 +94,12 @@ def load_safetensors(model: nn.Module, path: str | os.PathLike, *, strict: bool 
 def _read_owned(f: Any, key: str, target: torch.Tensor) -> None:
     """Copy the part of tensor ``key`` that ``target`` holds on this rank (its shard, or all of it)."""
     if isinstance(target, DTensor) and target.dim() > 0:
-        shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
-        target.to_local().copy_(f.get_slice(key)[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+        shape, offset = compute_local_shape_and_global_offset(
+            target.shape, target.device_mesh, target.placements
+        )
+        target.to_local().copy_(
+            f.get_slice(key)[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+        )
     elif isinstance(target, DTensor):
         target.to_local().copy_(f.get_tensor(key))
     else:
@@ -103,10 +113,16 @@ def _checkpoint_entry(source: Path, name: str) -> tuple[Path, list[str]]:
     else:
         directory = latest_directory(source) if source.is_dir() else None
         if directory is None:
-            raise FileNotFoundError(f"source={str(source)!r} is neither a checkpoint directory nor a root with a latest")
+            raise FileNotFoundError(
+                f"source={str(source)!r} is neither a checkpoint directory nor a root with a latest"
+            )
     verify_checkpoint(directory)
     saved = dcp.FileSystemReader(directory).read_metadata()
-    keys = [k for k, m in saved.state_dict_metadata.items() if k.startswith(f"{name}.") and isinstance(m, TensorStorageMetadata)]
+    keys = [
+        k
+        for k, m in saved.state_dict_metadata.items()
+        if k.startswith(f"{name}.") and isinstance(m, TensorStorageMetadata)
+    ]
     if not keys:
         held = sorted({key.split(".")[0] for key in saved.state_dict_metadata})
         raise ValueError(f"name={name!r}: checkpoint {directory} has no tensors under it; it holds {held}")
@@ -133,7 +149,9 @@ def _write(tensors: dict[str, Any], path: Path) -> None:
             continue
         tensor = value.detach().to("cpu").contiguous()
         storage = tensor.untyped_storage().data_ptr()
-        out[key] = tensor.clone() if storage in seen else tensor  # tied weights: safetensors refuses shared memory
+        out[key] = (
+            tensor.clone() if storage in seen else tensor
+        )  # tied weights: safetensors refuses shared memory
         seen.add(storage)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

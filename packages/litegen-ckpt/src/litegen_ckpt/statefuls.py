@@ -101,13 +101,22 @@ class ZeroOptimizerState:
 
     def template(self, saved: Metadata, prefix: str) -> dict[str, Any]:
         fqns, owned = parameter_fqns(self.model), self._owned()
-        wanted = {f"{prefix}.state.{fqns[p]}." for g in self.optimizer.param_groups for p in g["params"] if id(p) in owned}
-        wanted |= {f"{prefix}.param_groups.{fqns[g['params'][0]]}." for g in self.optimizer.param_groups if g["params"]}
+        wanted = {
+            f"{prefix}.state.{fqns[p]}."
+            for g in self.optimizer.param_groups
+            for p in g["params"]
+            if id(p) in owned
+        }
+        wanted |= {
+            f"{prefix}.param_groups.{fqns[g['params'][0]]}."
+            for g in self.optimizer.param_groups
+            if g["params"]
+        }
         template = {}
         for key, meta in saved.state_dict_metadata.items():
             head, _, name = key.rpartition(".")
             if head + "." in wanted:
-                template[key[len(prefix) + 1:]] = _empty_like_saved(meta)
+                template[key[len(prefix) + 1 :]] = _empty_like_saved(meta)
         return template
 
     def load(self, state: dict[str, Any]) -> None:
@@ -116,7 +125,7 @@ class ZeroOptimizerState:
         per_fqn: dict[str, dict[str, Any]] = {}
         for key, value in state.items():
             if key.startswith("state."):
-                fqn, _, name = key[len("state."):].rpartition(".")
+                fqn, _, name = key[len("state.") :].rpartition(".")
                 per_fqn.setdefault(fqn, {})[name] = value
         native_state, groups, index = {}, [], 0
         for group in self.optimizer.param_groups:

@@ -1,0 +1,147 @@
+"""Checkpoint I/O: save / load throughput of a sharded ~1 GB model state vs plain safetensors, async blocking.
+
+    uv run torchrun --nproc-per-node 2 tools/bench/ckpt.py [--gib 1.0] [--dir /tmp]
+
+The model is a stack of fp32 DiT-block-shaped layers (width 1152, as DiT-XL/2) sharded with FSDP2 over the
+ranks (built on the meta device, so no rank ever holds it whole). ``Checkpointer.save`` / ``load`` move the whole
+state; the reference writes and reads the same bytes (tensors of the same shapes) with
+``safetensors.torch.save_file`` / ``load_file`` from rank 0 alone, in the same run and the same directory
+(``load_file`` maps the file lazily, so the plain load also copies into tensors, as loading into a model does).
+Each timing is the best of ``--repeats``. The async figure is the time ``save()`` blocks the training loop
+(steady state: the first save, which allocates the CPU staging copy, is reported apart) over the
+synchronous save time; the background write overlaps a stand-in for training compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+from litegen_ckpt import Checkpointer
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+
+class DiTBlock(nn.Module):
+    """The parameter shapes of a DiT block of width ``d`` (attention, MLP x4, adaLN x6)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.ada_ln = nn.Linear(d, 6 * d)
+
+
+def sharded_model(gib: float, width: int) -> tuple[nn.Module, list[torch.Size]]:
+    block_bytes = sum(p.numel() * 4 for p in DiTBlock(width).parameters())
+    with torch.device("meta"):
+        model = nn.Sequential(*(DiTBlock(width) for _ in range(max(1, round(gib * 2**30 / block_bytes)))))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in model:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.to_local().normal_()
+    return model, [p.shape for p in model.parameters()]
+
+
+def timed(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        dist.barrier()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def read_into(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """``load_file`` maps the file lazily: copying into the live tensors is what reads the bytes."""
+    for key, value in load_file(path).items():
+        tensors[key].copy_(value)
+
+
+def stand_in_for_training(seconds: float) -> None:
+    a = torch.randn(512, 512)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a = torch.tanh(a @ a)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gib", type=float, default=1.0, help="model state size in GiB")
+    parser.add_argument("--width", type=int, default=1152)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary files go")
+    args = parser.parse_args()
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    work = [tempfile.mkdtemp(prefix="litegen-bench-ckpt-", dir=args.dir) if rank == 0 else None]
+    dist.broadcast_object_list(work)
+    work = work[0]
+    try:
+        model, shapes = sharded_model(args.gib, args.width)
+        nbytes = sum(s.numel() * 4 for s in shapes)
+        gb = nbytes / 1e9
+
+        checkpointer = Checkpointer(os.path.join(work, "sync"), keep=1)
+        step = iter(range(10**6))
+        save_s = timed(lambda: checkpointer.save(next(step), model=model), args.repeats)
+        load_s = timed(lambda: checkpointer.load(model=model), args.repeats)
+
+        plain_path = os.path.join(work, "plain.safetensors")
+        tensors = {f"{i}.weight": torch.randn(s) for i, s in enumerate(shapes)} if rank == 0 else {}
+        plain_save_s = timed(lambda: rank == 0 and save_file(tensors, plain_path), args.repeats)
+        plain_load_s = timed(lambda: rank == 0 and read_into(tensors, plain_path), args.repeats)
+        tensors.clear()
+
+        async_checkpointer = Checkpointer(os.path.join(work, "async"), keep=1, async_save=True)
+        blocked = []
+        for i in range(args.repeats + 1):
+            dist.barrier()
+            start = time.perf_counter()
+            async_checkpointer.save(i, model=model)
+            blocked.append(time.perf_counter() - start)
+            stand_in_for_training(6 * save_s)  # checkpoints are far apart: the last write is done
+        async_checkpointer.close()
+        blocked_t = torch.tensor(blocked)
+        dist.all_reduce(blocked_t, op=dist.ReduceOp.MAX)  # the slowest rank blocks the step
+        steady = blocked_t[1:].mean().item()
+
+        if rank == 0:
+            print(
+                f"model state {gb:.3f} GB ({len(shapes)} fp32 tensors, largest {max(shapes, key=torch.Size.numel)}), FSDP2 over {world} ranks"
+            )
+            print(
+                f"Checkpointer.save  {save_s:6.3f} s  {gb / save_s:6.2f} GB/s   plain save_file {plain_save_s:6.3f} s  {gb / plain_save_s:6.2f} GB/s"
+            )
+            print(
+                f"Checkpointer.load  {load_s:6.3f} s  {gb / load_s:6.2f} GB/s   plain load_file {plain_load_s:6.3f} s  {gb / plain_load_s:6.2f} GB/s"
+            )
+            print(
+                f"async save blocks  first {blocked_t[0].item():.3f} s (allocates the CPU copy), then {steady:.3f} s"
+            )
+            print(f"RESULT save_throughput_over_plain={plain_save_s / save_s:.3f}")
+            print(f"RESULT load_throughput_over_plain={plain_load_s / load_s:.3f}")
+            print(f"RESULT async_save_blocking_fraction={steady / save_s:.3f}")
+    finally:
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(work, ignore_errors=True)
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
