@@ -138,6 +138,8 @@ def test_export_from_a_checkpoint_directory_and_from_an_ema(tmp_path):
         export_safetensors(root, tmp_path / "x.safetensors", name="optimizer")
     with pytest.raises(FileNotFoundError, match="source="):
         export_safetensors(tmp_path / "nowhere", tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="path=.*is a directory"):
+        export_safetensors(net, tmp_path)
     with pytest.raises(TypeError, match="source=int"):
         export_safetensors(3, tmp_path / "x.safetensors")
 

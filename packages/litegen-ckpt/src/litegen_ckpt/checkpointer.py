@@ -218,6 +218,7 @@ class Checkpointer:
         final = self.root / f"step_{step}"
         replaced = final.rename(self.root / f"step_{step}.old.tmp") if final.exists() else None
         os.replace(work_dir, final)
+        _fsync_directory(self.root)  # the complete directory is on disk before latest names it
         _write_durably(self.root / f"{LATEST_FILE}.tmp", final.name)
         os.replace(self.root / f"{LATEST_FILE}.tmp", self.root / LATEST_FILE)
         _fsync_directory(self.root)

@@ -38,6 +38,10 @@ def export_safetensors(source: Any, path: str | os.PathLike, *, name: str = "mod
     The file loads with ``safetensors.torch.load_file`` and into a diffusers / transformers model of the
     same architecture.
     """
+    if Path(path).is_dir():
+        raise ValueError(
+            f"path={str(path)!r} is a directory; expected the path of the .safetensors file to write"
+        )
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     if isinstance(source, nn.Module):
@@ -149,9 +153,8 @@ def _write(tensors: dict[str, Any], path: Path) -> None:
             continue
         tensor = value.detach().to("cpu").contiguous()
         storage = tensor.untyped_storage().data_ptr()
-        out[key] = (
-            tensor.clone() if storage in seen else tensor
-        )  # tied weights: safetensors refuses shared memory
+        # tied weights share storage, which safetensors refuses: write a copy
+        out[key] = tensor.clone() if storage in seen else tensor
         seen.add(storage)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
