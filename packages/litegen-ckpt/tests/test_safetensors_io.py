@@ -127,12 +127,16 @@ def test_export_from_a_checkpoint_directory_and_from_an_ema(tmp_path):
     export_safetensors(root, tmp_path / "latest.safetensors")  # a root means its latest checkpoint
     assert torch.equal(load_file(tmp_path / "latest.safetensors")["head.weight"], plain(seed=5).head.weight)
 
-    export_safetensors(root, tmp_path / "ema_ckpt.safetensors", name="ema")
     export_safetensors(ema, tmp_path / "ema_live.safetensors")
-    for file in ["ema_ckpt", "ema_live"]:
-        loaded = load_file(tmp_path / f"{file}.safetensors")
-        assert loaded.keys() == ema.shadow.keys()
-        assert all(torch.equal(loaded[k], v) for k, v in ema.shadow.items())
+    loaded = load_file(tmp_path / "ema_live.safetensors")
+    assert loaded.keys() == ema.shadow.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in ema.shadow.items())
+
+    export_safetensors(root, tmp_path / "ema_ckpt.safetensors", name="ema")  # + the model's buffer
+    loaded = load_file(tmp_path / "ema_ckpt.safetensors")
+    assert loaded.keys() == net.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in ema.shadow.items())
+    assert torch.equal(loaded["scale"], net.scale)
 
     with pytest.raises(ValueError, match="name='optimizer'.*it holds \\['ema', 'model'\\]"):
         export_safetensors(root, tmp_path / "x.safetensors", name="optimizer")

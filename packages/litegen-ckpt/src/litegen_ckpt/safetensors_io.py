@@ -34,7 +34,8 @@ def export_safetensors(source: Any, path: str | os.PathLike, *, name: str = "mod
       - a live model of any degree: gathered to rank 0's CPU, which writes (call on every rank);
       - an EMA-like object with ``full_state_dict()`` (call on every rank; rank 0 writes);
       - a checkpoint directory (a ``Checkpointer`` root, meaning its latest, or a ``step_<N>`` directory):
-        the tensors saved under the keyword ``name`` (``"model"``, ``"ema"``, ...) are read by rank 0.
+        the tensors saved under the keyword ``name`` (``"model"``, ``"ema"``, ...) are read by rank 0; an
+        EMA keyed by the model's names gets the model's buffers and frozen parameters added.
     The file loads with ``safetensors.torch.load_file`` and into a diffusers / transformers model of the
     same architecture.
     """
@@ -50,8 +51,8 @@ def export_safetensors(source: Any, path: str | os.PathLike, *, name: str = "mod
     elif callable(getattr(source, "full_state_dict", None)):
         tensors = source.full_state_dict()
     elif isinstance(source, (str, os.PathLike)):
-        directory, keys = _checkpoint_entry(Path(source), name)
-        tensors = _read_checkpoint(directory, keys, len(name) + 1) if rank == 0 else {}
+        directory, names = _checkpoint_entry(Path(source), name)
+        tensors = _read_checkpoint(directory, names) if rank == 0 else {}
     else:
         raise TypeError(
             f"source={type(source).__name__}: expected an nn.Module, an object with full_state_dict(), "
@@ -110,8 +111,12 @@ def _read_owned(f: Any, key: str, target: torch.Tensor) -> None:
         target.copy_(f.get_tensor(key))
 
 
-def _checkpoint_entry(source: Path, name: str) -> tuple[Path, list[str]]:
-    """The checkpoint directory ``source`` means and its tensor keys under ``name`` (checked on every rank)."""
+def _checkpoint_entry(source: Path, name: str) -> tuple[Path, dict[str, str]]:
+    """The checkpoint directory ``source`` means and ``{stored key: exported name}`` (checked on every rank).
+
+    An entry other than the model (an EMA) that is keyed by the model's names is completed with the
+    model's other tensors (buffers, frozen parameters), so the file holds a whole model.
+    """
     if (source / INFO_FILE).is_file():
         directory = source
     else:
@@ -122,27 +127,34 @@ def _checkpoint_entry(source: Path, name: str) -> tuple[Path, list[str]]:
             )
     verify_checkpoint(directory)
     saved = dcp.FileSystemReader(directory).read_metadata()
-    keys = [
-        k
-        for k, m in saved.state_dict_metadata.items()
-        if k.startswith(f"{name}.") and isinstance(m, TensorStorageMetadata)
-    ]
-    if not keys:
+
+    def tensors_under(entry: str) -> dict[str, str]:
+        return {
+            key: key[len(entry) + 1 :]
+            for key, meta in saved.state_dict_metadata.items()
+            if key.startswith(f"{entry}.") and isinstance(meta, TensorStorageMetadata)
+        }
+
+    names = tensors_under(name)
+    if not names:
         held = sorted({key.split(".")[0] for key in saved.state_dict_metadata})
         raise ValueError(f"name={name!r}: checkpoint {directory} has no tensors under it; it holds {held}")
-    return directory, keys
+    model = tensors_under("model")
+    if set(names.values()) <= set(model.values()):
+        names |= {key: fqn for key, fqn in model.items() if fqn not in set(names.values())}
+    return directory, names
 
 
-def _read_checkpoint(directory: Path, keys: list[str], strip: int) -> dict[str, torch.Tensor]:
-    """Read whole tensors from a DCP checkpoint in this process; drop the first ``strip`` characters of names."""
+def _read_checkpoint(directory: Path, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Read whole tensors from a DCP checkpoint in this process: ``{exported name: tensor}``."""
     saved = dcp.FileSystemReader(directory).read_metadata()
     state = {}
-    for key in keys:
+    for key in names:
         meta = saved.state_dict_metadata[key]
         state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
     with single_process_quiet():
         dcp.load(state, checkpoint_id=directory, no_dist=True)
-    return {key[strip:]: tensor for key, tensor in state.items()}
+    return {names[key]: tensor for key, tensor in state.items()}
 
 
 def _write(tensors: dict[str, Any], path: Path) -> None:
