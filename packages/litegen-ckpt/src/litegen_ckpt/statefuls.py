@@ -78,6 +78,7 @@ class ZeroOptimizerState:
     """A ZeroRedundancyOptimizer (ZeRO-1): each rank saves and loads the state of the parameters it owns.
 
     Keys are the flattened torch form, so they are disjoint across ranks and any world size can load them.
+    Per-parameter states are flat (``exp_avg``, ``momentum_buffer``, ...), as for torch's own optimizers.
     """
 
     def __init__(self, model: nn.Module, optimizer: ZeroRedundancyOptimizer) -> None:
@@ -114,8 +115,7 @@ class ZeroOptimizerState:
         }
         template = {}
         for key, meta in saved.state_dict_metadata.items():
-            head, _, name = key.rpartition(".")
-            if head + "." in wanted:
+            if key.rpartition(".")[0] + "." in wanted:
                 template[key[len(prefix) + 1 :]] = _empty_like_saved(meta)
         return template
 
