@@ -1,8 +1,9 @@
 """The equivalence matrix through the facade: every strategy trains exactly like one process.
 
 {zero 0, 1, 2, 3, grouped-3} × {sp 1, 2} × {no checkpointing, selective 0.5, full} at world 4, and a
-subset at world 2: three AdamW steps (two param groups) match single-process full-batch training,
-losses and weights within 1e-5 relative (fp32). One harness call per world runs all its combinations.
+subset at world 2: three AdamW steps (two param groups) match single-process full-batch training:
+losses, global gradient norms (Adam hides a wrong gradient scale; the norm does not) and weights
+within 1e-5 relative (fp32). One harness call per world runs all its combinations.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ def train_through_facade(cfg: dict) -> dict:
     per = GLOBAL_BATCH // rt.dp_size
     batches = [{k: v[rt.dp_rank * per:(rt.dp_rank + 1) * per] for k, v in make_batch(GLOBAL_BATCH, 100 + s).items()}
                for s in range(STEPS)]
-    losses = train_steps(model, opt, batches)
+    losses, norms = train_steps(model, opt, batches, lambda m: gen.clip_grad_norm_(1e9))
     state = gen.full_state_dict()
     gen.close()
-    return {"losses": losses, "state": state}
+    return {"losses": losses, "norms": norms, "state": state}
 
 
 def run_matrix(combos: list[tuple[str, str, str]]) -> dict:
@@ -72,9 +73,11 @@ def world2(dist_pool):
 def check(per_rank: list[dict], names, truth) -> None:
     for rank, res in enumerate(per_rank):
         assert isinstance(res[names], dict), f"rank {rank} failed:\n{res[names]}"
-    ref_losses, ref_state = truth
+    ref_losses, ref_norms, ref_state = truth
     losses = torch.tensor([res[names]["losses"] for res in per_rank]).mean(0)  # mean over ranks = global mean
     torch.testing.assert_close(losses, torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    for res in per_rank:  # the global gradient norm, identical on every rank
+        torch.testing.assert_close(torch.tensor(res[names]["norms"]), torch.tensor(ref_norms), rtol=1e-5, atol=1e-7)
     state = per_rank[0][names]["state"]
     assert set(state) == set(ref_state)
     for key, ref in ref_state.items():

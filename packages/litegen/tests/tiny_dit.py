@@ -13,13 +13,17 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.q, self.kv, self.out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        # no key bias: its gradient is exactly zero (softmax ignores a per-row shift), and Adam would turn
+        # the float noise in that zero into full-size updates that no two reduction orders share
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (b, s, dim), context: (b, s_kv, dim) -> (b, s, dim)."""
         b, s, d = x.shape
         q = self.q(x).view(b, s, self.heads, -1).transpose(1, 2)
-        k, v = self.kv(context).view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        k = self.k(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
+        v = self.v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v)
         return self.out(o.transpose(1, 2).reshape(b, s, d))
 
@@ -68,7 +72,7 @@ def make_model_and_optimizer(seed: int = 0) -> tuple[TinyDiT, torch.optim.Optimi
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     no_decay = [p for n, p in model.named_parameters() if not n.endswith("weight")]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0,
-                                                                       "lr": 2e-2}], lr=1e-2)
+                                                                       "lr": 2e-3}], lr=1e-3)
     return model, opt
 
 
@@ -82,20 +86,23 @@ def make_batch(global_batch: int, seed: int = 123) -> dict[str, torch.Tensor]:
     }
 
 
-def train_steps(model, opt, batches: list[dict[str, torch.Tensor]]) -> list[float]:
-    losses = []
+def train_steps(model, opt, batches: list[dict[str, torch.Tensor]], grad_norm=None) -> tuple[list[float], list[float]]:
+    """Losses and global gradient norms of each step. Adam ignores a gradient's scale, so the norms are
+    what catches a wrong averaging factor. ``grad_norm(model)``: the (distributed) global norm."""
+    losses, norms = [], []
     for b in batches:
         loss = F.mse_loss(model(b["x"], b["t"], b["text"]), b["target"])
         loss.backward()
+        norms.append(float(grad_norm(model)))
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    return losses
+    return losses, norms
 
 
-def reference(steps: int, global_batch: int, seed: int = 0) -> tuple[list[float], dict[str, torch.Tensor]]:
+def reference(steps: int, global_batch: int, seed: int = 0) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
     """Single-process, full-batch training: the truth every strategy must match."""
     model, opt = make_model_and_optimizer(seed)
     batches = [make_batch(global_batch, seed=100 + s) for s in range(steps)]
-    losses = train_steps(model, opt, batches)
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    losses, norms = train_steps(model, opt, batches, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1e9))
+    return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -311,15 +311,9 @@ class LiteGen:
         """Finish pending saves; destroy the process group if LiteGen created it."""
         if self._checkpointer is not None:
             self._checkpointer.wait()
-        if not dist.is_initialized():
-            return
-        if self.runtime.owns_process_group:
+        # Mesh groups are left alone: torch caches them per mesh layout and hands them to later meshes.
+        if self.runtime.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
-            return
-        meshes = [self.runtime.mesh] + ([self.runtime.zero_mesh] if self.runtime.zero_mesh is not None else [])
-        for group in {g for mesh in meshes for g in mesh.get_all_groups()}:  # ours, not the caller's world
-            if group != dist.group.WORLD:
-                dist.destroy_process_group(group)
 
     def __enter__(self) -> LiteGen:
         return self
