@@ -18,7 +18,8 @@ import dataclasses
 import functools
 import logging
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,7 +48,7 @@ def sliced(fn: Encode, slice_size: int, dim: int = 0) -> Encode:
             return fn(x, *args, **kwargs)
         parts = [_flatten(fn(part, *args, **kwargs)) for part in x.split(slice_size, batch_dim)]
         rebuild = parts[0][1]
-        columns = list(zip(*(leaves for leaves, _ in parts)))
+        columns = list(zip(*(leaves for leaves, _ in parts), strict=False))
         if any(len(leaves) != len(columns) for leaves, _ in parts):
             raise ValueError(f"sliced: fn returned outputs of different structures for the slices of x of shape "
                              f"{tuple(x.shape)}; it must return the same structure for every batch")
@@ -184,7 +185,7 @@ def _all_gather_cat(local: torch.Tensor, lengths: list[int], dim: int, group: di
     gathered = front.new_empty((len(lengths) * longest, *front.shape[1:]))
     dist.all_gather_into_tensor(gathered, front.contiguous(), group=group)
     if min(lengths) < longest:
-        gathered = torch.cat([part[:length] for part, length in zip(gathered.split(longest), lengths)])
+        gathered = torch.cat([part[:length] for part, length in zip(gathered.split(longest), lengths, strict=True)])
     return gathered.movedim(0, dim).contiguous()
 
 

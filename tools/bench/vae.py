@@ -1,0 +1,154 @@
+"""VAE encode: peak memory unsliced vs ``sliced(..., 4)``, and ``data_parallel`` time on 2 ranks vs 1.
+
+    uv run python tools/bench/vae.py                 # CPU/gloo; CUDA peak memory when CUDA is present
+
+The encoder is a small AutoencoderKL (random weights, no download) called as
+``lambda x: vae.encode(x).latent_dist.mode()`` under ``torch.no_grad()`` on a batch of 32 RGB images.
+
+Memory: each variant runs in a fresh process, which first encodes one 16 x 16 image (one-time library
+set-up such as oneDNN kernels is not the encode's). On CUDA, the peak of ``torch.cuda.max_memory_allocated``
+during the encode minus the memory allocated before it; on CPU, the process's peak resident set (VmHWM
+in /proc/self/status) after the encode minus its resident set (VmRSS) before it: both count the
+activations and the output, not the weights or the input batch. On CPU glibc's mmap threshold is fixed
+at 128 KiB (``MALLOC_MMAP_THRESHOLD_``) in both variants, so freed tensors return to the OS and the
+resident peak follows the live tensors instead of heap fragmentation.
+
+Time: ``--world`` processes with one thread each form a gloo group (the 1-rank baseline goes through
+the same launcher); every rank passes the same batch to ``data_parallel(encode)``. One warm-up call,
+then the median of ``--repeats`` calls, each started after a barrier and timed until the last rank is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from diffusers import AutoencoderKL
+from litegen_vae import data_parallel, sliced
+
+SLICE_SIZE = 4
+
+
+def small_vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=4,
+        norm_num_groups=32, sample_size=128,
+    ).eval().requires_grad_(False)
+
+
+def encoder_and_batch(args: argparse.Namespace, device: torch.device):
+    vae = small_vae().to(device)
+    images = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1)).to(device)
+    return (lambda x: vae.encode(x).latent_dist.mode()), images
+
+
+def proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} is not in /proc/self/status")
+
+
+def measure_memory(args: argparse.Namespace) -> None:
+    """Worker: one encode in this fresh process; prints ``PEAK <bytes>``."""
+    torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encode, images = encoder_and_batch(args, device)
+    if args.variant == "sliced":
+        encode = sliced(encode, SLICE_SIZE)
+    with torch.no_grad():
+        encode(images[:1, :, :16, :16])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            latents = encode(images)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before
+        else:
+            before = proc_status_bytes("VmRSS")
+            latents = encode(images)
+            peak = proc_status_bytes("VmHWM") - before
+    print(f"PEAK {peak} {tuple(latents.shape)}", flush=True)
+
+
+def measure_time(args: argparse.Namespace) -> None:
+    """Worker: one rank of the timed group; rank 0 prints ``TIME <median seconds>``."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    encode, images = encoder_and_batch(args, torch.device("cpu"))
+    encode = data_parallel(encode)
+    times = []
+    with torch.no_grad():
+        for _ in range(args.repeats + 1):
+            dist.barrier()
+            start = time.perf_counter()
+            latents = encode(images)
+            dist.barrier()
+            times.append(time.perf_counter() - start)
+    if dist.get_rank() == 0:
+        print(f"TIME {statistics.median(times[1:])} {tuple(latents.shape)} {times[1:]}", flush=True)
+    dist.destroy_process_group()
+
+
+def run_worker(args: argparse.Namespace, role: str, world: int = 1, **extra: str) -> str:
+    """Launch ``world`` fresh processes of this script (one thread each); rank 0's output line."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, __file__, "--role", role, "--batch", str(args.batch), "--size", str(args.size),
+               "--repeats", str(args.repeats)] + [x for k, v in extra.items() for x in (f"--{k}", v)]
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MALLOC_MMAP_THRESHOLD_="131072")
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True))
+    outputs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"{role} worker failed: {[p.returncode for p in procs]}")
+    return next(line for line in outputs[0].splitlines() if line.startswith(("PEAK", "TIME")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--role", choices=["main", "memory", "time"], default="main")
+    parser.add_argument("--variant", choices=["unsliced", "sliced"], default="unsliced")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=128, help="image height and width")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.role == "memory":
+        return measure_memory(args)
+    if args.role == "time":
+        return measure_time(args)
+
+    where = "CUDA max_memory_allocated" if torch.cuda.is_available() else "CPU peak RSS (VmHWM) delta"
+    print(f"encode {args.batch} x 3 x {args.size} x {args.size}, small AutoencoderKL; memory: {where}")
+    peaks = {}
+    for variant in ("unsliced", "sliced"):
+        line = run_worker(args, "memory", variant=variant)
+        peaks[variant] = int(line.split()[1])
+        print(f"{variant:>9}{f'({SLICE_SIZE})' if variant == 'sliced' else '':<4} peak {peaks[variant] / 2**20:8.1f} MiB  "
+              f"latents {line.split(maxsplit=2)[2]}")
+    seconds = {}
+    for world in (1, 2):
+        line = run_worker(args, "time", world)
+        seconds[world] = float(line.split()[1])
+        print(f"data_parallel on {world} rank(s), 1 thread each: {seconds[world]:.3f} s per encode "
+              f"(repeats {line.split(')', 1)[1].strip()})")
+    print(f"RESULT sliced_peak_mem_ratio={peaks['unsliced'] / peaks['sliced']:.2f}")
+    print(f"RESULT dp2_encode_speedup={seconds[1] / seconds[2]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
