@@ -111,7 +111,9 @@ def run_worker(args: argparse.Namespace, role: str, world: int = 1, **extra: str
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MALLOC_MMAP_THRESHOLD_="131072")
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+        if role == "memory":
+            env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True))
     outputs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):

@@ -120,8 +120,8 @@ def compiled(fn: Encode, **compile_kwargs: Any) -> Encode:
     """``torch.compile(fn, dynamic=True, fullgraph=False, **compile_kwargs)``, eager when unavailable.
 
     Wrappers of this package inside ``fn`` stay eager around a compiled innermost function. When
-    torch.compile is unsupported, or compiling fails on the first call (no C++ compiler, no Triton,
-    a failing backend), ``fn`` runs eagerly from then on after one logged warning. Keep random
+    torch.compile is unsupported, or compiling fails (no C++ compiler, no Triton, a failing backend),
+    ``fn`` runs eagerly from then on after one logged warning. Keep random
     sampling out of ``fn`` (return the distribution's parameters, sample afterwards).
     """
     _check_callable(fn, "compiled")
@@ -138,6 +138,7 @@ def compiled(fn: Encode, **compile_kwargs: Any) -> Encode:
 
 
 def _compile_or_eager(fn: Encode, options: dict[str, Any]) -> Encode:
+    """``torch.compile(fn, **options)`` that runs ``fn`` eagerly for good once compiling has failed."""
     import torch._dynamo  # noqa: F401 - torch.compile imports it anyway; here for is_dynamo_supported
     from torch._dynamo.exc import TorchDynamoException
 
