@@ -7,7 +7,7 @@ ranks (built on the meta device, so no rank ever holds it whole). ``Checkpointer
 state; the reference writes and reads the same bytes (tensors of the same shapes) with
 ``safetensors.torch.save_file`` / ``load_file`` from rank 0 alone, in the same run and the same directory
 (``load_file`` maps the file lazily, so the plain load also copies into tensors, as loading into a model does).
-Each timing is the best of ``--repeats``. The async figure is the time ``save()`` blocks the training loop
+Each timing is the best of ``--repeats``, the four measurements interleaved. The async figure is the time ``save()`` blocks the training loop
 (steady state: the first save, which allocates the CPU staging copy, is reported apart) over the
 synchronous save time; the background write overlaps a stand-in for training compute.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import shutil
 import tempfile
@@ -55,15 +56,12 @@ def sharded_model(gib: float, width: int) -> tuple[nn.Module, list[torch.Size]]:
     return model, [p.shape for p in model.parameters()]
 
 
-def timed(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        dist.barrier()
-        best = min(best, time.perf_counter() - start)
-    return best
+def timed(fn) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - start
 
 
 def read_into(tensors: dict[str, torch.Tensor], path: str) -> None:
@@ -83,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0, help="model state size in GiB")
     parser.add_argument("--width", type=int, default=1152)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary files go")
     args = parser.parse_args()
     dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
@@ -97,19 +95,20 @@ def main() -> None:
         gb = nbytes / 1e9
 
         checkpointer = Checkpointer(os.path.join(work, "sync"), keep=1)
-        step = iter(range(10**6))
-        save_s = timed(lambda: checkpointer.save(next(step), model=model), args.repeats)
-        load_s = timed(lambda: checkpointer.load(model=model), args.repeats)
-
         plain_path = os.path.join(work, "plain.safetensors")
         tensors = {f"{i}.weight": torch.randn(s) for i, s in enumerate(shapes)} if rank == 0 else {}
-        plain_save_s = timed(lambda: rank == 0 and save_file(tensors, plain_path), args.repeats)
-        plain_load_s = timed(lambda: rank == 0 and read_into(tensors, plain_path), args.repeats)
+        times: dict[str, list[float]] = {"save": [], "plain_save": [], "load": [], "plain_load": []}
+        for step in range(args.repeats):  # interleaved, so a busy machine slows both sides alike
+            times["save"].append(timed(functools.partial(checkpointer.save, step, model=model)))
+            times["plain_save"].append(timed(lambda: rank == 0 and save_file(tensors, plain_path)))
+            times["load"].append(timed(lambda: checkpointer.load(model=model)))
+            times["plain_load"].append(timed(lambda: rank == 0 and read_into(tensors, plain_path)))
         tensors.clear()
+        save_s, plain_save_s, load_s, plain_load_s = (min(times[k]) for k in times)
 
         async_checkpointer = Checkpointer(os.path.join(work, "async"), keep=1, async_save=True)
         blocked = []
-        for i in range(args.repeats + 1):
+        for i in range(5):
             dist.barrier()
             start = time.perf_counter()
             async_checkpointer.save(i, model=model)
@@ -118,7 +117,7 @@ def main() -> None:
         async_checkpointer.close()
         blocked_t = torch.tensor(blocked)
         dist.all_reduce(blocked_t, op=dist.ReduceOp.MAX)  # the slowest rank blocks the step
-        steady = blocked_t[1:].mean().item()
+        steady = blocked_t[1:].median().item()
 
         if rank == 0:
             print(
@@ -131,7 +130,7 @@ def main() -> None:
                 f"Checkpointer.load  {load_s:6.3f} s  {gb / load_s:6.2f} GB/s   plain load_file {plain_load_s:6.3f} s  {gb / plain_load_s:6.2f} GB/s"
             )
             print(
-                f"async save blocks  first {blocked_t[0].item():.3f} s (allocates the CPU copy), then {steady:.3f} s"
+                f"async save blocks  first {blocked_t[0].item():.3f} s (allocates the CPU copy), then (median) {steady:.3f} s"
             )
             print(f"RESULT save_throughput_over_plain={plain_save_s / save_s:.3f}")
             print(f"RESULT load_throughput_over_plain={plain_load_s / load_s:.3f}")

