@@ -138,3 +138,17 @@ def test_rng_and_python_state_round_trip_in_one_process(tmp_path):
     assert checkpointer.load(counter=restored, rng=True) == 0
     assert restored.state == {"seen": 17, "order": [3, 1, 2]}
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_async_save_in_one_process_completes_on_wait(tmp_path):
+    model = nn.Linear(16, 16)
+    checkpointer = Checkpointer(tmp_path, async_save=True)
+    checkpointer.save(4, model=model)
+    expected = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.zero_()  # training goes on while the file is written
+    checkpointer.wait()
+    assert checkpointer.steps() == [4] and (tmp_path / "latest").read_text() == "step_4"
+    assert checkpointer.load(model=model) == 4
+    assert torch.equal(model.weight, expected)
+    checkpointer.close()

@@ -8,6 +8,7 @@ On disk, under ``root``::
         .metadata               DCP's index of every tensor and python value
         litegen.json            step, world size, time, versions, entries, and every file's size
     step_<N>.tmp/           a save in progress; removed by the next save
+    step_<N>.removing-*.tmp/    an old checkpoint (beyond ``keep``) being deleted in the background
 
 A save writes ``step_<N>.tmp/``, and only once every rank has written its shards, rank 0 adds
 ``litegen.json``, renames the directory to ``step_<N>/`` and replaces ``latest`` (write, then rename), so a
