@@ -13,9 +13,10 @@ activations and the output, not the weights or the input batch. On CPU glibc's m
 at 128 KiB (``MALLOC_MMAP_THRESHOLD_``) in both variants, so freed tensors return to the OS and the
 resident peak follows the live tensors instead of heap fragmentation.
 
-Time: ``--world`` processes with one thread each form a gloo group (the 1-rank baseline goes through
-the same launcher); every rank passes the same batch to ``data_parallel(encode)``. One warm-up call,
-then the median of ``--repeats`` calls, each started after a barrier and timed until the last rank is done.
+Time: 2 processes with one thread each form a gloo group and pass the same batch to
+``data_parallel(encode)`` over both ranks and over a 1-rank group, alternately (same load for both on
+a shared machine). One warm-up round, then the median of ``--repeats`` rounds; each call starts after a
+barrier and is timed until the last rank is done.
 """
 
 from __future__ import annotations
@@ -83,21 +84,29 @@ def measure_memory(args: argparse.Namespace) -> None:
 
 
 def measure_time(args: argparse.Namespace) -> None:
-    """Worker: one rank of the timed group; rank 0 prints ``TIME <median seconds>``."""
+    """Worker: one of 2 ranks; rank 0 prints ``TIME <1-rank median s> <2-rank median s> <ratios>``.
+
+    Each round times ``data_parallel`` over a 1-rank group (rank 0; rank 1 waits in a barrier) and then
+    over both ranks, so that both see the same load on a shared machine.
+    """
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     encode, images = encoder_and_batch(args, torch.device("cpu"))
-    encode = data_parallel(encode)
-    times = []
+    one_rank = dist.new_group([0])
+    variants = {1: data_parallel(encode, one_rank) if dist.get_rank() == 0 else None, 2: data_parallel(encode)}
+    times: dict[int, list[float]] = {1: [], 2: []}
     with torch.no_grad():
-        for _ in range(args.repeats + 1):
-            dist.barrier()
-            start = time.perf_counter()
-            latents = encode(images)
-            dist.barrier()
-            times.append(time.perf_counter() - start)
+        for _ in range(args.repeats + 1):  # the first round warms up
+            for world, variant in variants.items():
+                dist.barrier()
+                start = time.perf_counter()
+                if variant is not None:
+                    variant(images)
+                dist.barrier()
+                times[world].append(time.perf_counter() - start)
     if dist.get_rank() == 0:
-        print(f"TIME {statistics.median(times[1:])} {tuple(latents.shape)} {times[1:]}", flush=True)
+        ratios = [round(one / two, 2) for one, two in zip(times[1][1:], times[2][1:], strict=True)]
+        print(f"TIME {statistics.median(times[1][1:])} {statistics.median(times[2][1:])} {ratios}", flush=True)
     dist.destroy_process_group()
 
 
@@ -127,7 +136,7 @@ def main() -> None:
     parser.add_argument("--variant", choices=["unsliced", "sliced"], default="unsliced")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=128, help="image height and width")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     if args.role == "memory":
         return measure_memory(args)
@@ -142,12 +151,11 @@ def main() -> None:
         peaks[variant] = int(line.split()[1])
         print(f"{variant:>9}{f'({SLICE_SIZE})' if variant == 'sliced' else '':<4} peak {peaks[variant] / 2**20:8.1f} MiB  "
               f"latents {line.split(maxsplit=2)[2]}")
-    seconds = {}
+    line = run_worker(args, "time", world=2)
+    seconds = {1: float(line.split()[1]), 2: float(line.split()[2])}
     for world in (1, 2):
-        line = run_worker(args, "time", world)
-        seconds[world] = float(line.split()[1])
-        print(f"data_parallel on {world} rank(s), 1 thread each: {seconds[world]:.3f} s per encode "
-              f"(repeats {line.split(')', 1)[1].strip()})")
+        print(f"data_parallel on {world} rank(s), 1 thread each: {seconds[world]:.3f} s per encode (median)")
+    print(f"per-round speedups: {line.split(maxsplit=3)[3]}")
     print(f"RESULT sliced_peak_mem_ratio={peaks['unsliced'] / peaks['sliced']:.2f}")
     print(f"RESULT dp2_encode_speedup={seconds[1] / seconds[2]:.2f}")
 
