@@ -65,3 +65,13 @@ def test_len_and_epoch_rollover():
     loader = make(n=10, batch=3)
     assert len(loader) == 3
     assert len(list(loader)) == 3 and loader.state_dict() == {"epoch": 1, "start": 0}
+
+
+def test_iterating_never_draws_from_the_global_rng():
+    """A DataLoader iterator takes a number from the global RNG; resuming mid-epoch would shift the noise."""
+    loader = make()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    take(loader, 15)  # crosses epochs: a new iterator per epoch
+    assert torch.equal(torch.rand(3), expected)

@@ -3,7 +3,9 @@
 ``ResumableSampler`` shuffles with ``seed + epoch`` and hands data-parallel rank ``r`` of ``n`` the
 indices ``perm[r::n]``; ranks of one sequence-parallel group share a dp rank, so they see the same
 samples. ``ResumableLoader`` counts the batches the trainer actually took (not what workers
-prefetched), so a checkpoint taken mid-epoch resumes with exactly the next unseen batch.
+prefetched), so a checkpoint taken mid-epoch resumes with exactly the next unseen batch. It never
+draws from the global RNG (a ``DataLoader`` iterator otherwise takes one number from it for its
+workers' seeds), so a run resumed mid-epoch draws the same noise as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ class ResumableLoader:
     def __iter__(self) -> Iterator[Any]:
         if len(self) == 0:  # the epoch was consumed: the next iteration starts a new one
             self._next_epoch()
-        loader = DataLoader(self.dataset, sampler=self.sampler, **self._loader_kwargs)
+        s = self.sampler  # workers' base seed: from (seed, epoch, dp rank), not from the global RNG
+        generator = torch.Generator().manual_seed(hash((s.seed, s.epoch, s.dp_rank)) % 2**63)
+        loader = DataLoader(self.dataset, sampler=s, generator=generator, **self._loader_kwargs)
         for batch in loader:
             self.sampler.start += self.batch_size
             yield batch
