@@ -72,6 +72,24 @@ def _load_module(name: str, path: str) -> Any:
     return module
 
 
+def _clear_dtensor_caches() -> None:
+    """Forget DTensor's cached sharding decisions when a world is re-formed.
+
+    ``DeviceMesh.__eq__`` ignores process-group names, so a cached decision made in an earlier world
+    can hand back a mesh whose groups were destroyed ("Could not resolve the process group"). Only a
+    process that re-forms its world, as these workers do, can meet this.
+    """
+    import torch
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._redistribute import _gen_transform_infos
+
+    torch._C._clear_DTensor_sharding_propagator_cache()  # the C++ dispatch fast path's cache
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    propagator.propagate_op_sharding.cache_clear()
+    propagator._propagate_tensor_meta_cached.cache_clear()
+    _gen_transform_infos.cache_clear()
+
+
 def _worker_main(index: int, conn: Connection, log_path: str, extra_sys_path: list[str]) -> None:
     """A worker's loop: (re)form the requested world, run calls, send back results or tracebacks."""
     log = open(log_path, "w", buffering=1)
@@ -105,6 +123,7 @@ def _worker_main(index: int, conn: Connection, log_path: str, extra_sys_path: li
             if world != (world_size, rendezvous) or not dist.is_initialized():
                 if dist.is_initialized():
                     dist.destroy_process_group()
+                    _clear_dtensor_caches()
                 host, port = rendezvous.rsplit(":", 1)
                 os.environ.update(
                     RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(world_size),

@@ -97,3 +97,21 @@ def test_bad_calls_are_refused(dist_pool):
         dist_pool.run(rank_and_sum, 0, world_size=5)
     with pytest.raises(ValueError, match="module-level"):
         dist_pool.run(lambda: 0, world_size=1)
+
+
+def dtensor_norm_after_extra_groups(extra: int) -> float:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    for _ in range(extra):  # shift the process-group names of this world
+        dist.new_group([0, 1])
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    x = distribute_tensor(torch.ones(4, 2), mesh["shard"], [Shard(0)])
+    return float((x * 2).norm().full_tensor())
+
+
+def test_dtensor_caches_do_not_outlive_a_world(dist_pool):
+    """DTensor caches sharding decisions by mesh layout, not by group: a re-formed world must not see them."""
+    dist_pool.run(dtensor_norm_after_extra_groups, 10, world_size=4)
+    dist_pool.run(rank_and_sum, 0, world_size=2)  # re-forms the world
+    assert dist_pool.run(dtensor_norm_after_extra_groups, 0, world_size=4) == [pytest.approx(32**0.5)] * 4
