@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import DIGIT_NAMES, DigitsDataset, image_prompt, video_prompt  # noqa: E402
 from dit import DiT, rectified_flow_loss, sample  # noqa: E402
 from text_encoder import PromptCache, load_text_encoder  # noqa: E402
-from train_vae import load_vae, vae_decode, vae_encode  # noqa: E402
+from train_vae import ASSETS, load_vae, vae_decode, vae_encode  # noqa: E402
 
 from litegen import LiteGen  # noqa: E402
 
@@ -52,6 +52,7 @@ class TrainConfig:
     sample_steps: int = 25
     guidance: float = 4.0
     seed: int = 1234  # sampling noise at the end
+    vae: str = "vae_digits"  # tools/assets/<vae>.json + .safetensors, made by tools/train_vae.py
 
 
 def load(path: str, overrides: list[str]) -> tuple[dict, TrainConfig]:
@@ -73,6 +74,10 @@ def load(path: str, overrides: list[str]) -> tuple[dict, TrainConfig]:
     cfg = TrainConfig(**train)
     if cfg.mode not in ("image", "video"):
         raise SystemExit(f"config {path}: train.mode={cfg.mode!r}; allowed: image, video")
+    for suffix in (".json", ".safetensors"):
+        asset = ASSETS / f"{cfg.vae}{suffix}"
+        if not asset.is_file():
+            raise SystemExit(f"missing asset {asset}: make it with `uv run python tools/train_vae.py`")
     return dict(raw.get("litegen") or {}), cfg
 
 
@@ -134,7 +139,7 @@ def main() -> None:
     video = cfg.mode == "video"
     dataset = DigitsDataset(cfg.image_size, cfg.num_frames if video else 0)
     text_encoder, tokenize = load_text_encoder()
-    vae = load_vae().to(gen.device)
+    vae = load_vae(cfg.vae).to(gen.device)
     model = DiT(in_channels=4, input_size=cfg.image_size // 4, num_frames=cfg.num_frames if video else 1,
                 patch_size=cfg.patch_size, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, text_dim=384)
     optimizer = torch.optim.AdamW(param_groups(model), lr=1e-3, betas=(0.9, 0.99))
