@@ -37,7 +37,9 @@ class TrainConfig:
     """The trainer's own settings (the `train:` section)."""
 
     out_dir: str = "runs/default"
-    steps: int = 3000
+    steps: int = 1500
+    lr: float = 1e-3
+    warmup_steps: int = 100  # linear learning-rate warm-up, then constant
     mode: str = "image"  # image | video
     image_size: int = 32  # pixels; latents are image_size / 4
     num_frames: int = 8  # video mode
@@ -81,11 +83,15 @@ def load(path: str, overrides: list[str]) -> tuple[dict, TrainConfig]:
     return dict(raw.get("litegen") or {}), cfg
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float = 0.01) -> list[dict]:
-    """Weight decay on matrices only; biases, norms and modulation tables go without."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "table" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "table" in n]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+@torch.no_grad()
+def encode_dataset(encode, dataset: DigitsDataset, device: torch.device, chunk: int = 256) -> torch.Tensor:
+    """Latents of every item, encoded once (every rank, same chunks: the encode may be a collective)."""
+    key = "video" if dataset.num_frames else "image"
+    out = []
+    for start in range(0, len(dataset), chunk):
+        pixels = torch.stack([dataset[i][key] for i in range(start, min(start + chunk, len(dataset)))])
+        out.append(encode(pixels.to(device)))
+    return torch.cat(out)
 
 
 def save_outputs(out: Path, cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -142,12 +148,13 @@ def main() -> None:
     vae = load_vae(cfg.vae).to(gen.device)
     model = DiT(in_channels=4, input_size=cfg.image_size // 4, num_frames=cfg.num_frames if video else 1,
                 patch_size=cfg.patch_size, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, text_dim=384)
-    optimizer = torch.optim.AdamW(param_groups(model), lr=1e-3, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
 
     model, optimizer, text_encoder, loader, encode = gen.initialize(
         model, optimizer, text_encoder, dataset, lambda x: vae_encode(vae, x))
 
     prompts = PromptCache(text_encoder, tokenize, [*dataset.prompts, ""], device=gen.device)
+    latents_of = encode_dataset(encode, dataset, gen.device)  # (n, 4, [T,] h, w)
     null_text, null_mask = prompts([""])
     if gen.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -166,9 +173,9 @@ def main() -> None:
     batches, start, running = gen.batches(), time.perf_counter(), []
     for step in range(gen.start_step, cfg.steps):
         batch = next(batches)
-        pixels = (batch["video"] if video else batch["image"]).to(gen.device)
-        with torch.no_grad():
-            latents = encode(pixels)
+        latents = latents_of[batch["index"].to(gen.device)]
+        for group in optimizer.param_groups:  # stateless warm-up: resumes exactly
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
         text, mask = prompts(list(batch["prompt"]))
         drop = torch.rand(text.shape[0], device=gen.device) < cfg.text_drop  # same on the ranks of an SP group
         text = torch.where(drop[:, None, None], null_text, text)
