@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from litegen_ckpt import Checkpointer
+from litegen_ckpt import Checkpointer, CheckpointError
 from torch import nn
 
 SAVE_THEN_HANG = """
@@ -84,6 +84,36 @@ def test_a_truncated_or_missing_file_is_named(tmp_path):
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=shard.name):
         Checkpointer(tmp_path).load(step=5, model=nn.Linear(8, 8))
+
+
+def test_a_garbled_file_is_named_and_fall_back_loads_the_newest_that_verifies(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = nn.Linear(8, 8)
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save(1, model=model)
+    expected = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    checkpointer.save(2, model=model)
+    metadata = tmp_path / "step_2" / ".metadata"
+    data = bytearray(metadata.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the checksum sees it
+    metadata.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"step_2/\.metadata does not match the CRC-32"):
+        checkpointer.load(model=model)
+    with caplog.at_level("WARNING", logger="litegen_ckpt"):
+        assert checkpointer.load(fall_back=True, model=model) == 1
+    assert torch.equal(model.weight, expected)
+    assert [r.message for r in caplog.records if "instead of newer" in r.message] != []
+    (tmp_path / "latest").write_text("step_7")
+    with pytest.raises(FileNotFoundError, match="latest names 'step_7'"):
+        checkpointer.load(model=model)
+    for shard in tmp_path.glob("step_*/*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:-1])
+    with pytest.raises(CheckpointError, match="no checkpoint under .* verifies"):
+        checkpointer.load(fall_back=True, model=model)
+    with pytest.raises(ValueError, match="fall_back=True with step=1"):
+        checkpointer.load(1, fall_back=True, model=model)
 
 
 def test_bad_input_is_refused_with_the_value_and_what_is_allowed(tmp_path):

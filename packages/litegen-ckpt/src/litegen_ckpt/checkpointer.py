@@ -6,18 +6,21 @@ On disk, under ``root``::
     step_<N>/               one complete checkpoint
         __<rank>_<i>.distcp     DCP shards (each rank writes its own)
         .metadata               DCP's index of every tensor and python value
-        litegen.json            step, world size, time, versions, entries, and every file's size
+        litegen.json            step, world size, time, versions, entries, every file's size and CRC-32
     step_<N>.tmp/           a save in progress; removed by the next save
     step_<N>.removing-*.tmp/    an old checkpoint (beyond ``keep``) being deleted in the background
 
 A save writes ``step_<N>.tmp/``, and only once every rank has written its shards, rank 0 adds
 ``litegen.json``, renames the directory to ``step_<N>/`` and replaces ``latest`` (write, then rename), so a
-crash at any moment leaves ``latest`` naming a complete checkpoint.
+crash at any moment leaves ``latest`` naming a complete checkpoint. Each rank checksums the files it wrote;
+a load checks every file's size and checksum (each rank reads its share of the files) before reading any, so
+a truncated, garbled or foreign file is named instead of unpickled or loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -27,6 +30,7 @@ import threading
 import time
 import uuid
 import warnings
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata as package_metadata
@@ -49,6 +53,11 @@ logger = logging.getLogger(__name__)
 INFO_FILE = "litegen.json"
 LATEST_FILE = "latest"
 STEP_DIR = re.compile(r"step_(\d+)")
+SHARD_FILE = re.compile(r"__(\d+)_\d+\.distcp")  # DCP's file names: __<rank in the group>_<index>.distcp
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk is incomplete or corrupted; the message names the file."""
 
 
 class Checkpointer:
@@ -66,6 +75,8 @@ class Checkpointer:
         async_save: ``save()`` returns once the state is copied to CPU memory; files are written in the
             background over a dedicated gloo group, completed by the next ``save``/``load``/``wait()``.
         process_group: the ranks that checkpoint together (default: the whole world, or one process).
+        timeout: collective timeout of the background save's own group (default: torch's, 30 minutes for gloo);
+            give the job's, so a dead peer fails a background save instead of hanging it.
     """
 
     def __init__(
@@ -75,6 +86,7 @@ class Checkpointer:
         keep: int | None = 3,
         async_save: bool = False,
         process_group: dist.ProcessGroup | None = None,
+        timeout: datetime.timedelta | None = None,
     ) -> None:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
@@ -85,6 +97,10 @@ class Checkpointer:
             raise ValueError(f"keep={keep!r}; expected an int >= 1, or None to keep every checkpoint")
         if not isinstance(async_save, bool):
             raise TypeError(f"async_save={async_save!r}; expected True or False")
+        if timeout is not None and not isinstance(timeout, datetime.timedelta):
+            raise TypeError(f"timeout={timeout!r}; expected None or a datetime.timedelta")
+        if timeout is not None and timeout.total_seconds() <= 0:
+            raise ValueError(f"timeout={timeout!r}; expected a positive duration")
         self._distributed = dist.is_available() and dist.is_initialized()
         if process_group is not None and not self._distributed:
             raise ValueError("process_group was given but torch.distributed is not initialized")
@@ -97,7 +113,7 @@ class Checkpointer:
         if async_save:
             if self._distributed:  # a collective: every rank of the world constructs the Checkpointer
                 ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
-                self._async_group = dist.new_group(ranks, backend="gloo")
+                self._async_group = dist.new_group(ranks, backend="gloo", timeout=timeout)
             # reused across saves: the CPU copies of the state are allocated once
             self._stager = DefaultStager(StagingOptions(torch.cuda.is_available(), False, False, False))
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="litegen-ckpt")
@@ -131,27 +147,33 @@ class Checkpointer:
             return
         with single_process_quiet():
             dcp.save(state, checkpoint_id=work_dir, process_group=self._group, no_dist=not self._distributed)
+        checksums = self._checksum_written_files(work_dir, self._group)
         if self._rank == 0:
-            self._publish(step, work_dir, sorted(state))
+            self._publish(step, work_dir, sorted(state), checksums)
         self._barrier(self._group)
         self._log(
             f"step {step}: saved to {self.root / f'step_{step}'} in {time.perf_counter() - start:.2f} s"
         )
 
-    def load(self, step: int | str = "latest", **statefuls: Any) -> int | None:
+    def load(self, step: int | str = "latest", *, fall_back: bool = False, **statefuls: Any) -> int | None:
         """Load ``step`` (an int, or ``"latest"``) into the live objects; return the step, or None if none exists.
 
-        Works whatever the current world size and degree. RNG states are restored only when the world
+        Every file is checked first (size and checksum); a checkpoint that does not verify raises a
+        ``CheckpointError`` (a ``ValueError``) or ``FileNotFoundError`` naming the file. ``fall_back=True``
+        (with ``"latest"``): load the newest checkpoint that verifies instead, with one warning naming what was
+        skipped. Works whatever the current world size and degree. RNG states are restored only when the world
         size is the one that saved them.
         """
         if step != "latest" and not _is_step(step):
             raise ValueError(f'step={step!r}; expected an int >= 0 or "latest"')
+        if not isinstance(fall_back, bool) or (fall_back and step != "latest"):
+            raise ValueError(f'fall_back={fall_back!r} with step={step!r}; allowed: False, or True with "latest"')
         adapters = _adapters(statefuls, self._rank)
         self.wait()
-        directory = self._directory(step)
-        if directory is None:
+        found = self._newest_valid() if fall_back else self._verified(step)
+        if found is None:
             return None
-        info = verify_checkpoint(directory)
+        directory, info = found
         if info["world_size"] != self._world_size:
             for name in [n for n, a in adapters.items() if isinstance(a, RNGState)]:
                 self._log(
@@ -176,7 +198,7 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         """The steps of the complete checkpoints under ``root``, ascending."""
-        return sorted(int(STEP_DIR.fullmatch(d.name).group(1)) for d in _complete_dirs(self.root))
+        return sorted(_step_of(d) for d in _complete_dirs(self.root))
 
     def close(self) -> None:
         """Finish a background save and free the async resources (the CPU copy, the thread, the group)."""
@@ -187,6 +209,38 @@ class Checkpointer:
             if self._async_group is not None:
                 dist.destroy_process_group(self._async_group)
                 self._async_group = None
+
+    def _verified(self, step: int | str) -> tuple[Path, dict[str, Any]] | None:
+        directory = self._directory(step)
+        if directory is None:
+            return None
+        return directory, verify_checkpoint(directory, self._group)
+
+    def _newest_valid(self) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint ``latest`` names, else the newest complete one that verifies; one warning for the rest."""
+        problems: list[str] = []
+        try:
+            candidates = [d for d in [latest_directory(self.root)] if d is not None]
+        except FileNotFoundError as error:
+            candidates, problems = [], [str(error)]
+        if not candidates and not problems and _complete_dirs(self.root):
+            problems.append(f"{self.root / LATEST_FILE} is missing")
+        candidates += sorted(
+            (d for d in _complete_dirs(self.root) if d not in candidates), key=_step_of, reverse=True
+        )
+        for directory in candidates:
+            try:
+                info = verify_checkpoint(directory, self._group)
+            except (ValueError, FileNotFoundError) as error:
+                problems.append(str(error))
+                continue
+            if problems:
+                self._log(f"loading {directory} instead of newer checkpoints that do not verify: "
+                          + "; ".join(problems), logging.WARNING)
+            return directory, info
+        if problems:
+            raise CheckpointError(f"no checkpoint under {self.root} verifies: " + "; ".join(problems))
+        return None
 
     def _directory(self, step: int | str) -> Path | None:
         if step == "latest":
@@ -207,11 +261,24 @@ class Checkpointer:
 
     def _finish(self, upload: Future, step: int, work_dir: Path, names: list[str]) -> None:
         upload.result()
+        checksums = self._checksum_written_files(work_dir, self._async_group)
         if self._rank == 0:
-            self._publish(step, work_dir, names)
+            self._publish(step, work_dir, names, checksums)
 
-    def _publish(self, step: int, work_dir: Path, names: list[str]) -> None:
+    def _checksum_written_files(self, work_dir: Path, group: dist.ProcessGroup | None) -> dict[str, str]:
+        """CRC-32 of every file of the save: each rank reads the shards it wrote (rank 0 the rest too)."""
+        own = {p.name: _crc32(p) for p in sorted(work_dir.iterdir()) if p.is_file() and _writer(p.name) == self._rank}
+        if not self._distributed:
+            return own
+        gathered: list[dict[str, str] | None] = [None] * self._world_size
+        dist.all_gather_object(gathered, own, group=group)
+        return {name: crc for part in gathered for name, crc in (part or {}).items()}
+
+    def _publish(self, step: int, work_dir: Path, names: list[str], checksums: dict[str, str]) -> None:
         """Rank 0, after every rank wrote its shards: record the files, rename, move ``latest``, rotate."""
+        files = {p.name: p.stat().st_size for p in sorted(work_dir.iterdir()) if p.is_file()}
+        if set(files) != set(checksums):
+            raise RuntimeError(f"{work_dir}: the ranks checksummed {sorted(checksums)} but it holds {sorted(files)}")
         info = {
             "step": step,
             "world_size": self._world_size,
@@ -219,7 +286,8 @@ class Checkpointer:
             "litegen_version": _version(),
             "torch_version": torch.__version__,
             "entries": names,
-            "files": {p.name: p.stat().st_size for p in sorted(work_dir.iterdir()) if p.is_file()},
+            "files": files,
+            "crc32": checksums,
         }
         _write_durably(work_dir / INFO_FILE, json.dumps(info, indent=1))
         final = self.root / f"step_{step}"
@@ -252,31 +320,87 @@ def latest_directory(root: Path) -> Path | None:
     pointer = root / LATEST_FILE
     if not pointer.is_file():
         return None
-    name = pointer.read_text().strip()
+    name = pointer.read_text(errors="replace").strip()
     directory = root / name
-    if not STEP_DIR.fullmatch(name) or not (directory / INFO_FILE).is_file():
+    if not STEP_DIR.fullmatch(name) or not directory.is_dir():
+        raise FileNotFoundError(f"{pointer} names {name!r}, which is not a checkpoint directory in {root}")
+    if not (directory / INFO_FILE).is_file():
         raise FileNotFoundError(
-            f"{pointer} names {name!r}, which is not a complete checkpoint directory in {root}"
+            f"{pointer} names {name!r}, which is not a complete checkpoint: {directory / INFO_FILE} is missing"
         )
     return directory
 
 
-def verify_checkpoint(directory: Path) -> dict[str, Any]:
-    """Read ``litegen.json`` and check every file it lists exists with its recorded size."""
+def verify_checkpoint(directory: Path, group: dist.ProcessGroup | None = None) -> dict[str, Any]:
+    """Read ``litegen.json``; check every file it lists exists with its recorded size and checksum.
+
+    Under torch.distributed every rank of ``group`` must call it: each reads its share of the files and all
+    raise the same error. Returns the parsed ``litegen.json``.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if distributed else (0, 1)
+    info: dict[str, Any] = {}
+    problem: tuple[str, str] | None = None
     try:
-        info = json.loads((directory / INFO_FILE).read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{directory / INFO_FILE} is not valid JSON: {error}") from error
-    for name, size in info["files"].items():
+        info = _read_info(directory)
+        _check_files(directory, info, rank, world)
+    except (ValueError, FileNotFoundError) as error:
+        problem = (type(error).__name__, str(error))
+    if distributed and world > 1:
+        problems: list[tuple[str, str] | None] = [None] * world
+        dist.all_gather_object(problems, problem, group=group)
+        problem = next((p for p in problems if p is not None), None)
+    if problem is not None:
+        kind, message = problem
+        raise (FileNotFoundError if kind == "FileNotFoundError" else CheckpointError)(message)
+    return info
+
+
+def _read_info(directory: Path) -> dict[str, Any]:
+    path = directory / INFO_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {directory} is not a complete checkpoint")
+    try:
+        info = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}): the checkpoint's index is garbled") from error
+    fields = {"step": int, "world_size": int, "files": dict}
+    if not isinstance(info, dict) or any(not isinstance(info.get(k), t) for k, t in fields.items()):
+        raise CheckpointError(f"{path} lacks valid {sorted(fields)} fields: the checkpoint's index is garbled")
+    return info
+
+
+def _check_files(directory: Path, info: dict[str, Any], rank: int, world: int) -> None:
+    """Sizes of every listed file; CRC-32 (when recorded) of this rank's share of them."""
+    checksums = info.get("crc32", {})
+    for index, (name, size) in enumerate(sorted(info["files"].items())):
         path = directory / name
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint file {path} is missing (listed in {INFO_FILE})")
         if path.stat().st_size != size:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint file {path} has {path.stat().st_size} bytes but {INFO_FILE} records {size}: "
                 "it was truncated or modified"
             )
-    return info
+        if index % world == rank and name in checksums and _crc32(path) != checksums[name]:
+            raise CheckpointError(
+                f"checkpoint file {path} does not match the CRC-32 {INFO_FILE} records: it was modified, "
+                "or comes from another checkpoint"
+            )
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _writer(name: str) -> int:
+    """The group rank that wrote a file of a save: its DCP shard prefix, else rank 0 (the metadata)."""
+    match = SHARD_FILE.fullmatch(name)
+    return int(match.group(1)) if match else 0
 
 
 def _adapters(statefuls: dict[str, Any], rank: int) -> dict[str, Adapter]:
@@ -341,7 +465,15 @@ def _complete_dirs(root: Path) -> list[Path]:
 
 
 def _info_time(directory: Path) -> float:
-    return json.loads((directory / INFO_FILE).read_text())["time"]
+    """When a checkpoint was saved; a garbled index counts as oldest (it is rotated out first)."""
+    try:
+        return float(json.loads((directory / INFO_FILE).read_bytes())["time"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return 0.0
+
+
+def _step_of(directory: Path) -> int:
+    return int(STEP_DIR.fullmatch(directory.name).group(1))
 
 
 def _discard(directory: Path) -> Path:

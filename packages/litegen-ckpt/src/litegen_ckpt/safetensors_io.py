@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -71,10 +71,28 @@ def load_safetensors(model: nn.Module, path: str | os.PathLike, *, strict: bool 
     Each rank reads only the slices of the file its DTensor shards own; plain tensors are read whole.
     ``strict``: the file's names must equal the model's (clean FQNs); otherwise only common names load.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model={type(model).__name__}; expected an nn.Module")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path={path!r}; expected a str or os.PathLike to a .safetensors file")
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict={strict!r}; expected True or False")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path={str(path)!r} is not a safetensors file")
     state = get_model_state_dict(model)
+    try:
+        names = _load_into(state, path, strict)
+    except SafetensorError as error:  # not a safetensors file (a pickle, say), or a truncated one
+        raise ValueError(
+            f"path={str(path)!r} is not a valid safetensors file ({error}); weights are read only from "
+            "safetensors files, never unpickled"
+        ) from error
+    set_model_state_dict(model, {key: state[key] for key in names}, options=StateDictOptions(strict=strict))
+
+
+def _load_into(state: dict[str, torch.Tensor], path: Path, strict: bool) -> list[str]:
+    """Check names and shapes against the file, copy each tensor's owned part into ``state``; the names loaded."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
         stored = set(f.keys())
         missing, unexpected = sorted(set(state) - stored), sorted(stored - set(state))
@@ -93,7 +111,7 @@ def load_safetensors(model: nn.Module, path: str | os.PathLike, *, strict: bool 
         with torch.no_grad():
             for key in names:
                 _read_owned(f, key, state[key])
-    set_model_state_dict(model, {key: state[key] for key in names}, options=StateDictOptions(strict=strict))
+    return names
 
 
 def _read_owned(f: Any, key: str, target: torch.Tensor) -> None:
