@@ -9,8 +9,10 @@
 from .config import EMAConfig, EncoderConfig, LiteGenConfig, VAEConfig, load_config
 from .data import ResumableLoader, ResumableSampler
 from .facade import LiteGen
+from .runtime import CollectiveTimeoutError
 
 __all__ = [
+    "CollectiveTimeoutError",
     "LiteGen",
     "LiteGenConfig",
     "EncoderConfig",

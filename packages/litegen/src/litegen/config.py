@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -224,6 +225,10 @@ def _validate(c: LiteGenConfig) -> None:
     if c.checkpoint_dir is not None:
         _check(c.checkpoint_dir != "" and not Path(c.checkpoint_dir).is_file(), "checkpoint_dir", c.checkpoint_dir,
                "a directory path (it is created when missing), not a file")
+    if c.resume_from is not None:
+        _check(c.resume_from.isdigit() or c.resume_from == "latest"
+               or re.fullmatch(r"step_\d+", Path(c.resume_from).name) is not None, "resume_from", c.resume_from,
+               'a step number, "latest", or a step directory (checkpoint_dir/step_<N>)')
     if c.init_from is not None:
         _check(c.init_from.endswith(".safetensors"), "init_from", c.init_from,
                "a .safetensors file (weights are never unpickled)")

@@ -8,9 +8,12 @@ in the package that owns it; this module only decides what applies and in which 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,10 +30,11 @@ import litegen_zero
 from .activations import apply_activation_checkpointing, apply_activation_offload, record_parents
 from .config import LiteGenConfig, config_as_dict, load_config
 from .data import ResumableLoader, ResumableSampler
-from .runtime import Runtime, seed_everything, start
+from .runtime import Runtime, grouped_mesh, name_collective_timeout, seed_everything, start
 
 logger = logging.getLogger("litegen")
 
+STEP_DIR = re.compile(r"step_\d+")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -87,6 +91,11 @@ class LiteGen:
         the repeated blocks (default: auto-detected).
         """
         kinds = self._classify(objs)  # raises on every rank before any collective
+        with self._naming_timeouts("initialize()"):
+            return self._initialize(objs, kinds, sp_plan, blocks)
+
+    def _initialize(self, objs: Sequence[Any], kinds: list[str], sp_plan: Any,
+                    blocks: Sequence[nn.Module] | None) -> Any:
         out: list[Any] = list(objs)
         trainable = [i for i, k in enumerate(kinds) if k == "model"]
         optimizers = [i for i, k in enumerate(kinds) if k == "optimizer"]
@@ -205,7 +214,8 @@ class LiteGen:
                 raise ValueError(f"config: encoder.group=True needs LOCAL_WORLD_SIZE={group} to divide the world "
                                  f"size {self.runtime.world_size}")
             dtype = DTYPES[c.precision] if c.precision != "fp32" else None
-            module = litegen_zero.shard_frozen(module, group_size=group, dtype=dtype)
+            mesh = None if group is None else grouped_mesh(self.device.type, group, self._timeout)
+            module = litegen_zero.shard_frozen(module, mesh=mesh, dtype=dtype)
         module.eval()
         if self.is_main:
             logger.info("initialize: frozen %s -> %s, eval mode", type(module).__name__,
@@ -257,16 +267,25 @@ class LiteGen:
         if self._checkpointer is None:
             self._checkpointer = litegen_ckpt.Checkpointer(
                 self.config.checkpoint_dir, keep=self.config.checkpoint_keep, async_save=self.config.checkpoint_async,
+                timeout=self._timeout,
             )
         return self._checkpointer
 
     def save(self, step: int) -> None:
         """Save model, optimizer, EMA, data position and RNG as ``checkpoint_dir/step_<step>``."""
-        self.checkpointer.save(step, **self._statefuls())
+        with self._naming_timeouts(f"save({step!r})"):
+            self.checkpointer.save(step, **self._statefuls())
 
     def resume(self, step: int | str = "latest") -> int | None:
-        """Load a checkpoint into the live objects; returns its step, or None when there is none."""
-        loaded = self.checkpointer.load(step, **self._statefuls())
+        """Load a checkpoint into the live objects; returns its step, or None when there is none.
+
+        Every file is verified first; a checkpoint that does not verify raises an error naming the file.
+        """
+        return self._resume(step, fall_back=False)
+
+    def _resume(self, step: int | str, fall_back: bool) -> int | None:
+        with self._naming_timeouts(f"resume({step!r})"):
+            loaded = self.checkpointer.load(step, fall_back=fall_back, **self._statefuls())
         if loaded is not None:
             self.start_step = loaded
             if self.is_main:
@@ -274,17 +293,25 @@ class LiteGen:
         return loaded
 
     def _resume_at_start(self) -> None:
-        target: int | str = "latest"
-        if self.config.resume_from is not None:
-            target = int(self.config.resume_from) if self.config.resume_from.isdigit() else self.config.resume_from
-        loaded = self.resume(target)
-        if loaded is None and self.config.resume_from is not None:
+        """``resume_from`` loads exactly that checkpoint; ``auto_resume`` the newest one that verifies."""
+        target = self.config.resume_from
+        if target is None:
+            self._resume("latest", fall_back=True)
+            return
+        path = Path(target)
+        if STEP_DIR.fullmatch(path.name):
+            if path.parent.resolve() != Path(self.config.checkpoint_dir).resolve():
+                raise ValueError(f"config: resume_from={target!r} is not in checkpoint_dir="
+                                 f"{self.config.checkpoint_dir!r}; give a step of checkpoint_dir")
+            target = path.name[len("step_"):]
+        if self._resume(int(target) if target.isdigit() else target, fall_back=False) is None:
             raise ValueError(f"config: resume_from={self.config.resume_from!r} found no checkpoint under "
                              f"{self.config.checkpoint_dir!r}")
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the trainable model's gradients; returns the global norm (any degree)."""
-        return litegen_zero.clip_grad_norm_(self._trained(), max_norm, norm_type)
+        with self._naming_timeouts("clip_grad_norm_()"):
+            return litegen_zero.clip_grad_norm_(self._trained(), max_norm, norm_type)
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Gradient accumulation: backward inside this context does not synchronize gradients."""
@@ -300,7 +327,8 @@ class LiteGen:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable model's consolidated weights on rank 0 (clean names); {} elsewhere."""
-        return litegen_zero.full_state_dict(self._trained())
+        with self._naming_timeouts("full_state_dict()"):
+            return litegen_zero.full_state_dict(self._trained())
 
     def _trained(self) -> nn.Module:
         if self.model is None:
@@ -308,9 +336,11 @@ class LiteGen:
         return self.model
 
     def close(self) -> None:
-        """Finish pending saves; destroy the process group if LiteGen created it."""
+        """Finish pending saves and free the checkpointer; destroy the process group if LiteGen created it."""
         if self._checkpointer is not None:
-            self._checkpointer.wait()
+            with self._naming_timeouts("close()"):
+                self._checkpointer.close()
+            self._checkpointer = None
         # Mesh groups are left alone: torch caches them per mesh layout and hands them to later meshes.
         if self.runtime.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -318,8 +348,31 @@ class LiteGen:
     def __enter__(self) -> LiteGen:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        """``close()``. On an error nothing is closed (no collective: a peer may be gone; a pending background
+        save is abandoned, ``latest`` stays complete), and a backend timeout in the training loop (forward,
+        backward, optimizer step) comes out as a ``CollectiveTimeoutError`` naming the collective."""
+        if error is None:
+            self.close()
+            return
+        named = name_collective_timeout(error, self.config.collective_timeout, "LiteGen training loop")
+        if named is not None:
+            raise named from error
+
+    @property
+    def _timeout(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.config.collective_timeout)
+
+    @contextlib.contextmanager
+    def _naming_timeouts(self, during: str) -> Iterator[None]:
+        """Re-raise a backend timeout inside as a ``CollectiveTimeoutError`` naming the collective that hung."""
+        try:
+            yield
+        except RuntimeError as error:
+            named = name_collective_timeout(error, self.config.collective_timeout, f"LiteGen.{during}")
+            if named is None:
+                raise
+            raise named from error
 
     def batches(self) -> Iterator[Any]:
         """Batches forever (epoch after epoch) from the initialized dataset, resuming where it stopped."""

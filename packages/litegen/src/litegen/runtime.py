@@ -3,14 +3,21 @@
 World = dp × sp with contiguous SP groups (``("dp", "sp")`` mesh: SP groups are rows, DP groups
 columns). Grouped ZeRO-3 adds a ``("replicate", "shard")`` mesh whose shard groups are contiguous
 blocks of ``group_size`` ranks (a node), each holding whole SP groups.
+
+Every group LiteGen creates gets ``collective_timeout`` (torch gives new groups 30 minutes), and a
+backend timeout is re-raised as ``CollectiveTimeoutError`` naming the collective that hung, read from
+torch's flight recorder (on by default for gloo; ``TORCH_FR_BUFFER_SIZE=0`` turns it off).
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import random
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +57,60 @@ class Runtime:
         return self.rank == 0
 
 
+class CollectiveTimeoutError(RuntimeError):
+    """A collective did not complete within ``collective_timeout``: another rank stopped calling collectives."""
+
+
+# What torch's backends say when a collective times out (gloo; NCCL's watchdog; the DETAIL debug wrapper)
+_TIMEOUT_MARKERS = ("timed out", "collective operation timeout", "failed to pass monitoredbarrier")
+
+
+def name_collective_timeout(error: BaseException, timeout: float, during: str) -> CollectiveTimeoutError | None:
+    """For a backend timeout ``error``, a ``CollectiveTimeoutError`` naming what hung; None for other errors."""
+    if not isinstance(error, RuntimeError) or isinstance(error, CollectiveTimeoutError):
+        return None
+    if not any(marker in str(error).lower() for marker in _TIMEOUT_MARKERS):
+        return None
+    what = overdue_collective() or "a collective (torch's flight recorder has no record of it)"
+    return CollectiveTimeoutError(
+        f"{during}: {what} did not complete within collective_timeout={timeout:g} s: another rank stopped "
+        f"calling collectives (hung, or dead without closing its connections); its log says why. "
+        f"Backend error: {error}"
+    )
+
+
+def overdue_collective() -> str | None:
+    """The last collective this thread issued that has run past its timeout, from torch's flight recorder."""
+    dump = getattr(torch._C._distributed_c10d, "_dump_fr_trace_json", None)
+    if dump is None:
+        return None
+    try:
+        entries = json.loads(dump(includeCollectives=True)).get("entries", [])
+    except (RuntimeError, ValueError):
+        return None
+    now = time.time_ns()
+    overdue = [e for e in entries if now - e.get("time_created_ns", now) >= e.get("timeout_ms", 0) * 1_000_000]
+    mine = [e for e in overdue if e.get("thread_id") == str(threading.get_ident())]
+    if not overdue:
+        return None
+    entry = (mine or overdue)[-1]
+    return (f"{entry.get('profiling_name', 'a collective')} on process group {entry['process_group'][-1]!r} "
+            f"(its collective #{entry.get('collective_seq_id')}, input sizes {entry.get('input_sizes')})")
+
+
+def _warn_about_shared_rendezvous_store() -> None:
+    """torchrun's c10d rendezvous shares one store with every attempt's workers and keeps the previous
+    attempt's keys, so a restarted group can read its peers' old addresses and fail to connect."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if (restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and os.environ.get("RANK") == "0"):
+        logger.warning(
+            "torchrun --max-restarts %d with the shared rendezvous store: a restarted group may fail to connect "
+            "(the store keeps the last attempt's keys, pytorch#135712); launch torchrun with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so restarts resume reliably", restarts,
+        )
+
+
 def _init_process_group(timeout: float) -> bool:
     """Join torchrun's world (env), or make a world of one. Returns whether we created the group."""
     if dist.is_initialized():
@@ -58,6 +119,7 @@ def _init_process_group(timeout: float) -> bool:
     backend = "cuda:nccl,cpu:gloo" if use_cuda else "gloo"
     td = datetime.timedelta(seconds=timeout)
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        _warn_about_shared_rendezvous_store()
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=td)
@@ -80,11 +142,12 @@ def start(config: LiteGenConfig) -> Runtime:
     else:
         device = torch.device("cpu")
     sp = config.sp_size
-    mesh = init_device_mesh(device.type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
+    timeout = datetime.timedelta(seconds=config.collective_timeout)
+    mesh = _mesh(device.type, (world // sp, sp), ("dp", "sp"), timeout)
     zero_mesh = None
     group = config.group_size if config.zero_degree == 3 else None
     if group is not None:
-        zero_mesh = init_device_mesh(device.type, (world // group, group), mesh_dim_names=("replicate", "shard"))
+        zero_mesh = grouped_mesh(device.type, group, timeout)
     if config.allow_tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -92,6 +155,22 @@ def start(config: LiteGenConfig) -> Runtime:
         device=device, rank=rank, world_size=world, dp_rank=rank // sp, dp_size=world // sp,
         sp_rank=rank % sp, sp_size=sp, mesh=mesh, zero_mesh=zero_mesh, owns_process_group=owns,
     )
+
+
+def grouped_mesh(device_type: str, group_size: int, timeout: datetime.timedelta) -> DeviceMesh:
+    """``("replicate", "shard")``: shard within contiguous groups of ``group_size`` ranks, replicate across."""
+    world = dist.get_world_size()
+    return _mesh(device_type, (world // group_size, group_size), ("replicate", "shard"), timeout)
+
+
+def _mesh(device_type: str, shape: tuple[int, int], names: tuple[str, str], timeout: datetime.timedelta) -> DeviceMesh:
+    """A named mesh whose new groups time out after ``timeout`` (torch gives new groups 30 minutes)."""
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    for name in names:
+        group = mesh.get_group(name)
+        if group is not dist.group.WORLD:  # the default group keeps the timeout it was created with
+            dist.set_timeout(timeout, group)
+    return mesh
 
 
 def seed_everything(seed: int) -> None:
