@@ -46,6 +46,7 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
 
     Searched outermost first: the members of a matching list are not searched further.
     """
+    _check_model(model)
     blocks: list[nn.Module] = []
 
     def visit(module: nn.Module) -> None:
@@ -84,6 +85,7 @@ def shard(
     All ranks must call it with the same arguments and identical initial weights.
     Returns the wrapped model (DDP for degree 0/1, the same module for 2/3) and the new optimizer.
     """
+    _check_model(model)
     world = _world_size()
     if not isinstance(degree, int) or isinstance(degree, bool) or degree not in _DEGREES:
         raise ValueError(f"degree={degree!r}; allowed: 0 (DDP), 1 (ZeRO-1), 2 (ZeRO-2), 3 (ZeRO-3)")
@@ -144,6 +146,7 @@ def shard_frozen(
     each block's parameters are gathered for its forward and freed right after. Sharded over all ranks, or
     inside groups of ``group_size`` ranks (True: the node size), or over ``mesh``. Returns ``model``.
     """
+    _check_model(model)
     world = _world_size()
     group_size = _check_group_size(group_size, world)
     _check_mesh(mesh, group_size)
@@ -158,6 +161,11 @@ def shard_frozen(
         fully_shard(unit, mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)  # explicit: the root frees its shards too
     return model
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model={type(model).__name__}; allowed: a torch.nn.Module")
 
 
 def _world_size() -> int:

@@ -12,13 +12,22 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from litegen_zero._shard import _check_model
+
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
     """Clip the gradients of ``model`` in place to a global norm of ``max_norm``; return that norm, shape ().
 
     Plain gradients (DDP, ZeRO-1) are already complete on every rank; FSDP2's sharded DTensor gradients
     get their norm reduced over the mesh. Every rank gets the same norm.
+    ``max_norm``: > 0 (``inf``: measure only); ``norm_type``: > 0 or ``inf``.
     """
+    _check_model(model)
+    for name, value in (("max_norm", max_norm), ("norm_type", norm_type)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}={value!r}; allowed: a number > 0 (or inf)")
+        if not value > 0:
+            raise ValueError(f"{name}={value!r}; allowed: a number > 0 (or inf)")
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type)
     if isinstance(norm, DTensor):
@@ -33,6 +42,7 @@ def no_sync(model: nn.Module) -> Iterator[None]:
 
     The first backward after the context synchronizes the accumulated gradients.
     """
+    _check_model(model)
     module = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     if isinstance(module, DistributedDataParallel):
         with module.no_sync():
@@ -52,4 +62,5 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     A collective for sharded models: call it on every rank.
     """
+    _check_model(model)
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
