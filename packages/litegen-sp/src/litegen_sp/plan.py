@@ -121,6 +121,11 @@ class _SPRuntime:
             raise TypeError(
                 f"SPPlan.hidden={slot.label!r}: the first block got {type(x).__name__}, not a Tensor"
             )
+        if not -x.dim() <= self.plan.hidden_dim < x.dim():
+            raise ValueError(
+                f"SPPlan.hidden_dim={self.plan.hidden_dim} is out of range for the token stream of shape "
+                f"{tuple(x.shape)}"
+            )
         x_local, self.info = split_sequence(x, self.group, self.plan.hidden_dim)
         return slot.set(args, kwargs, x_local)
 
@@ -147,6 +152,11 @@ class _SPRuntime:
 
     def gather_output(self, out: Any) -> Any:
         index = self.plan.output
+        if index is not None and (not isinstance(out, (tuple, list)) or not -len(out) <= index < len(out)):
+            raise TypeError(
+                f"SPPlan.output={index!r}: the last block returned {type(out).__name__}; SPPlan.output is the index "
+                "of the token stream in the tuple blocks return (None: blocks return a tensor)"
+            )
         stream = out if index is None else out[index]
         if not isinstance(stream, Tensor):
             raise TypeError(
@@ -219,19 +229,35 @@ class _UlyssesRouting(TorchFunctionMode):
 
 
 def _check_plan(plan: SPPlan) -> None:
+    """Every field's type, so a bad plan fails here, naming the field, before any block runs."""
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if plan.blocks is not None and not isinstance(plan.blocks, str):
+        raise TypeError(f"SPPlan.blocks must be a dotted module path or None, got {plan.blocks!r}")
+    for name, spec in [("hidden", plan.hidden), *((f"split[{k!r}]", k) for k in _keys(plan.split))]:
+        if not (is_int(spec) and spec >= 0) and not isinstance(spec, str):
+            raise TypeError(f"SPPlan.{name}: block arguments are given by position (>= 0) or name, got {spec!r}")
     dims = [plan.hidden_dim, *plan.split.values()]
-    if not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+    if not all(is_int(d) for d in dims):
         raise TypeError(
             f"SPPlan: hidden_dim and split dims must be ints, got {plan.hidden_dim!r}, {dict(plan.split)!r}"
         )
-    if plan.output is not None and (not isinstance(plan.output, int) or isinstance(plan.output, bool)):
+    if plan.output is not None and not is_int(plan.output):
         raise TypeError(f"SPPlan.output must be an int or None, got {plan.output!r}")
-    if isinstance(plan.cross_attention, str) or not all(
+    if not isinstance(plan.cross_attention, (tuple, list)) or not all(
         isinstance(f, str) and f for f in plan.cross_attention
     ):
         raise TypeError(
             f"SPPlan.cross_attention must be a tuple of non-empty name fragments, got {plan.cross_attention!r}"
         )
+
+
+def _keys(split: Any) -> list[Any]:
+    if not isinstance(split, Mapping):
+        raise TypeError(f"SPPlan.split must be a mapping {{argument position or name: seq dim}}, got {split!r}")
+    return list(split)
 
 
 def _find_blocks(model: nn.Module, plan: SPPlan) -> tuple[str, nn.Module]:
@@ -333,6 +359,8 @@ def sequence_parallel(
     _check_plan(plan)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("sequence_parallel needs an initialized torch.distributed process group")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"sequence_parallel: group={group!r}; allowed: a ProcessGroup or None (the world)")
     name, blocks = _find_blocks(model, plan)
     # wrap the module that really runs: a checkpoint wrapper re-runs its inner module in backward
     blocks = [_unwrap_checkpoint(b) for b in blocks]

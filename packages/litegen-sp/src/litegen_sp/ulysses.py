@@ -49,10 +49,14 @@ class SequenceInfo:
 def _group_size_and_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("litegen_sp needs an initialized torch.distributed process group")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group={group!r} ({type(group).__name__}); allowed: a ProcessGroup or None (the world)")
     return dist.get_world_size(group), dist.get_rank(group)
 
 
 def _normalize_dim(dim: int, ndim: int, name: str, shape: torch.Size) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{name}: dim={dim!r} ({type(dim).__name__}); allowed: an int")
     if not -ndim <= dim < ndim:
         raise ValueError(f"{name}: dim={dim} is out of range for a tensor of shape {tuple(shape)}")
     return dim % ndim
@@ -107,7 +111,7 @@ def split_sequence(x: Tensor, group: dist.ProcessGroup | None, dim: int = 1) -> 
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"split_sequence: x must be a Tensor, got {type(x).__name__}")
-    dim = _normalize_dim(dim, x.dim(), "split_sequence", x.shape)
+    dim = _normalize_dim(dim, x.dim(), "split_sequence (x)", x.shape)
     seq_len = x.shape[dim]
     if seq_len == 0:
         raise ValueError(f"split_sequence: x has no tokens along dim={dim} (shape {tuple(x.shape)})")
@@ -129,7 +133,7 @@ def gather_sequence(
         raise TypeError(f"gather_sequence: x_local must be a Tensor, got {type(x_local).__name__}")
     if not isinstance(info, SequenceInfo):
         raise TypeError(f"gather_sequence: info must be the SequenceInfo from split_sequence, got {info!r}")
-    dim = _normalize_dim(info.dim if dim is None else dim, x_local.dim(), "gather_sequence", x_local.shape)
+    dim = _normalize_dim(info.dim if dim is None else dim, x_local.dim(), "gather_sequence (x_local)", x_local.shape)
     size, _ = _group_size_and_rank(group)
     if size != info.group_size:
         raise ValueError(
@@ -200,6 +204,37 @@ class _HeadsToSeq(torch.autograd.Function):
 # ----------------------------------------------------------------------------- local kernel
 
 
+def _check_options(where: str, causal: bool, scale: float | None, dropout_p: float) -> None:
+    if not isinstance(causal, bool):
+        raise TypeError(f"{where}: causal={causal!r}; allowed: True or False")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"{where}: scale={scale!r}; allowed: None (1/sqrt(head_dim)) or a number")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"{where}: dropout_p={dropout_p!r}; allowed: a number in [0, 1)")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{where}: dropout_p={dropout_p!r}; allowed: a number in [0, 1)")
+
+
+def _check_attention_shapes(where: str, q: Tensor, k: Tensor, v: Tensor) -> None:
+    """``q``: (b, s, h, d); ``k``, ``v``: (b, s_kv, h_kv, d) and (b, s_kv, h_kv, d_v) with h % h_kv == 0."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{where}: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{where}: {name} has shape {tuple(t.shape)}; expected 4 dims (batch, seq, heads, head_dim)"
+            )
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(f"{where}: q, k, v must share dtype and device ({q.dtype}/{k.dtype}/{v.dtype})")
+    if not q.shape[0] == k.shape[0] == v.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"{where}: batch and q/k head_dim must match: {shapes}")
+    if k.shape[1:3] != v.shape[1:3]:
+        raise ValueError(f"{where}: k and v must have the same seq and heads: {shapes}")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"{where}: heads={q.shape[2]} must be a multiple of kv_heads={k.shape[2]} (GQA): {shapes}")
+
+
 @functools.cache
 def _flash_attn_func() -> AttentionFn | None:
     try:
@@ -226,6 +261,8 @@ def attention(
     ``F.scaled_dot_product_attention`` (GQA through ``enable_gqa``; causal is top-left aligned).
     ``attn_mask`` is in SDPA's layout, broadcastable to ``(b, h, s, s_kv)``.
     """
+    _check_attention_shapes("attention", q, k, v)
+    _check_options("attention", causal, scale, dropout_p)
     if (
         q.is_cuda
         and q.dtype in FLASH_DTYPES
@@ -256,31 +293,16 @@ def _check_ulysses_inputs(
     q: Tensor, k: Tensor, v: Tensor, size: int, kv_replicated: bool, seq_len: int | None
 ) -> int:
     """Validate shapes on every rank before any collective; return the true sequence length."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"ulysses_attention: {name} must be a Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"ulysses_attention: {name} has shape {tuple(t.shape)}; expected 4 dims "
-                "(batch, seq_local, heads, head_dim)"
-            )
+    _check_attention_shapes("ulysses_attention", q, k, v)
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise ValueError(
-            f"ulysses_attention: q, k, v must share dtype and device ({q.dtype}/{k.dtype}/{v.dtype})"
-        )
-    if not q.shape[0] == k.shape[0] == v.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"ulysses_attention: batch and q/k head_dim must match: {shapes}")
-    if k.shape[1:3] != v.shape[1:3]:
-        raise ValueError(f"ulysses_attention: k and v must have the same seq and heads: {shapes}")
+    if not isinstance(kv_replicated, bool):
+        raise TypeError(f"ulysses_attention: kv_replicated={kv_replicated!r}; allowed: True or False")
     heads, kv_heads = q.shape[2], k.shape[2]
     if heads % size or kv_heads % size:
         raise ValueError(
             f"ulysses_attention: heads={heads} and kv_heads={kv_heads} must both be divisible by the "
             f"sequence-parallel group size {size} ({shapes})"
         )
-    if heads % kv_heads:
-        raise ValueError(f"ulysses_attention: heads={heads} must be a multiple of kv_heads={kv_heads} (GQA)")
     if not kv_replicated and k.shape[1] != q.shape[1]:
         raise ValueError(
             f"ulysses_attention: sequence-sharded k/v must have q's local length {q.shape[1]}, got "
@@ -289,7 +311,7 @@ def _check_ulysses_inputs(
     padded_len = q.shape[1] * size
     if seq_len is None:
         return padded_len
-    if not isinstance(seq_len, int) or not padded_len - size < seq_len <= padded_len:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not padded_len - size < seq_len <= padded_len:
         raise ValueError(
             f"ulysses_attention: seq_len={seq_len!r} does not fit q's local length {q.shape[1]} on {size} "
             f"ranks; allowed: {max(1, padded_len - size + 1)}..{padded_len} (SequenceInfo.seq_len)"
@@ -349,6 +371,9 @@ def ulysses_attention(
     """
     size, rank = _group_size_and_rank(group)
     seq_len = _check_ulysses_inputs(q, k, v, size, kv_replicated, seq_len)
+    _check_options("ulysses_attention", causal, scale, dropout_p)
+    if attn_fn is not None and not callable(attn_fn):
+        raise TypeError(f"ulysses_attention: attn_fn={attn_fn!r}; allowed: None or a callable")
     kv_len = k.shape[1] if kv_replicated else seq_len
     mask = _mask_for_heads(attn_mask, q, kv_len, size, rank)
     if kv_replicated:
