@@ -344,6 +344,6 @@ def test_bad_models_and_state_dicts():
     with pytest.raises(ValueError, match=r"shape \(3, 2\); allowed: \(2, 2\)"):
         ema.load_state_dict({"weight": torch.zeros(3, 2), "bias": torch.zeros(2)})
     other = nn.Linear(2, 2)
-    with pytest.raises(RuntimeError, match="not the ones this EMA was built from"):
+    with pytest.raises(ValueError, match="not the ones this EMA was built from"):  # a bad argument (issue 10)
         with ema.swapped(other):
             pass

@@ -191,6 +191,8 @@ class ShardedEMA:
 
     def decay_at(self, step: int) -> float:
         """The decay ``update(step)`` uses: 0 (copy) before ``update_after_step``, then constant or warm-up."""
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step={step!r}; allowed: an int (the optimizer step count)")
         if step < self.update_after_step:
             return 0.0
         if self.warmup is None:
@@ -224,8 +226,14 @@ class ShardedEMA:
         """
         if self._swapped:
             raise RuntimeError("ema.swapped() is already active; it does not nest")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model={type(model).__name__}; allowed: the nn.Module this EMA was built from")
         _reshard_fsdp(model)
-        self._check_parameters(model, "swapped()")
+        if not self._same_parameters(model):
+            raise ValueError(
+                f"model={type(model).__name__}: its parameters are not the ones this EMA was built from; pass "
+                "the model the EMA was built from, after sharding (fully_shard replaces parameters)"
+            )
         with torch.no_grad():
             backups = [slot.local_param().clone() for slot in self._slots]
         self._swapped = True
@@ -255,9 +263,13 @@ class ShardedEMA:
     @torch.no_grad()
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
         """Load EMA values: DTensors (any layout), or full tensors such as ``full_state_dict()``'s."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict={type(state_dict).__name__}; allowed: a mapping of name -> tensor")
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict={strict!r}; allowed: True or False")
         expected = {slot.name for slot in self._slots}
         missing = sorted(expected - set(state_dict))
-        unexpected = sorted(set(state_dict) - expected)
+        unexpected = sorted(set(state_dict) - expected, key=str)
         if missing or (strict and unexpected):
             raise ValueError(
                 f"state_dict: missing keys {missing}, unexpected keys {unexpected}; "
@@ -310,12 +322,14 @@ class ShardedEMA:
                 out[_clean_name(self._model, name)] = full.to("cpu", dtype=dtype, copy=True)
         return out
 
-    def _check_parameters(self, model: nn.Module, where: str) -> None:
+    def _same_parameters(self, model: nn.Module) -> bool:
         current = tuple(model.parameters())
-        if len(current) == len(self._params) and all(
-            a is b for a, b in zip(current, self._params, strict=True)
-        ):
+        return len(current) == len(self._params) and all(a is b for a, b in zip(current, self._params, strict=True))
+
+    def _check_parameters(self, model: nn.Module, where: str) -> None:
+        if self._same_parameters(model):
             return
+        current = tuple(model.parameters())
         raise RuntimeError(
             f"ShardedEMA.{where}: the model's parameters are not the ones this EMA was built from "
             f"({len(current)} now, {len(self._params)} then). Build the EMA after sharding the model "
