@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 import logging
 import zlib
 from collections.abc import Callable
@@ -125,6 +126,7 @@ def compiled(fn: Encode, **compile_kwargs: Any) -> Encode:
     sampling out of ``fn`` (return the distribution's parameters, sample afterwards).
     """
     _check_callable(fn, "compiled")
+    _check_compile_options(compile_kwargs)
     rewraps = []
     while hasattr(fn, "_litegen_vae_rewrap"):
         rewraps.append(fn._litegen_vae_rewrap)
@@ -145,7 +147,10 @@ def _compile_or_eager(fn: Encode, options: dict[str, Any]) -> Encode:
     if not torch._dynamo.is_dynamo_supported():
         _log_fallback(fn, "torch.compile does not support this platform or Python version")
         return fn
-    compiled_fn = torch.compile(fn, **options)
+    try:
+        compiled_fn = torch.compile(fn, **options)
+    except RuntimeError as error:  # e.g. an unknown mode
+        raise ValueError(f"compiled: torch.compile refused the options {options}: {error}") from error
     eager = False
 
     @functools.wraps(fn, updated=())
@@ -230,6 +235,17 @@ def _replace_attributes(obj: Any, rebuild_attributes: Callable[[list[Any]], dict
     new = copy.copy(obj)
     vars(new).update(rebuild_attributes(new_leaves))
     return new
+
+
+def _check_compile_options(options: dict[str, Any]) -> None:
+    """torch.compile's keywords, checked here: torch asserts on some values and accepts others silently."""
+    allowed = [name for name in inspect.signature(torch.compile).parameters if name != "model"]
+    for name, value in options.items():
+        if name not in allowed:
+            raise TypeError(f"compiled: {name}={value!r} is not a torch.compile option; allowed: {allowed}")
+    for name, kinds in (("fullgraph", (bool,)), ("dynamic", (bool, type(None))), ("mode", (str, type(None)))):
+        if name in options and not isinstance(options[name], kinds):
+            raise TypeError(f"compiled: {name}={options[name]!r}; allowed: {' or '.join(k.__name__ for k in kinds)}")
 
 
 def _check_callable(fn: Any, wrapper: str) -> None:
