@@ -88,6 +88,8 @@ class Checkpointer:
         process_group: dist.ProcessGroup | None = None,
         timeout: datetime.timedelta | None = None,
     ) -> None:
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"root={root!r}; expected a str or os.PathLike directory")
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(
@@ -103,7 +105,9 @@ class Checkpointer:
             raise ValueError(f"timeout={timeout!r}; expected a positive duration")
         self._distributed = dist.is_available() and dist.is_initialized()
         if process_group is not None and not self._distributed:
-            raise ValueError("process_group was given but torch.distributed is not initialized")
+            raise ValueError(f"process_group={process_group!r} was given but torch.distributed is not initialized")
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group={process_group!r}; expected a torch.distributed ProcessGroup or None")
         self.keep, self.async_save = keep, async_save
         self._group = process_group
         self._rank = dist.get_rank(process_group) if self._distributed else 0

@@ -39,6 +39,10 @@ def export_safetensors(source: Any, path: str | os.PathLike, *, name: str = "mod
     The file loads with ``safetensors.torch.load_file`` and into a diffusers / transformers model of the
     same architecture.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path={path!r}; expected a str or os.PathLike to the .safetensors file to write")
+    if not isinstance(name, str):
+        raise TypeError(f"name={name!r}; expected the str keyword the entry was saved under, e.g. 'model'")
     if Path(path).is_dir():
         raise ValueError(
             f"path={str(path)!r} is a directory; expected the path of the .safetensors file to write"
