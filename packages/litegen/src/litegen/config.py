@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -118,7 +119,10 @@ def load_config(source: str | os.PathLike | dict | LiteGenConfig | None) -> Lite
             raise ValueError(f"config: {str(path)!r} is not a file; pass a YAML path, a dict or a LiteGenConfig")
         import yaml
 
-        data = yaml.safe_load(path.read_text())
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ValueError(f"config: {str(path)!r} is not valid YAML: {error}") from error
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -177,6 +181,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"config: {key}={value!r} is not allowed; a finite number")
             return float(value)
         if kind is str and isinstance(value, str):
             return value
@@ -205,20 +211,22 @@ def _validate(c: LiteGenConfig) -> None:
     _check(c.precision in PRECISIONS, "precision", c.precision, f"one of {list(PRECISIONS)}")
     _check(c.grad_precision is None or c.grad_precision in PRECISIONS, "grad_precision", c.grad_precision,
            f"one of {list(PRECISIONS)} or null (same as precision)")
-    if c.precision != "fp32" or (c.grad_precision or "fp32") != "fp32":
-        _check(c.zero_degree >= 2, "precision", c.precision,
+    for key, value in [("precision", c.precision), ("grad_precision", c.grad_precision or "fp32")]:
+        _check(value == "fp32" or c.zero_degree >= 2, key, value,
                "mixed precision (bf16/fp16) needs zero_degree 2 or 3 (FSDP2's MixedPrecisionPolicy)")
     _check(0.0 <= c.selective_ratio <= 1.0, "selective_ratio", c.selective_ratio,
            "a fraction in [0, 1] of blocks NOT checkpointed (1.0: no checkpointing, 0.0: every block)")
     _check(c.global_batch_size >= 1, "global_batch_size", c.global_batch_size, "an integer >= 1")
     _check(c.num_workers >= 0, "num_workers", c.num_workers, "an integer >= 0")
-    _check(c.global_seed >= 0, "global_seed", c.global_seed, "an integer >= 0")
+    _check(0 <= c.global_seed < 2**62, "global_seed", c.global_seed, "an integer in [0, 2**62)")
     _check(c.lr is None or c.lr > 0, "lr", c.lr, "a number > 0 or null (keep the optimizer's)")
     _check(c.weight_decay is None or c.weight_decay >= 0, "weight_decay", c.weight_decay,
            "a number >= 0 or null (keep the optimizer's)")
     _check(c.max_steps is None or c.max_steps >= 1, "max_steps", c.max_steps, "an integer >= 1 or null")
     _check(c.checkpoint_every >= 0, "checkpoint_every", c.checkpoint_every, "an integer >= 0 (0: never)")
     _check(c.checkpoint_keep >= 1, "checkpoint_keep", c.checkpoint_keep, "an integer >= 1")
+    for key in ("checkpoint_dir", "resume_from", "init_from"):
+        _check("\x00" not in (getattr(c, key) or ""), key, getattr(c, key), "a path without NUL characters")
     needs_dir = {"auto_resume": c.auto_resume, "resume_from": c.resume_from, "checkpoint_every": c.checkpoint_every}
     for key, value in needs_dir.items():
         _check(not value or c.checkpoint_dir is not None, key, value, "it needs checkpoint_dir to be set")
