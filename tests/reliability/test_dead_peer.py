@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import wait_for
+from reliability_launch import wait_for
 
 TIMEOUT_S = 10
 RUNS = {"zero3-forward": ({"zero_degree": 3}, "gloo:all_gather on process group 'default_pg'"),

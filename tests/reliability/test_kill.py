@@ -16,10 +16,9 @@ import signal
 import pytest
 import torch
 from litegen_ckpt import Checkpointer
+from reliability_launch import progress, wait_for
 from safetensors.torch import load_file
 from small_trainer import Denoiser
-
-from conftest import progress, wait_for
 
 STEPS, EVERY = 12, 4
 CONFIG = {"zero_degree": 3, "auto_resume": True}

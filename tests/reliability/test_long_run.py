@@ -9,8 +9,7 @@ import json
 
 import psutil
 import pytest
-
-from conftest import progress
+from reliability_launch import progress
 
 CONFIG = {"zero_degree": 3, "checkpoint_async": True, "checkpoint_keep": 2}
 

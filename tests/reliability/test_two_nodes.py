@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 
 import torch
+from reliability_launch import free_port, progress
 from safetensors.torch import load_file
-
-from conftest import free_port, progress
 
 ARGS = ("--steps", "6", "--config", json.dumps({"zero_degree": 3, "group_zero": True, "global_batch_size": 8}))
 
