@@ -90,11 +90,12 @@ def overdue_collective() -> str | None:
         return None
     now = time.time_ns()
     overdue = [e for e in entries if now - e.get("time_created_ns", now) >= e.get("timeout_ms", 0) * 1_000_000]
-    mine = [e for e in overdue if e.get("thread_id") == str(threading.get_ident())]
     if not overdue:
         return None
+    mine = [e for e in overdue if e.get("thread_id") == str(threading.get_ident())]
     entry = (mine or overdue)[-1]
-    return (f"{entry.get('profiling_name', 'a collective')} on process group {entry['process_group'][-1]!r} "
+    group = (entry.get("process_group") or ["?"])[-1]
+    return (f"{entry.get('profiling_name', 'a collective')} on process group {group!r} "
             f"(its collective #{entry.get('collective_seq_id')}, input sizes {entry.get('input_sizes')})")
 
 
