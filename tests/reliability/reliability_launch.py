@@ -1,8 +1,7 @@
 """Launch ``small_trainer.py`` under real torchrun launchers (the ``launch`` fixtures of ``conftest.py``).
 
 ``Launcher()(run_dir, *trainer_args, nproc=2, ...)`` starts ``python -m torch.distributed.run`` in its own
-session (so the launcher, its workers and their children die together with ``killpg``) with a c10d
-rendezvous on 127.0.0.1 and returns a ``Launch``; ``Launch.wait(timeout)`` returns the exit code.
+session with a c10d rendezvous on 127.0.0.1 and returns a ``Launch``; ``Launch.wait(timeout)`` returns the exit code.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 TRAINER = Path(__file__).resolve().parent / "small_trainer.py"
@@ -32,6 +32,7 @@ def free_port() -> int:
 class Launch:
     process: subprocess.Popen
     log: Path
+    run_dir: Path
 
     def wait(self, timeout: float) -> int:
         """The launcher's exit code; kills it (and its workers) and fails the test past ``timeout``."""
@@ -42,17 +43,25 @@ class Launch:
             pytest.fail(f"torchrun did not finish within {timeout:.0f} s; log tail:\n{self.tail()}")
 
     def kill(self) -> None:
-        if self.process.poll() is None:
+        """SIGKILL the launcher and every worker of this run: torchrun starts each worker in its own session,
+        so they are found as the launcher's descendants and, once orphaned, by the run directory they got."""
+        processes = []
+        try:
+            launcher = psutil.Process(self.process.pid)
+            processes = [launcher, *launcher.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+        marker = f"--run-dir {self.run_dir} "
+        for process in psutil.process_iter(["cmdline"]):
+            if marker in " ".join(process.info["cmdline"] or []) and process not in processes:
+                processes.append(process)
+        for process in processes:
             try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
+                process.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
                 pass
-            self.process.wait(10)
-        else:  # the launcher ended: reap anything it left behind in its session
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        psutil.wait_procs(processes, timeout=10)
+        self.process.wait(10)
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -104,7 +113,7 @@ class Launcher:
         with open(log, "w") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=full_env,
                                        start_new_session=True)
-        self.started.append(Launch(process, log))
+        self.started.append(Launch(process, log, run_dir))
         return self.started[-1]
 
     def close(self) -> None:
