@@ -90,9 +90,9 @@ BAD_VALUES: dict[str, st.SearchStrategy] = {
     "group_zero": st.one_of(st.just(True), st.integers(), junk(bool, int)),  # needs zero_degree 3 (default 0)
     "sp_size": ints(1), "cpu_offload": st.one_of(st.just(True), BOOL),  # offload needs zero_degree 3
     "precision": st.one_of(st.sampled_from(["bf16", "fp16", "float32", "FP32", ""]), junk(str)),
-    "grad_precision": st.one_of(st.sampled_from(["bf16", "half", ""]), junk(str, type(None))),
+    "grad_precision": st.one_of(st.sampled_from(["half", "bfloat", ""]), junk(str, type(None))),
     "allow_tf32": BOOL, "selective_ratio": floats(0.0, 1.0, lo_valid=True), "ac_offload": BOOL, "compile": BOOL,
-    "global_batch_size": ints(1), "num_workers": ints(0), "pin_memory": BOOL, "shuffle": BOOL,
+    "global_batch_size": ints(1, optional=True), "num_workers": ints(0), "pin_memory": BOOL, "shuffle": BOOL,
     "drop_last": BOOL, "global_seed": ints(0, above=2**62), "lr": floats(0.0, optional=True),
     "weight_decay": floats(0.0, lo_valid=True, optional=True), "max_steps": ints(1, optional=True),
     "checkpoint_dir": st.one_of(PATH, st.just("")), "checkpoint_every": st.one_of(ints(0), st.integers(1)),

@@ -62,7 +62,7 @@ def test_every_order_of_the_five_kinds(dist_pool):
 
 
 def single_object_is_unwrapped() -> bool:
-    gen = LiteGen({})
+    gen = LiteGen({"global_batch_size": 2})
     loader = gen.initialize(Samples())
     gen.close()
     return isinstance(loader, ResumableLoader)
@@ -86,6 +86,7 @@ def initialize_error(case: str) -> str:
         "bad_type": (model, 42),
         "optimizer_alone": (opt,),
         "two_optimizers": (model, opt, torch.optim.SGD(model.parameters(), lr=0.1)),
+        "no_batch_size": (model, Samples()),
     }[case]
     try:
         gen.initialize(*args)
@@ -104,6 +105,7 @@ def initialize_error(case: str) -> str:
         ("bad_type", "TypeError: initialize: argument 1 has type int"),
         ("optimizer_alone", "the optimizer (argument 0) needs its trainable model"),
         ("two_optimizers", "at most one optimizer is allowed, got arguments [1, 2]"),
+        ("no_batch_size", "global_batch_size is null, but argument 1 is a Dataset"),
     ],
 )
 def test_initialize_errors(dist_pool, case, text):

@@ -69,7 +69,7 @@ class LiteGenConfig:
     ac_offload: bool = False  # saved activations to CPU memory (CUDA)
     compile: bool = False  # torch.compile each block
     # data
-    global_batch_size: int = 1
+    global_batch_size: int | None = None  # needed when a Dataset is initialized
     num_workers: int = 0
     pin_memory: bool = True  # only takes effect on CUDA
     shuffle: bool = True
@@ -211,12 +211,13 @@ def _validate(c: LiteGenConfig) -> None:
     _check(c.precision in PRECISIONS, "precision", c.precision, f"one of {list(PRECISIONS)}")
     _check(c.grad_precision is None or c.grad_precision in PRECISIONS, "grad_precision", c.grad_precision,
            f"one of {list(PRECISIONS)} or null (same as precision)")
-    for key, value in [("precision", c.precision), ("grad_precision", c.grad_precision or "fp32")]:
-        _check(value == "fp32" or c.zero_degree >= 2, key, value,
-               "mixed precision (bf16/fp16) needs zero_degree 2 or 3 (FSDP2's MixedPrecisionPolicy)")
+    _check(c.precision == "fp32" or c.zero_degree >= 2, "precision", c.precision,
+           "mixed precision (bf16/fp16) needs zero_degree 2 or 3 (FSDP2's MixedPrecisionPolicy); "
+           "grad_precision alone works with every degree")
     _check(0.0 <= c.selective_ratio <= 1.0, "selective_ratio", c.selective_ratio,
            "a fraction in [0, 1] of blocks NOT checkpointed (1.0: no checkpointing, 0.0: every block)")
-    _check(c.global_batch_size >= 1, "global_batch_size", c.global_batch_size, "an integer >= 1")
+    _check(c.global_batch_size is None or c.global_batch_size >= 1, "global_batch_size", c.global_batch_size,
+           "an integer >= 1 (or null when no Dataset goes through initialize)")
     _check(c.num_workers >= 0, "num_workers", c.num_workers, "an integer >= 0")
     _check(0 <= c.global_seed < 2**62, "global_seed", c.global_seed, "an integer in [0, 2**62)")
     _check(c.lr is None or c.lr > 0, "lr", c.lr, "a number > 0 or null (keep the optimizer's)")
@@ -269,5 +270,6 @@ def check_world(c: LiteGenConfig, world_size: int) -> None:
                f"a group size that divides the world size {world_size}")
         _check(group % c.sp_size == 0, "group_zero", c.group_zero,
                f"a group size that is a multiple of sp_size={c.sp_size} (SP groups live inside a shard group)")
-    _check(c.global_batch_size % dp_size == 0, "global_batch_size", c.global_batch_size,
+    _check(c.global_batch_size is None or c.global_batch_size % dp_size == 0, "global_batch_size",
+           c.global_batch_size,
            f"a multiple of the data-parallel size {dp_size} (world {world_size} / sp_size {c.sp_size})")

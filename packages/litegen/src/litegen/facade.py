@@ -141,6 +141,9 @@ class LiteGen:
             names = ", ".join(f"argument {i} ({type(objs[i]).__name__})" for i in models)
             raise ValueError(f"initialize: exactly one trainable nn.Module is allowed, got {names}; freeze the "
                              "others (requires_grad_(False)) to have them treated as encoders")
+        if "dataset" in kinds and self.config.global_batch_size is None:
+            raise ValueError(f"config: global_batch_size is null, but argument {kinds.index('dataset')} is a "
+                             "Dataset; set global_batch_size (samples per step over the whole world)")
         optimizers = [i for i, k in enumerate(kinds) if k == "optimizer"]
         if len(optimizers) > 1:
             raise ValueError(f"initialize: at most one optimizer is allowed, got arguments {optimizers}")
