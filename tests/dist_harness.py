@@ -28,10 +28,11 @@ import tempfile
 import time
 import traceback
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # Gloo's own collective timeout inside the test worlds: shorter than a call's default deadline, so
 # a hung collective usually ends as a readable exception on the waiting ranks before the kill.

@@ -68,5 +68,5 @@ def _isolated_import(package: str, wheel: Path, env_dir: Path) -> str:
 def test_each_micro_package_imports_alone(wheels, tmp_path):
     with ThreadPoolExecutor(max_workers=2) as pool:
         outputs = list(pool.map(lambda p: _isolated_import(p, wheels[p], tmp_path / p), MICRO))
-    for package, out in zip(MICRO, outputs):
+    for package, out in zip(MICRO, outputs, strict=True):
         assert f"{package.replace('-', '_')} ok" in out

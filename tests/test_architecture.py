@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = ["litegen_zero", "litegen_sp", "litegen_vae", "litegen_ema", "litegen_ckpt"]

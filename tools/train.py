@@ -26,10 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data import DIGIT_NAMES, DigitsDataset, image_prompt, video_prompt  # noqa: E402
 from dit import DiT, rectified_flow_loss, sample  # noqa: E402
+from litegen import LiteGen  # noqa: E402
 from text_encoder import PromptCache, load_text_encoder  # noqa: E402
 from train_vae import ASSETS, load_vae, vae_decode, vae_encode  # noqa: E402
-
-from litegen import LiteGen  # noqa: E402
 
 
 @dataclass

@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ (dit.py)
 
 import litegen_zero  # noqa: E402
 from dit import DiT  # noqa: E402
-
 from litegen import LiteGen  # noqa: E402
 
 

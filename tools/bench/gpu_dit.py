@@ -29,7 +29,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ (dit.py)
 
 from dit import DiT, sincos_pos_embed  # noqa: E402
-
 from litegen import LiteGen  # noqa: E402
 
 TEXT_TOKENS, TEXT_DIM, CHANNELS, PATCH = 120, 384, 4, 2
@@ -130,7 +129,6 @@ def longest(args: argparse.Namespace, config: dict, size: int, device: torch.dev
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    del model, opt
     gen.close()
     free(device)
     return lo

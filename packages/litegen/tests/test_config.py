@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from litegen.config import LiteGenConfig, check_world, config_as_dict, load_config
 
 BAD_CONFIGS = [

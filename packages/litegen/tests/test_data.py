@@ -5,9 +5,8 @@ from __future__ import annotations
 import itertools
 
 import torch
-from torch.utils.data import Dataset
-
 from litegen.data import ResumableLoader, ResumableSampler
+from torch.utils.data import Dataset
 
 
 class Numbers(Dataset):

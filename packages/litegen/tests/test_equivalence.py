@@ -13,9 +13,8 @@ import traceback
 
 import pytest
 import torch
-from tiny_dit import make_batch, make_model_and_optimizer, reference, train_steps
-
 from litegen import LiteGen
+from tiny_dit import make_batch, make_model_and_optimizer, reference, train_steps
 
 STEPS, GLOBAL_BATCH = 3, 4
 ZERO = {"zero0": {"zero_degree": 0}, "zero1": {"zero_degree": 1}, "zero2": {"zero_degree": 2},

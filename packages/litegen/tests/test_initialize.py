@@ -7,11 +7,10 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from litegen import LiteGen, ResumableLoader
 from tiny_dit import TEXT, TOKENS, make_model_and_optimizer
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
-
-from litegen import LiteGen, ResumableLoader
 
 KINDS = ("model", "optimizer", "encoder", "dataset", "encode")
 
@@ -41,7 +40,7 @@ def check_every_order() -> list[str]:
         objs = {"model": model, "optimizer": opt, "encoder": nn.Linear(3, 3).requires_grad_(False),
                 "dataset": Samples(), "encode": encode}
         out = gen.initialize(*(objs[k] for k in order))
-        got = dict(zip(order, out))
+        got = dict(zip(order, out, strict=True))
         ok = (
             isinstance(got["model"], nn.Module) and any(p.requires_grad for p in got["model"].parameters())
             and isinstance(got["optimizer"], torch.optim.Optimizer)
@@ -154,7 +153,7 @@ def train_with_resume(root: str, cfg: dict, stop_at: int | None, total: int) -> 
 def test_resume_mid_epoch_equals_uninterrupted(dist_pool, tmp_path, cfg):
     straight = dist_pool.run(train_with_resume, str(tmp_path / "a"), cfg, None, 7, world_size=2, timeout=180)
     resumed = dist_pool.run(train_with_resume, str(tmp_path / "b"), cfg, 3, 7, world_size=2, timeout=180)
-    for a, b in zip(straight, resumed):
+    for a, b in zip(straight, resumed, strict=True):
         assert a["seen"] == b["seen"]  # 24 samples / 4 per step: crosses an epoch boundary at step 6
     for key in straight[0]["state"]:
         assert torch.equal(straight[0]["state"][key], resumed[0]["state"][key]), key

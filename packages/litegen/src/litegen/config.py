@@ -57,7 +57,7 @@ class LiteGenConfig:
 
     # parallelism
     zero_degree: int = 0  # 0 DDP, 1 ZeRO-1, 2 ZeRO-2, 3 ZeRO-3
-    group_zero: Union[bool, int] = False  # ZeRO-3 sharded within groups (True: a node) and replicated across
+    group_zero: bool | int = False  # ZeRO-3 sharded within groups (True: a node) and replicated across
     sp_size: int = 1  # Ulysses sequence-parallel degree (contiguous ranks)
     cpu_offload: bool = False  # ZeRO-3 parameters and optimizer state on CPU
     # precision

@@ -16,16 +16,15 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-from torch import nn
-from torch.utils.data import Dataset, IterableDataset
-
 import litegen_ckpt
 import litegen_ema
 import litegen_sp
 import litegen_vae
 import litegen_zero
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset
 
 from .activations import apply_activation_checkpointing, apply_activation_offload, record_parents
 from .config import LiteGenConfig, config_as_dict, load_config
