@@ -1,6 +1,6 @@
 """Scenario 8: no leak over a long run. 2000 small steps on 2 ranks (ZeRO-3), an async checkpoint every 200
-steps (keep 2): each rank's RSS at the end is within 5% of its RSS at step 200, its native thread count is
-unchanged, and after the ``LiteGen`` closed no python thread but the main one and no child process is left;
+steps (keep 2): each rank's RSS at the end is within 5% of its RSS at step 200, its native thread count does
+not grow (±1 transient thread), and after the ``LiteGen`` closed no python thread but the main one and no child process is left;
 once torchrun returned, no process of the run is left either."""
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def test_2000_steps_keep_memory_threads_and_processes_flat(tmp_path, launch):
     for rank, record in records.items():
         assert record["step"] == 2000
         assert abs(drift[rank]) <= 0.05, (rank, record["at"], record["end"])
-        assert record["end"]["native_threads"] == record["at"]["native_threads"], record
+        # a leak grows by one thread per save (9 saves after step 200); one may come and go with the async
+        # writer or gloo, depending on where the two samples fall
+        assert abs(record["end"]["native_threads"] - record["at"]["native_threads"]) <= 1, record
         assert record["threads"] == ["MainThread"] and record["children"] == [], record
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step_1800", "step_2000"]
     left = [p.info for p in psutil.process_iter(["pid", "cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
