@@ -5,21 +5,26 @@ On disk, under ``root``::
     latest                  text: the directory name of the newest complete checkpoint, e.g. "step_1000"
     step_<N>/               one complete checkpoint
         __<rank>_<i>.distcp     DCP shards (each rank writes its own)
+        digests_<rank>.json     a checksum of every item (tensor chunk or python value) that rank wrote
         .metadata               DCP's index of every tensor and python value
-        litegen.json            step, world size, time, versions, entries, every file's size and CRC-32
+        litegen.json            step, world size, time, versions, entries, every file's size, the CRC-32 of
+                                every file but the shards
     step_<N>.tmp/           a save in progress; removed by the next save
     step_<N>.removing-*.tmp/    an old checkpoint (beyond ``keep``) being deleted in the background
 
 A save writes ``step_<N>.tmp/``, and only once every rank has written its shards, rank 0 adds
 ``litegen.json``, renames the directory to ``step_<N>/`` and replaces ``latest`` (write, then rename), so a
-crash at any moment leaves ``latest`` naming a complete checkpoint. Each rank checksums the files it wrote;
-a load checks every file's size and checksum (each rank reads its share of the files) before reading any, so
-a truncated, garbled or foreign file is named instead of unpickled or loaded.
+crash at any moment leaves ``latest`` naming a complete checkpoint.
+
+Before reading anything, a load checks every file's size and the CRC-32 of the small files (each rank checks its
+share), so a truncated file or a garbled index is named before anything is unpickled. Each item's checksum is then
+checked on the bytes just read (``storage.VerifyingReader``, one pass over the data), so a modified or foreign
+shard is named too. Such a failure may leave the live objects partly loaded: load a good checkpoint before
+training (``fall_back=True`` does).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import logging
@@ -29,9 +34,7 @@ import shutil
 import threading
 import time
 import uuid
-import warnings
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata as package_metadata
 from pathlib import Path
@@ -47,18 +50,14 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from .statefuls import Adapter, ModelState, OptimizerState, RNGState, StatefulState, ZeroOptimizerState
+from .storage import SHARD_FILE, CheckpointError, DigestingWriter, read_checkpoint, single_process_quiet
 
 logger = logging.getLogger(__name__)
 
 INFO_FILE = "litegen.json"
 LATEST_FILE = "latest"
 STEP_DIR = re.compile(r"step_(\d+)")
-SHARD_FILE = re.compile(r"__(\d+)_\d+\.distcp")  # DCP's file names: __<rank in the group>_<index>.distcp
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk is incomplete or corrupted; the message names the file."""
-
+METADATA_FILE = ".metadata"  # DCP's
 
 class Checkpointer:
     """Save and load training state under ``root`` (see the module docstring for the layout).
@@ -136,22 +135,23 @@ class Checkpointer:
         self._barrier(self._group)
         state = {name: adapter.state_dict() for name, adapter in adapters.items()}
         start = time.perf_counter()
+        writer = DigestingWriter(work_dir)
         if self.async_save:
             upload = dcp.async_save(
                 state,
-                checkpoint_id=work_dir,
+                storage_writer=writer,
                 process_group=self._async_group,
                 async_stager=self._stager,
                 no_dist=not self._distributed,
             )
-            self._pending = self._executor.submit(self._finish, upload, step, work_dir, sorted(state))
+            self._pending = self._executor.submit(self._finish, upload, step, writer, sorted(state))
             self._log(
                 f"step {step}: state staged in {time.perf_counter() - start:.2f} s, writing in the background"
             )
             return
         with single_process_quiet():
-            dcp.save(state, checkpoint_id=work_dir, process_group=self._group, no_dist=not self._distributed)
-        checksums = self._checksum_written_files(work_dir, self._group)
+            dcp.save(state, storage_writer=writer, process_group=self._group, no_dist=not self._distributed)
+        checksums = self._write_digests(writer, self._group)
         if self._rank == 0:
             self._publish(step, work_dir, sorted(state), checksums)
         self._barrier(self._group)
@@ -174,26 +174,46 @@ class Checkpointer:
             raise ValueError(f'fall_back={fall_back!r} with step={step!r}; allowed: False, or True with "latest"')
         adapters = _adapters(statefuls, self._rank)
         self.wait()
-        found = self._newest_valid() if fall_back else self._verified(step)
-        if found is None:
-            return None
-        directory, info = found
+        if fall_back:
+            candidates, problems = self._candidates()
+        else:
+            directory = self._directory(step)
+            candidates, problems = ([] if directory is None else [directory]), []
+        for directory in candidates:
+            try:
+                info = verify_checkpoint(directory, self._group)
+                self._load_from(directory, info, adapters)
+            except (CheckpointError, FileNotFoundError) as error:
+                if not fall_back:
+                    raise
+                problems.append(str(error))
+                continue
+            if problems:
+                self._log(f"loaded {directory} instead of newer checkpoints that do not verify: "
+                          + "; ".join(problems), logging.WARNING)
+            else:
+                self._log(f"step {info['step']}: loaded from {directory}")
+            return info["step"]
+        if problems:
+            raise CheckpointError(f"no checkpoint under {self.root} verifies: " + "; ".join(problems))
+        return None
+
+    def _load_from(self, directory: Path, info: dict[str, Any], adapters: dict[str, Adapter]) -> None:
+        """Read a checkpoint whose files were checked into the live objects; raise if an item does not verify."""
         if info["world_size"] != self._world_size:
-            for name in [n for n, a in adapters.items() if isinstance(a, RNGState)]:
+            rng = [name for name, adapter in adapters.items() if isinstance(adapter, RNGState)]
+            for name in rng:
                 self._log(
                     f"{name}: not restored, saved by {info['world_size']} ranks, loading on {self._world_size}",
                     logging.WARNING,
                 )
-                del adapters[name]
+            adapters = {name: adapter for name, adapter in adapters.items() if name not in rng}
         saved = dcp.FileSystemReader(directory).read_metadata()
         state = {name: adapter.template(saved, name) for name, adapter in adapters.items()}
         _check_compatible(state, saved, directory)
-        with single_process_quiet():
-            dcp.load(state, checkpoint_id=directory, process_group=self._group, no_dist=not self._distributed)
+        read_checkpoint(state, directory, process_group=self._group, no_dist=not self._distributed)
         for name, adapter in adapters.items():
             adapter.load(state[name])
-        self._log(f"step {info['step']}: loaded from {directory}")
-        return info["step"]
 
     def wait(self) -> None:
         """Block until a background save is written and published, on every rank."""
@@ -214,14 +234,8 @@ class Checkpointer:
                 dist.destroy_process_group(self._async_group)
                 self._async_group = None
 
-    def _verified(self, step: int | str) -> tuple[Path, dict[str, Any]] | None:
-        directory = self._directory(step)
-        if directory is None:
-            return None
-        return directory, verify_checkpoint(directory, self._group)
-
-    def _newest_valid(self) -> tuple[Path, dict[str, Any]] | None:
-        """The checkpoint ``latest`` names, else the newest complete one that verifies; one warning for the rest."""
+    def _candidates(self) -> tuple[list[Path], list[str]]:
+        """The checkpoint ``latest`` names, then the other complete ones, newest first; and what is wrong so far."""
         problems: list[str] = []
         try:
             candidates = [d for d in [latest_directory(self.root)] if d is not None]
@@ -232,19 +246,7 @@ class Checkpointer:
         candidates += sorted(
             (d for d in _complete_dirs(self.root) if d not in candidates), key=_step_of, reverse=True
         )
-        for directory in candidates:
-            try:
-                info = verify_checkpoint(directory, self._group)
-            except (ValueError, FileNotFoundError) as error:
-                problems.append(str(error))
-                continue
-            if problems:
-                self._log(f"loading {directory} instead of newer checkpoints that do not verify: "
-                          + "; ".join(problems), logging.WARNING)
-            return directory, info
-        if problems:
-            raise CheckpointError(f"no checkpoint under {self.root} verifies: " + "; ".join(problems))
-        return None
+        return candidates, problems
 
     def _directory(self, step: int | str) -> Path | None:
         if step == "latest":
@@ -263,26 +265,28 @@ class Checkpointer:
             pending.result()
         return pending is not None
 
-    def _finish(self, upload: Future, step: int, work_dir: Path, names: list[str]) -> None:
+    def _finish(self, upload: Future, step: int, writer: DigestingWriter, names: list[str]) -> None:
         upload.result()
-        checksums = self._checksum_written_files(work_dir, self._async_group)
+        checksums = self._write_digests(writer, self._async_group)
         if self._rank == 0:
-            self._publish(step, work_dir, names, checksums)
+            self._publish(step, Path(writer.path), names, checksums)
 
-    def _checksum_written_files(self, work_dir: Path, group: dist.ProcessGroup | None) -> dict[str, str]:
-        """CRC-32 of every file of the save: each rank reads the shards it wrote (rank 0 the rest too)."""
-        own = {p.name: _crc32(p) for p in sorted(work_dir.iterdir()) if p.is_file() and _writer(p.name) == self._rank}
+    def _write_digests(self, writer: DigestingWriter, group: dist.ProcessGroup | None) -> dict[str, str]:
+        """Each rank writes the checksums of the items it wrote; return ``{digest file: CRC-32}`` of all ranks."""
+        name, crc = writer.write_digest_file(self._rank)
         if not self._distributed:
-            return own
-        gathered: list[dict[str, str] | None] = [None] * self._world_size
-        dist.all_gather_object(gathered, own, group=group)
-        return {name: crc for part in gathered for name, crc in (part or {}).items()}
+            return {name: crc}
+        gathered: list[tuple[str, str] | None] = [None] * self._world_size
+        dist.all_gather_object(gathered, (name, crc), group=group)
+        return dict(part for part in gathered if part is not None)
 
     def _publish(self, step: int, work_dir: Path, names: list[str], checksums: dict[str, str]) -> None:
         """Rank 0, after every rank wrote its shards: record the files, rename, move ``latest``, rotate."""
+        checksums = {**checksums, METADATA_FILE: _crc32(work_dir / METADATA_FILE)}
         files = {p.name: p.stat().st_size for p in sorted(work_dir.iterdir()) if p.is_file()}
-        if set(files) != set(checksums):
-            raise RuntimeError(f"{work_dir}: the ranks checksummed {sorted(checksums)} but it holds {sorted(files)}")
+        unchecked = {name for name in files if not SHARD_FILE.fullmatch(name)} ^ set(checksums)
+        if unchecked:
+            raise RuntimeError(f"{work_dir}: no CRC-32 for, or no file of, {sorted(unchecked)}")
         info = {
             "step": step,
             "world_size": self._world_size,
@@ -336,10 +340,11 @@ def latest_directory(root: Path) -> Path | None:
 
 
 def verify_checkpoint(directory: Path, group: dist.ProcessGroup | None = None) -> dict[str, Any]:
-    """Read ``litegen.json``; check every file it lists exists with its recorded size and checksum.
+    """Read ``litegen.json``; check every file it lists exists with its recorded size, and the recorded CRC-32s.
 
-    Under torch.distributed every rank of ``group`` must call it: each reads its share of the files and all
-    raise the same error. Returns the parsed ``litegen.json``.
+    The shards' bytes are checked as they are read (``storage.VerifyingReader``). Under torch.distributed every
+    rank of ``group`` must call it: each reads its share of the files and all raise the same error. Returns the
+    parsed ``litegen.json``.
     """
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if distributed else (0, 1)
@@ -375,7 +380,7 @@ def _read_info(directory: Path) -> dict[str, Any]:
 
 
 def _check_files(directory: Path, info: dict[str, Any], rank: int, world: int) -> None:
-    """Sizes of every listed file; CRC-32 (when recorded) of this rank's share of them."""
+    """Sizes of every listed file; CRC-32 (recorded for all but the shards) of this rank's share of them."""
     checksums = info.get("crc32", {})
     for index, (name, size) in enumerate(sorted(info["files"].items())):
         path = directory / name
@@ -399,12 +404,6 @@ def _crc32(path: Path) -> str:
         while chunk := f.read(1 << 24):
             crc = zlib.crc32(chunk, crc)
     return f"{crc:08x}"
-
-
-def _writer(name: str) -> int:
-    """The group rank that wrote a file of a save: its DCP shard prefix, else rank 0 (the metadata)."""
-    match = SHARD_FILE.fullmatch(name)
-    return int(match.group(1)) if match else 0
 
 
 def _adapters(statefuls: dict[str, Any], rank: int) -> dict[str, Adapter]:
@@ -505,11 +504,3 @@ def _version() -> str:
         return package_metadata.version("litegen-ckpt")
     except package_metadata.PackageNotFoundError:  # vendored copy
         return "unknown"
-
-
-@contextlib.contextmanager
-def single_process_quiet() -> Iterator[None]:
-    """Silence DCP's warning that it runs in one process: that is intended without a process group."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield

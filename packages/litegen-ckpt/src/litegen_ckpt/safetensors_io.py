@@ -22,7 +22,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .checkpointer import INFO_FILE, latest_directory, single_process_quiet, verify_checkpoint
+from .checkpointer import INFO_FILE, latest_directory, verify_checkpoint
+from .storage import read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +175,7 @@ def _read_checkpoint(directory: Path, names: dict[str, str]) -> dict[str, torch.
     for key in names:
         meta = saved.state_dict_metadata[key]
         state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
-    with single_process_quiet():
-        dcp.load(state, checkpoint_id=directory, no_dist=True)
+    read_checkpoint(state, directory, no_dist=True)
     return {names[key]: tensor for key, tensor in state.items()}
 
 

@@ -1,0 +1,370 @@
+"""DCP storage with a checksum per item: the writer records them, the reader checks them on the bytes it reads.
+
+Writing is DCP's ``FileSystemWriter``. Before writing, each rank takes a ``Digest`` of every tensor chunk it writes,
+where the tensor lives and at memory speed. After writing, it takes the CRC-32 of every pickled (non-tensor) item.
+It keeps both in ``digests_<rank>.json``.
+
+Reading is DCP's ``FileSystemReader`` with ``read_data`` replaced. Each tensor chunk is read with one ``readinto``:
+into its destination when the layouts allow (a load at the saving world size and degree), else into a CPU buffer
+that is then narrowed and copied. The data is never unpickled. Each piece is digested while it is still in cache,
+so a modified or foreign shard raises a ``CheckpointError`` naming the file and the tensor, with no extra pass over
+the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import json
+import os
+import re
+import warnings
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+SHARD_FILE = re.compile(r"__(\d+)_\d+\.distcp")  # DCP's file names: __<rank in the group>_<index>.distcp
+DIGEST_FILE = "digests_{rank}.json"
+BLOCK = 4096  # bytes per digest block
+PIECE = 8 << 20  # bytes read, then digested while in cache, at a time (a multiple of BLOCK)
+_MASK = (1 << 64) - 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk is incomplete or corrupted; the message names the file."""
+
+
+class Digest:
+    """A checksum of bytes fed in order, in pieces of whole 4 KiB blocks (only the last piece may end mid-block).
+
+    Take the sums ``s_i`` of each block's little-endian 64-bit words (the last block zero-padded). The digest is
+    the byte count, ``sum(s_i)`` and ``sum((i + 1) * s_i)``, all mod 2**64. torch's integer sums compute it at
+    memory speed on CPU or GPU. It changes with any garbled, missing, foreign or reordered block: a random change
+    goes unseen with probability 2**-64. It guards against accidents, not tampering.
+    """
+
+    def __init__(self) -> None:
+        self._sums: list[torch.Tensor] = []  # per piece: the word sums of its blocks
+        self._bytes = 0
+        self._ended = False
+
+    def update(self, data: torch.Tensor) -> Digest:
+        """Feed the next bytes, a 1-D uint8 tensor ``(n,)`` on any device."""
+        if self._ended:
+            raise RuntimeError("Digest.update after a piece that ended mid-block")
+        whole = data.numel() // BLOCK * BLOCK
+        if whole:
+            body = data[:whole]
+            if body.storage_offset() % 8:  # int64 words need 8-byte alignment
+                body = body.clone()
+            self._sums.append(body.view(torch.int64).view(-1, BLOCK // 8).sum(1))
+        if whole < data.numel():
+            last = torch.zeros(BLOCK, dtype=torch.uint8, device=data.device)
+            last[: data.numel() - whole] = data[whole:]
+            self._sums.append(last.view(torch.int64).sum(0, keepdim=True))
+            self._ended = True
+        self._bytes += data.numel()
+        return self
+
+    def hexdigest(self) -> str:
+        total = weighted = 0
+        if self._sums:
+            sums = torch.cat(self._sums)
+            weights = torch.arange(1, sums.numel() + 1, device=sums.device)
+            total, weighted = torch.stack([sums.sum(), (sums * weights).sum()]).tolist()
+        return f"{self._bytes:x}:{total & _MASK:016x}{weighted & _MASK:016x}"
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """The digest of a tensor's values in row-major order: the bytes DCP writes for it."""
+    return Digest().update(_bytes_of(tensor.detach().contiguous())).hexdigest()
+
+
+class DigestingWriter(dcp.FileSystemWriter):
+    """DCP's file writer (one fsync'd file per rank) that records a checksum of every item it writes.
+
+    ``records`` holds ``[fqn, chunk offsets or None, "digest" | "crc32", value]`` for this rank's items;
+    ``write_digest_file`` stores them.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(path)
+        self.records: list[list[Any]] = []
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        pickled = set()
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO:
+                pickled.add(item.index)
+            else:
+                self.records.append(_record(item.index, "digest", tensor_digest(planner.resolve_data(item))))
+        written = super().write_data(plan, _Contiguous(planner))
+        for result in written.wait():  # torch.save's bytes of a python object vary (an id): read them back
+            if result.index in pickled:
+                info = result.storage_data
+                with open(self.fs.concat_path(self.path, info.relative_path), "rb") as stream:
+                    stream.seek(info.offset)
+                    crc = zlib.crc32(stream.read(info.length))
+                self.records.append(_record(result.index, "crc32", f"{crc:08x}"))
+        return written
+
+    def write_digest_file(self, rank: int) -> tuple[str, str]:
+        """Write ``digests_<rank>.json`` (fsync'd) next to the shards; return its name and CRC-32."""
+        name = DIGEST_FILE.format(rank=rank)
+        data = json.dumps({"items": self.records}).encode()
+        with open(self.fs.concat_path(self.path, name), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return name, f"{zlib.crc32(data):08x}"
+
+
+class _Contiguous:
+    """A save planner whose tensors are contiguous: DCP then writes each one's bytes in row-major order."""
+
+    def __init__(self, planner: SavePlanner) -> None:
+        self._planner = planner
+
+    def resolve_data(self, item: Any) -> Any:
+        data = self._planner.resolve_data(item)
+        return data.contiguous() if isinstance(data, torch.Tensor) else data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._planner, name)
+
+
+class VerifyingReader(dcp.FileSystemReader):
+    """DCP's file reader that reads tensors with one copy and checks every item against ``digests_<rank>.json``.
+
+    The digest files must have been verified first (``Checkpointer`` checks their CRC-32 before reading).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(path)
+        self._expected: dict[int, dict[tuple[str, tuple[int, ...] | None], tuple[str, str]]] = {}
+        self._chunks: dict[MetadataIndex, tuple[torch.Size, torch.dtype]] = {}
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        self._chunks = {
+            MetadataIndex(fqn, chunk.offsets): (chunk.sizes, entry.properties.dtype)
+            for fqn, entry in metadata.state_dict_metadata.items()
+            if isinstance(entry, TensorStorageMetadata)
+            for chunk in entry.chunks
+        }
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        per_file: dict[str, list[ReadItem]] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        for relative_path, items in per_file.items():
+            path = Path(self.fs.concat_path(self.path, relative_path))
+            with self.fs.create_stream(path, "rb") as stream:
+                items.sort(key=lambda i: self.storage_data[i.storage_index].offset)  # sequential reads
+                last: tuple[MetadataIndex, torch.Tensor] | None = None  # a chunk read whole, for the next item
+                for item in items:
+                    info = self.storage_data[item.storage_index]
+                    kind, expected = self._expectation(relative_path, item.storage_index, path)
+                    if info.transform_descriptors:
+                        raise CheckpointError(
+                            f"checkpoint file {path}: {item.storage_index.fqn} was written with DCP stream "
+                            f"transforms {list(info.transform_descriptors)}, which LiteGen does not write"
+                        )
+                    if item.type == LoadItemType.BYTE_IO:
+                        data = _read_exactly(stream, info.offset, info.length, path, item.storage_index)
+                        _check(kind, expected, "crc32", f"{zlib.crc32(data):08x}", path, item.storage_index)
+                        planner.load_bytes(item, io.BytesIO(data))
+                    else:
+                        last = self._read_tensor(stream, path, item, planner, kind, expected, last)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def _read_tensor(
+        self,
+        stream: IO[bytes],
+        path: Path,
+        item: ReadItem,
+        planner: LoadPlanner,
+        kind: str,
+        expected: str,
+        last: tuple[MetadataIndex, torch.Tensor] | None,
+    ) -> tuple[MetadataIndex, torch.Tensor] | None:
+        """Read one tensor request into its destination; return the chunk if it was read whole into a buffer."""
+        index, info = item.storage_index, self.storage_data[item.storage_index]
+        target = planner.resolve_tensor(item).detach()
+        if last is not None and last[0] == index:  # the same saved chunk feeds another destination
+            chunk = last[1]
+        elif (start := self._data_start(stream, path, info, index)) is None:
+            chunk = self._load(stream, path, info, index)
+            _check(kind, expected, "digest", tensor_digest(chunk), path, index)
+        else:
+            shape, dtype = self._chunks[index]
+            whole = list(item.storage_offsets) == [0] * len(shape) and list(item.lengths) == list(shape)
+            if whole and target.device.type == "cpu" and target.is_contiguous() and target.dtype == dtype:
+                digest = _read_into(stream, start, _bytes_of(target), path, index)
+                _check(kind, expected, "digest", digest, path, index)
+                planner.commit_tensor(item, target)
+                return None
+            buffer = torch.empty(shape.numel() * dtype.itemsize, dtype=torch.uint8)
+            digest = _read_into(stream, start, buffer, path, index)
+            _check(kind, expected, "digest", digest, path, index)
+            chunk = buffer.view(dtype).view(shape)
+        source = narrow_tensor_by_index(chunk, item.storage_offsets, item.lengths)
+        if source.shape != target.shape:
+            raise CheckpointError(
+                f"checkpoint file {path}: {index.fqn} at {list(item.storage_offsets)} has shape "
+                f"{tuple(source.shape)}, the destination {tuple(target.shape)}"
+            )
+        target.copy_(source)
+        planner.commit_tensor(item, target)
+        return index, chunk
+
+    def _data_start(self, stream: IO[bytes], path: Path, info: Any, index: MetadataIndex) -> int | None:
+        """Where the saved chunk's bytes start in the file: the one storage record of its ``torch.save`` entry.
+
+        The chunk was written contiguous (``DigestingWriter``), so those bytes are its values in row-major order,
+        as the checkpoint's metadata describes them. None where torch's reader cannot say (older torch): that
+        chunk is read with ``torch.load``, as DCP does.
+        """
+        if index not in self._chunks or not hasattr(torch._C.PyTorchFileReader, "get_record_size"):
+            return None
+        shape, dtype = self._chunks[index]
+        try:
+            entry = torch._C.PyTorchFileReader(self._slice_file(stream, info))
+            records = [name for name in entry.get_all_records() if name.startswith("data/")]
+            offset, size = entry.get_record_offset("data/0"), entry.get_record_size("data/0")
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"checkpoint file {path}: the entry of {index.fqn} at byte {info.offset} is not a tensor torch can "
+                f"read ({error}); the file is corrupted"
+            ) from error
+        if records != ["data/0"] or size != shape.numel() * dtype.itemsize or offset + size > info.length:
+            raise CheckpointError(
+                f"checkpoint file {path}: the entry of {index.fqn} at byte {info.offset} does not hold "
+                f"{tuple(shape)} {dtype} values; the file is corrupted"
+            )
+        return info.offset + offset
+
+    def _load(
+        self, stream: IO[bytes], path: Path, info: Any, index: MetadataIndex, map_location: str = "cpu"
+    ) -> torch.Tensor:
+        """``torch.load`` one tensor entry (weights only), naming the file if it is not one."""
+        try:
+            tensor = torch.load(self._slice_file(stream, info), map_location=map_location, weights_only=True)
+        except Exception as error:  # torch raises RuntimeError, pickle.UnpicklingError, ValueError, ...
+            raise CheckpointError(
+                f"checkpoint file {path}: the entry of {index.fqn} at byte {info.offset} is not a tensor torch can "
+                f"read ({error}); the file is corrupted"
+            ) from error
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(
+                f"checkpoint file {path}: the entry of {index.fqn} at byte {info.offset} holds a "
+                f"{type(tensor).__name__}, not a tensor; the file is corrupted"
+            )
+        return tensor
+
+    def _expectation(self, relative_path: str, index: MetadataIndex, path: Path) -> tuple[str, str]:
+        match = SHARD_FILE.fullmatch(relative_path)
+        writer = int(match.group(1)) if match else 0
+        if writer not in self._expected:
+            digest_file = Path(self.fs.concat_path(self.path, DIGEST_FILE.format(rank=writer)))
+            try:
+                records = json.loads(digest_file.read_bytes())["items"]
+            except FileNotFoundError as error:
+                raise FileNotFoundError(f"{digest_file} is missing: the checksums of {path} are unknown") from error
+            self._expected[writer] = {
+                (fqn, None if offset is None else tuple(offset)): (kind, value) for fqn, offset, kind, value in records
+            }
+        key = (index.fqn, None if index.offset is None else tuple(index.offset))
+        if key not in self._expected[writer]:
+            raise CheckpointError(
+                f"checkpoint file {path} holds {index.fqn} (chunk at {key[1]}), which "
+                f"{DIGEST_FILE.format(rank=writer)} does not record: the file comes from another checkpoint"
+            )
+        return self._expected[writer][key]
+
+
+def read_checkpoint(
+    state: dict[str, Any], directory: Path, *, process_group: Any = None, no_dist: bool = False
+) -> None:
+    """``dcp.load`` into ``state`` with a ``VerifyingReader``; a rank's ``CheckpointError`` is raised on every rank."""
+    try:
+        with single_process_quiet():
+            dcp.load(state, storage_reader=VerifyingReader(directory), process_group=process_group, no_dist=no_dist)
+    except dcp.CheckpointException as error:
+        for _, (failure, _) in sorted(error.failures.items()):
+            if isinstance(failure, (CheckpointError, FileNotFoundError)):
+                raise type(failure)(str(failure)) from None
+        raise
+
+
+@contextlib.contextmanager
+def single_process_quiet() -> Iterator[None]:
+    """Silence DCP's warning that it runs in one process: that is intended without a process group."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _record(index: MetadataIndex, kind: str, value: str) -> list[Any]:
+    return [index.fqn, None if index.offset is None else list(index.offset), kind, value]
+
+
+def _check(kind: str, expected: str, actual_kind: str, actual: str, path: Path, index: MetadataIndex) -> None:
+    if kind != actual_kind or expected != actual:
+        raise CheckpointError(
+            f"checkpoint file {path} does not match the checksum recorded for {index.fqn} "
+            f"(chunk at {None if index.offset is None else list(index.offset)}): it was modified, or comes from "
+            "another checkpoint"
+        )
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a 1-D uint8 view ``(nbytes,)``."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def _read_exactly(stream: IO[bytes], offset: int, length: int, path: Path, index: MetadataIndex) -> bytes:
+    stream.seek(offset)
+    data = stream.read(length)
+    if len(data) != length:
+        raise CheckpointError(f"checkpoint file {path} ends inside {index.fqn}: it was truncated")
+    return data
+
+
+def _read_into(stream: IO[bytes], offset: int, dest: torch.Tensor, path: Path, index: MetadataIndex) -> str:
+    """Fill the CPU uint8 tensor ``dest`` ``(n,)`` from ``offset`` piece by piece, digesting each; return the digest."""
+    digest, size = Digest(), dest.numel()
+    if size:
+        view = memoryview((ctypes.c_ubyte * size).from_address(dest.data_ptr())).cast("B")
+        stream.seek(offset)
+        done = digested = 0
+        while done < size:
+            got = stream.readinto(view[done : min(size, done + PIECE)])
+            if not got:
+                raise CheckpointError(f"checkpoint file {path} ends inside {index.fqn}: it was truncated")
+            done += got
+            ready = size if done == size else done // BLOCK * BLOCK
+            if ready > digested:
+                digest.update(dest[digested:ready])
+                digested = ready
+    return digest.hexdigest()
