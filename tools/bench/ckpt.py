@@ -57,6 +57,7 @@ def sharded_model(gib: float, width: int) -> tuple[nn.Module, list[torch.Size]]:
 
 
 def timed(fn) -> float:
+    os.sync()  # no writeback of an earlier measurement's files runs during this one
     dist.barrier()
     start = time.perf_counter()
     fn()

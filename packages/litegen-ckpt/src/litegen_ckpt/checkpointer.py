@@ -211,7 +211,7 @@ class Checkpointer:
         saved = dcp.FileSystemReader(directory).read_metadata()
         state = {name: adapter.template(saved, name) for name, adapter in adapters.items()}
         _check_compatible(state, saved, directory)
-        read_checkpoint(state, directory, process_group=self._group, no_dist=not self._distributed)
+        read_checkpoint(state, directory, metadata=saved, process_group=self._group, no_dist=not self._distributed)
         for name, adapter in adapters.items():
             adapter.load(state[name])
 

@@ -175,7 +175,7 @@ def _read_checkpoint(directory: Path, names: dict[str, str]) -> dict[str, torch.
     for key in names:
         meta = saved.state_dict_metadata[key]
         state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
-    read_checkpoint(state, directory, no_dist=True)
+    read_checkpoint(state, directory, metadata=saved, no_dist=True)
     return {names[key]: tensor for key, tensor in state.items()}
 
 

@@ -28,7 +28,7 @@ from typing import IO, Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard._utils import narrow_tensor_by_index
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import (
     LoadItemType,
     LoadPlan,
@@ -155,12 +155,22 @@ class VerifyingReader(dcp.FileSystemReader):
     """DCP's file reader that reads tensors with one copy and checks every item against ``digests_<rank>.json``.
 
     The digest files must have been verified first (``Checkpointer`` checks their CRC-32 before reading).
+    ``metadata``: the checkpoint's, if already read (it is not read again).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, metadata: Metadata | None = None) -> None:
         super().__init__(path)
+        self._metadata = metadata
         self._expected: dict[int, dict[tuple[str, tuple[int, ...] | None], tuple[str, str]]] = {}
         self._chunks: dict[MetadataIndex, tuple[torch.Size, torch.dtype]] = {}
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self._metadata is None:
+            return super().read_metadata(*args, **kwargs)
+        if self._metadata.storage_meta is None:
+            self._metadata.storage_meta = StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
@@ -304,12 +314,18 @@ class VerifyingReader(dcp.FileSystemReader):
 
 
 def read_checkpoint(
-    state: dict[str, Any], directory: Path, *, process_group: Any = None, no_dist: bool = False
+    state: dict[str, Any],
+    directory: Path,
+    *,
+    metadata: Metadata | None = None,
+    process_group: Any = None,
+    no_dist: bool = False,
 ) -> None:
     """``dcp.load`` into ``state`` with a ``VerifyingReader``; a rank's ``CheckpointError`` is raised on every rank."""
+    reader = VerifyingReader(directory, metadata)
     try:
         with single_process_quiet():
-            dcp.load(state, storage_reader=VerifyingReader(directory), process_group=process_group, no_dist=no_dist)
+            dcp.load(state, storage_reader=reader, process_group=process_group, no_dist=no_dist)
     except dcp.CheckpointException as error:
         for _, (failure, _) in sorted(error.failures.items()):
             if isinstance(failure, (CheckpointError, FileNotFoundError)):
