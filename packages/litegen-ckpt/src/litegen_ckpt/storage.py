@@ -55,10 +55,12 @@ class CheckpointError(ValueError):
 class Digest:
     """A checksum of bytes fed in order, in pieces of whole 4 KiB blocks (only the last piece may end mid-block).
 
-    Take the sums ``s_i`` of each block's little-endian 64-bit words (the last block zero-padded). The digest is
-    the byte count, ``sum(s_i)`` and ``sum((i + 1) * s_i)``, all mod 2**64. torch's integer sums compute it at
-    memory speed on CPU or GPU. It changes with any garbled, missing, foreign or reordered block: a random change
-    goes unseen with probability 2**-64. It guards against accidents, not tampering.
+    Each block (the last zero-padded) is read as 512 little-endian 64-bit words; ``s_i`` is their sum. The digest
+    is the byte count, ``sum(s_i)`` and ``sum((i + 1) * s_i)``, all mod 2**64. torch's integer sums compute it at
+    memory speed, on CPU or GPU, and one extra in-cache pass costs little on a load. Any changed word changes it,
+    as do missing, foreign or reordered blocks; a random change goes unseen with probability about 2**-64. Words
+    swapped within one block go unseen, which no storage failure does. It guards against accidents, not
+    tampering.
     """
 
     def __init__(self) -> None:
@@ -189,7 +191,6 @@ class VerifyingReader(dcp.FileSystemReader):
             path = Path(self.fs.concat_path(self.path, relative_path))
             with self.fs.create_stream(path, "rb") as stream:
                 items.sort(key=lambda i: self.storage_data[i.storage_index].offset)  # sequential reads
-                last: tuple[MetadataIndex, torch.Tensor] | None = None  # a chunk read whole, for the next item
                 for item in items:
                     info = self.storage_data[item.storage_index]
                     kind, expected = self._expectation(relative_path, item.storage_index, path)
@@ -203,7 +204,7 @@ class VerifyingReader(dcp.FileSystemReader):
                         _check(kind, expected, "crc32", f"{zlib.crc32(data):08x}", path, item.storage_index)
                         planner.load_bytes(item, io.BytesIO(data))
                     else:
-                        last = self._read_tensor(stream, path, item, planner, kind, expected, last)
+                        self._read_tensor(stream, path, item, planner, kind, expected)
         done: Future[None] = Future()
         done.set_result(None)
         return done
@@ -216,14 +217,11 @@ class VerifyingReader(dcp.FileSystemReader):
         planner: LoadPlanner,
         kind: str,
         expected: str,
-        last: tuple[MetadataIndex, torch.Tensor] | None,
-    ) -> tuple[MetadataIndex, torch.Tensor] | None:
-        """Read one tensor request into its destination; return the chunk if it was read whole into a buffer."""
+    ) -> None:
+        """Read one tensor request (a region of a saved chunk) into its destination, checking the chunk's digest."""
         index, info = item.storage_index, self.storage_data[item.storage_index]
         target = planner.resolve_tensor(item).detach()
-        if last is not None and last[0] == index:  # the same saved chunk feeds another destination
-            chunk = last[1]
-        elif (start := self._data_start(stream, path, info, index)) is None:
+        if (start := self._data_start(stream, path, info, index)) is None:
             chunk = self._load(stream, path, info, index)
             _check(kind, expected, "digest", tensor_digest(chunk), path, index)
         else:
@@ -233,7 +231,7 @@ class VerifyingReader(dcp.FileSystemReader):
                 digest = _read_into(stream, start, _bytes_of(target), path, index)
                 _check(kind, expected, "digest", digest, path, index)
                 planner.commit_tensor(item, target)
-                return None
+                return
             buffer = torch.empty(shape.numel() * dtype.itemsize, dtype=torch.uint8)
             digest = _read_into(stream, start, buffer, path, index)
             _check(kind, expected, "digest", digest, path, index)
@@ -246,7 +244,6 @@ class VerifyingReader(dcp.FileSystemReader):
             )
         target.copy_(source)
         planner.commit_tensor(item, target)
-        return index, chunk
 
     def _data_start(self, stream: IO[bytes], path: Path, info: Any, index: MetadataIndex) -> int | None:
         """Where the saved chunk's bytes start in the file: the one storage record of its ``torch.save`` entry.
