@@ -7,9 +7,15 @@ ranks (built on the meta device, so no rank ever holds it whole). ``Checkpointer
 state; the reference writes and reads the same bytes (tensors of the same shapes) with
 ``safetensors.torch.save_file`` / ``load_file`` from rank 0 alone, in the same run and the same directory
 (``load_file`` maps the file lazily, so the plain load also copies into tensors, as loading into a model does).
-Each timing is the best of ``--repeats``, the four measurements interleaved. The async figure is the time ``save()`` blocks the training loop
-(steady state: the first save, which allocates the CPU staging copy, is reported apart) over the
-synchronous save time; the background write overlaps a stand-in for training compute.
+Each timing is the best of ``--repeats``, the measurements interleaved, each after ``os.sync()`` (no writeback of
+an earlier one's files runs during it). The async figure is the time ``save()`` blocks the training loop (steady
+state: the first save, which allocates the CPU staging copy, is reported apart) over the synchronous save time;
+the background write overlaps a stand-in for training compute.
+
+Two more lines put the load in context. ``load_speedup_over_dcp_reader`` loads the same checkpoint into the same
+model with DCP's own ``FileSystemReader``, which checks nothing. ``load_floor_over_plain`` has each rank read its
+own shard file into tensors allocated as its parameter shards, with no checkpoint logic: what two ranks' reads
+can reach on this machine.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from litegen_ckpt import Checkpointer
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -71,6 +79,18 @@ def read_into(tensors: dict[str, torch.Tensor], path: str) -> None:
         tensors[key].copy_(value)
 
 
+def read_own_shards(directory: str, rank: int, destinations: list[torch.Tensor]) -> None:
+    """Each rank reads its shard file's bytes into tensors shaped as its parameter shards, with no checkpoint logic.
+
+    One ``readinto`` per destination. This is what two ranks' reads can reach on this machine.
+    """
+    with open(os.path.join(directory, f"__{rank}_0.distcp"), "rb", buffering=0) as f:
+        for destination in destinations:
+            view, done = memoryview(destination.view(-1).view(torch.uint8).numpy()), 0
+            while done < len(view):
+                done += f.readinto(view[done:]) or len(view)  # a shorter file only shortens the floor
+
+
 def stand_in_for_training(seconds: float) -> None:
     a = torch.randn(512, 512)
     end = time.perf_counter() + seconds
@@ -98,14 +118,23 @@ def main() -> None:
         checkpointer = Checkpointer(os.path.join(work, "sync"), keep=1)
         plain_path = os.path.join(work, "plain.safetensors")
         tensors = {f"{i}.weight": torch.randn(s) for i, s in enumerate(shapes)} if rank == 0 else {}
-        times: dict[str, list[float]] = {"save": [], "plain_save": [], "load": [], "plain_load": []}
+        times: dict[str, list[float]] = {
+            "save": [], "plain_save": [], "load": [], "plain_load": [], "floor": [], "dcp_load": []
+        }
+        shards = [torch.ones_like(p.to_local()) for p in model.parameters()]  # allocated as the model's are
         for step in range(args.repeats):  # interleaved, so a busy machine slows both sides alike
             times["save"].append(timed(functools.partial(checkpointer.save, step, model=model)))
             times["plain_save"].append(timed(lambda: rank == 0 and save_file(tensors, plain_path)))
             times["load"].append(timed(lambda: checkpointer.load(model=model)))
             times["plain_load"].append(timed(lambda: rank == 0 and read_into(tensors, plain_path)))
+            latest = os.path.join(checkpointer.root, (checkpointer.root / "latest").read_text())
+            times["floor"].append(timed(functools.partial(read_own_shards, latest, rank, shards)))
+            # the same checkpoint through DCP's own FileSystemReader (no checksums), into the same model
+            state = {"model": get_model_state_dict(model)}
+            times["dcp_load"].append(timed(functools.partial(dcp.load, state, checkpoint_id=latest)))
         tensors.clear()
-        save_s, plain_save_s, load_s, plain_load_s = (min(times[k]) for k in times)
+        shards.clear()
+        save_s, plain_save_s, load_s, plain_load_s, floor_s, dcp_load_s = (min(times[k]) for k in times)
 
         async_checkpointer = Checkpointer(os.path.join(work, "async"), keep=1, async_save=True)
         blocked = []
@@ -130,12 +159,18 @@ def main() -> None:
             print(
                 f"Checkpointer.load  {load_s:6.3f} s  {gb / load_s:6.2f} GB/s   plain load_file {plain_load_s:6.3f} s  {gb / plain_load_s:6.2f} GB/s"
             )
+            print(f"the same checkpoint through DCP's FileSystemReader: {dcp_load_s:6.3f} s  {gb / dcp_load_s:6.2f} GB/s")
+            print(
+                f"each rank reading its shard file into tensors, no checkpoint logic: {floor_s:6.3f} s  {gb / floor_s:6.2f} GB/s"
+            )
             print(
                 f"async save blocks  first {blocked_t[0].item():.3f} s (allocates the CPU copy), then (median) {steady:.3f} s"
             )
             print(f"RESULT save_throughput_over_plain={plain_save_s / save_s:.3f}")
             print(f"RESULT load_throughput_over_plain={plain_load_s / load_s:.3f}")
             print(f"RESULT async_save_blocking_fraction={steady / save_s:.3f}")
+            print(f"RESULT load_speedup_over_dcp_reader={dcp_load_s / load_s:.3f}")
+            print(f"RESULT load_floor_over_plain={plain_load_s / floor_s:.3f}")
     finally:
         dist.barrier()
         if rank == 0:
