@@ -50,7 +50,14 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from .statefuls import Adapter, ModelState, OptimizerState, RNGState, StatefulState, ZeroOptimizerState
-from .storage import SHARD_FILE, CheckpointError, DigestingWriter, read_checkpoint, single_process_quiet
+from .storage import (
+    SHARD_FILE,
+    CheckpointError,
+    DigestingWriter,
+    read_checkpoint,
+    single_process_quiet,
+    write_durably,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -297,12 +304,12 @@ class Checkpointer:
             "files": files,
             "crc32": checksums,
         }
-        _write_durably(work_dir / INFO_FILE, json.dumps(info, indent=1))
+        write_durably(work_dir / INFO_FILE, json.dumps(info, indent=1).encode())
         final = self.root / f"step_{step}"
         replaced = _discard(final) if final.exists() else None
         os.replace(work_dir, final)
         _fsync_directory(self.root)  # the complete directory is on disk before latest names it
-        _write_durably(self.root / f"{LATEST_FILE}.tmp", final.name)
+        write_durably(self.root / f"{LATEST_FILE}.tmp", final.name.encode())
         os.replace(self.root / f"{LATEST_FILE}.tmp", self.root / LATEST_FILE)
         _fsync_directory(self.root)
         old = (
@@ -482,13 +489,6 @@ def _step_of(directory: Path) -> int:
 def _discard(directory: Path) -> Path:
     """Rename a checkpoint out of sight (no longer complete, removed by the next save if not before)."""
     return directory.rename(directory.with_name(f"{directory.name}.removing-{uuid.uuid4().hex[:8]}.tmp"))
-
-
-def _write_durably(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _fsync_directory(path: Path) -> None:

@@ -119,23 +119,23 @@ class DigestingWriter(dcp.FileSystemWriter):
             else:
                 self.records.append(_record(item.index, "digest", tensor_digest(planner.resolve_data(item))))
         written = super().write_data(plan, _Contiguous(planner))
-        for result in written.wait():  # torch.save's bytes of a python object vary (an id): read them back
+        per_file: dict[str, list[WriteResult]] = {}  # torch.save's bytes of a python object vary (an id): read back
+        for result in written.wait():
             if result.index in pickled:
-                info = result.storage_data
-                with open(self.fs.concat_path(self.path, info.relative_path), "rb") as stream:
-                    stream.seek(info.offset)
-                    crc = zlib.crc32(stream.read(info.length))
-                self.records.append(_record(result.index, "crc32", f"{crc:08x}"))
+                per_file.setdefault(result.storage_data.relative_path, []).append(result)
+        for relative_path, results in per_file.items():
+            with open(self.fs.concat_path(self.path, relative_path), "rb") as stream:
+                for result in results:
+                    stream.seek(result.storage_data.offset)
+                    crc = zlib.crc32(stream.read(result.storage_data.length))
+                    self.records.append(_record(result.index, "crc32", f"{crc:08x}"))
         return written
 
     def write_digest_file(self, rank: int) -> tuple[str, str]:
         """Write ``digests_<rank>.json`` (fsync'd) next to the shards; return its name and CRC-32."""
         name = DIGEST_FILE.format(rank=rank)
         data = json.dumps({"items": self.records}).encode()
-        with open(self.fs.concat_path(self.path, name), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_durably(Path(self.fs.concat_path(self.path, name)), data)
         return name, f"{zlib.crc32(data):08x}"
 
 
@@ -336,6 +336,14 @@ def single_process_quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _record(index: MetadataIndex, kind: str, value: str) -> list[Any]:
