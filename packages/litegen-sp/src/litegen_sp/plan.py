@@ -1,26 +1,39 @@
 """Run an unmodified model's transformer blocks under Ulysses sequence parallelism.
 
-``sequence_parallel(model, group, plan)`` rewires the chosen blocks in place, without touching the
-model's code or its parameter names:
+``sequence_parallel(model, group, blocks=blocks)`` installs forward hooks on the blocks; the model's
+code and parameter names are unchanged. The SP region is the outermost of the given block stacks, in
+the given (execution) order: Flux's dual-stream then single-stream blocks, say, while the blocks of a
+text refiner nested inside an embedder stay whole.
 
-- the first block splits the token stream (``split_sequence``), the last block gathers it back
-  (``gather_sequence``); the model's code before and after the blocks runs on the full sequence;
-- during every block call a ``TorchFunctionMode`` routes each ``F.scaled_dot_product_attention``
-  through ``ulysses_attention``. The mode is entered per block call, so it is also active when
-  non-reentrant activation checkpointing re-runs a block in backward, and it composes with FSDP2
-  ``fully_shard`` applied to the blocks afterwards.
+- Entering the region's first block, each token stream is cut into this rank's slice: the block
+  arguments ``SPPlan.streams`` names, else those the model's diffusers ``_cp_plan`` splits, else
+  ``hidden_states`` (argument 0) and ``encoder_hidden_states``.
+- Entering every block, each other tensor argument (inside tuples, lists and dicts too) with a dim as
+  long as a stream, or as two streams together, is cut the same way: rotary tables, masks, per-token
+  timesteps. A two-stream table is cut segment by segment, in the order joint attention uses.
+- During a block call a ``TorchFunctionMode`` routes each ``F.scaled_dot_product_attention`` through
+  ``ulysses_attention`` and watches ``torch.cat``, which is how joint attention puts the streams
+  together (text first in Flux, image first in SD3). Keys from a split stream are exchanged; keys no
+  stream describes (a replicated text) are attended locally, without communication.
+- Leaving the region's last block, the streams it returns are gathered.
+
+Streams are told apart by their per-rank lengths: ``ceil(len / P)``, raised where needed so that no
+two streams, no two streams together and no dim of a replicated argument share a length. The mode is
+entered per block call, so it is also active when activation checkpointing re-runs a block, and it
+composes with FSDP2 applied to the blocks afterwards.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
+import fnmatch
 import inspect
+import itertools
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,59 +43,48 @@ from .ulysses import SequenceInfo, gather_sequence, split_sequence, ulysses_atte
 
 logger = logging.getLogger(__name__)
 
+ArgSpec = int | str
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+_DEFAULT_STREAMS: dict[ArgSpec, int] = {0: 1, "encoder_hidden_states": 1}
 
-@dataclass
+
+@dataclass(frozen=True)
 class SPPlan:
-    """Where a model's sequence-parallel region is and what flows into it.
+    """What flows into a model's SP region, for models the defaults do not fit.
 
-    blocks: dotted path of the ``nn.ModuleList`` / ``nn.Sequential`` of blocks (``"blocks"``);
-        ``None``: the largest (by parameter count) ``nn.ModuleList`` whose members share one type.
-    hidden: the block argument carrying the token stream, by position or name; split along
-        ``hidden_dim`` on entry to the first block, gathered on exit from the last block.
-    hidden_dim: the sequence dim of the token stream (``(batch, seq, channels)`` -> 1).
-    output: when blocks return a tuple, the index of the token stream in it; ``None``: a tensor.
-    split: other per-token block arguments (e.g. rotary tables), split at every block call:
-        ``{position or name: seq dim}``; a tuple/list argument has each tensor split.
-        Every other argument (text tokens, timestep embeddings, ...) is replicated: passed as is.
-    cross_attention: name fragments (case-insensitive, matched against each part of a submodule's
-        dotted name inside a block) of submodules whose attention attends to replicated k/v.
-
-    Rule for each routed attention call: inside a ``cross_attention`` submodule, or with a key length
-    different from the query's local length -> cross-attention (k/v replicated, sliced by head);
-    otherwise self-attention (k/v sequence-sharded like q). Name a cross-attention module whose text
-    length can equal the local token count, and clear ``cross_attention`` when a self-attention module
-    matches a fragment (e.g. a second self-attention called ``attn2``).
+    streams: block arguments carrying token streams, ``{position or name: seq dim}``; split entering the
+        region, gathered leaving it (when returned). ``None``: what the model's diffusers ``_cp_plan``
+        splits, else ``hidden_states`` (argument 0) and ``encoder_hidden_states``.
+    split: other per-token block arguments, ``{position or name: token dim}``; without an entry such
+        arguments are found by length (a dim as long as a stream, or as two streams together).
+    replicate: block arguments never split (passed whole to every rank).
     """
 
-    blocks: str | None = None
-    hidden: int | str = 0
-    hidden_dim: int = 1
-    output: int | None = None
-    split: Mapping[int | str, int] = field(default_factory=dict)
-    cross_attention: tuple[str, ...] = ("cross", "attn2")
+    streams: Mapping[ArgSpec, int] | None = None
+    split: Mapping[ArgSpec, int] = field(default_factory=dict)
+    replicate: tuple[ArgSpec, ...] = ()
 
 
 @dataclass(frozen=True)
 class _ArgSlot:
     """Where one forward argument lives: its position (if positional) and its name (if known)."""
 
-    label: int | str
+    label: ArgSpec
     position: int | None
     name: str | None
 
     @classmethod
-    def resolve(cls, forward: Callable[..., Any], spec: int | str) -> _ArgSlot:
+    def resolve(cls, forward: Callable[..., Any], spec: ArgSpec) -> _ArgSlot:
         params = list(inspect.signature(forward).parameters.values())
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if isinstance(spec, bool) or not isinstance(spec, (int, str)):
-            raise TypeError(f"SPPlan: block arguments are given by position or name, got {spec!r}")
         if isinstance(spec, int):
-            if spec < 0:
-                raise ValueError(f"SPPlan: argument position {spec} must be >= 0")
-            name = positional[spec].name if spec < len(positional) else None
-            return cls(spec, spec, name)
+            return cls(spec, spec, positional[spec].name if spec < len(positional) else None)
         position = next((i for i, p in enumerate(positional) if p.name == spec), None)
         return cls(spec, position, spec)
+
+    @property
+    def key(self) -> str:
+        return self.name if self.name is not None else f"argument {self.position}"
 
     def get(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.name is not None and self.name in kwargs:
@@ -98,75 +100,355 @@ class _ArgSlot:
         return (*args[: self.position], value, *args[self.position + 1 :]), kwargs
 
 
+@dataclass(frozen=True)
+class _Slots:
+    """One block class's arguments: its streams ``(slot, seq dim)``, named splits and replicated ones."""
+
+    streams: tuple[tuple[_ArgSlot, int], ...]
+    split: tuple[tuple[_ArgSlot, int], ...]
+    replicate: tuple[_ArgSlot, ...]
+
+    def claimed(self, args: tuple, kwargs: dict) -> set[int]:
+        """ids of the argument values the plan decides (streams, named splits, replicated)."""
+        slots = [s for s, _ in self.streams] + [s for s, _ in self.split] + list(self.replicate)
+        return {id(v) for s in slots if (v := s.get(args, kwargs)) is not None}
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """One model call's split: each stream's ``SequenceInfo`` (by argument key), in entry order."""
+
+    streams: dict[str, SequenceInfo]
+    batch: int
+
+    def local(self, length: int) -> SequenceInfo | None:
+        return next((i for i in self.streams.values() if i.local_len == length), None)
+
+    def joint_lengths(self) -> dict[int, tuple[str, str]]:
+        """Full length of each pair of streams with different lengths -> the pair."""
+        items = list(self.streams.items())
+        return {
+            a.seq_len + b.seq_len: (ka, kb)
+            for (ka, a), (kb, b) in itertools.combinations(items, 2)
+            if a.seq_len != b.seq_len or a.local_len == b.local_len
+        }
+
+    def describe(self) -> str:
+        parts = [f"{k}: {i.local_len} per rank (of {i.seq_len})" for k, i in self.streams.items()]
+        return "; ".join(parts)
+
+
+def _local_lengths(full: dict[str, int], size: int, reserved: set[int]) -> dict[str, int]:
+    """Per-rank length of each stream: ``ceil(len / size)``, raised until every stream length and
+    every sum of two differs from the others and from ``reserved`` (full lengths, replicated dims)."""
+    chosen: dict[str, int] = {}
+    for key, n in full.items():
+        same = next((chosen[k] for k in chosen if full[k] == n), None)
+        if same is not None:
+            chosen[key] = same
+            continue
+        length = -(-n // size)
+        while True:
+            singles = sorted({*chosen.values(), length})
+            sums = [a + b for a, b in itertools.combinations(singles, 2)]
+            lengths = singles + sums
+            if len(set(lengths)) == len(lengths) and not reserved.intersection(lengths):
+                break
+            length += 1
+        chosen[key] = length
+    return chosen
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors inside ``value`` (a tensor, or tuples / lists / dicts of them)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _mapped(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``value`` with ``fn`` applied to each tensor inside it (same container types)."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        items = [_mapped(v, fn) for v in value]
+        return type(value)(items) if type(value) in (tuple, list) else type(value)(*items)
+    if isinstance(value, dict):
+        return {k: _mapped(v, fn) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class _PerToken:
+    """How to cut a per-token input: along ``dim``, as these streams (one, or two joined)."""
+
+    dim: int
+    streams: tuple[str, ...]
+
+
 class _SPRuntime:
-    """State shared by one model's wrapped blocks: the group, the current split and cross-attention depth."""
+    """One model's SP state: the group, the region, its blocks' argument slots and the current split."""
 
-    def __init__(self, group: dist.ProcessGroup | None, plan: SPPlan) -> None:
+    def __init__(self, model: nn.Module, group: dist.ProcessGroup | None, plan: SPPlan, region: list[nn.Module],
+                 names: dict[int, str]) -> None:
         self.group = group
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.plan = plan
-        self.info: SequenceInfo | None = None
-        self.cross_depth = 0
+        self.region = region
+        self.names = names
+        self.stream_specs = plan.streams if plan.streams is not None else _streams_from_cp_plan(model, region, names)
+        self.slots: dict[type, _Slots] = {}
+        self.forward: _Forward | None = None
+        self.joint_orders: dict[frozenset[str], tuple[str, ...]] = {}
+        self.calls: list[_BlockCall] = []
 
-    @contextlib.contextmanager
-    def cross_attention(self) -> Iterator[None]:
-        self.cross_depth += 1
-        try:
-            yield
-        finally:
-            self.cross_depth -= 1
+    def name(self, block: nn.Module) -> str:
+        return f"{self.names[id(block)]!r} ({type(block).__name__})"
 
-    def split_hidden(self, slot: _ArgSlot, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        x = slot.get(args, kwargs)
-        if not isinstance(x, Tensor):
-            raise TypeError(
-                f"SPPlan.hidden={slot.label!r}: the first block got {type(x).__name__}, not a Tensor"
+    def slots_for(self, block: nn.Module) -> _Slots:
+        if type(block) not in self.slots:
+            forward = block.forward
+            streams = tuple(
+                (slot, dim)
+                for spec, dim in self.stream_specs.items()
+                if (slot := _ArgSlot.resolve(forward, spec)).position is not None or _accepts(forward, spec)
             )
-        if not -x.dim() <= self.plan.hidden_dim < x.dim():
-            raise ValueError(
-                f"SPPlan.hidden_dim={self.plan.hidden_dim} is out of range for the token stream of shape "
-                f"{tuple(x.shape)}"
+            self.slots[type(block)] = _Slots(
+                streams=streams,
+                split=tuple((_ArgSlot.resolve(forward, spec), dim) for spec, dim in self.plan.split.items()),
+                replicate=tuple(_ArgSlot.resolve(forward, spec) for spec in self.plan.replicate),
             )
-        x_local, self.info = split_sequence(x, self.group, self.plan.hidden_dim)
-        return slot.set(args, kwargs, x_local)
+        return self.slots[type(block)]
 
-    def split_extra(self, slot: _ArgSlot, dim: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        value = slot.get(args, kwargs)
-        if value is None:
-            return args, kwargs
-        parts = list(value) if isinstance(value, (tuple, list)) else [value]
-        split = []
-        for part in parts:
-            if (
-                not isinstance(part, Tensor)
-                or not -part.dim() <= dim < part.dim()
-                or part.shape[dim] != self.info.seq_len
-            ):
-                shape = tuple(part.shape) if isinstance(part, Tensor) else type(part).__name__
+    # ---- entering a block -------------------------------------------------------------------------
+    def enter(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        slots = self.slots_for(block)
+        streams = [(slot, dim, x) for slot, dim in slots.streams if (x := slot.get(args, kwargs)) is not None]
+        for slot, dim, x in streams:
+            if not isinstance(x, Tensor) or not -x.dim() <= dim < x.dim():
+                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
                 raise ValueError(
-                    f"SPPlan.split[{slot.label!r}]: got {shape}; expected tensors with the token stream's "
-                    f"{self.info.seq_len} tokens along dim {dim}"
+                    f"sequence_parallel: block {self.name(block)} got {shape} as the token stream "
+                    f"{slot.key!r}; expected a tensor with its tokens along dim {dim} (SPPlan.streams)"
                 )
-            split.append(split_sequence(part, self.group, dim)[0])
-        new = type(value)(split) if isinstance(value, (tuple, list)) else split[0]
-        return slot.set(args, kwargs, new)
+        if block is self.region[0]:
+            self.forward = self._split_streams(block, slots, streams, args, kwargs)
+            for slot, dim, x in streams:
+                info = self.forward.streams[slot.key]
+                args, kwargs = slot.set(args, kwargs, split_sequence(x, self.group, dim, local_len=info.local_len)[0])
+        elif self.forward is None:
+            raise RuntimeError(f"sequence_parallel: block {self.name(block)} ran before the region's first block")
+        else:
+            for slot, dim, x in streams:
+                info = self.forward.streams.get(slot.key)
+                if info is not None and x.shape[dim] == info.seq_len:  # passed whole to every block (a text)
+                    args, kwargs = slot.set(args, kwargs, split_sequence(x, self.group, dim, local_len=info.local_len)[0])
+                elif info is None or x.shape[dim] != info.local_len:
+                    raise ValueError(
+                        f"sequence_parallel: block {self.name(block)} got the stream {slot.key!r} with "
+                        f"{x.shape[dim]} tokens along dim {dim}; this rank's split is {self.forward.describe()}"
+                    )
+        call = _BlockCall(self, block)
+        args, kwargs = call.split_inputs(slots, args, kwargs)
+        call.__enter__()
+        self.calls.append(call)
+        return args, kwargs
 
-    def gather_output(self, out: Any) -> Any:
-        index = self.plan.output
-        if index is not None and (not isinstance(out, (tuple, list)) or not -len(out) <= index < len(out)):
-            raise TypeError(
-                f"SPPlan.output={index!r}: the last block returned {type(out).__name__}; SPPlan.output is the index "
-                "of the token stream in the tuple blocks return (None: blocks return a tensor)"
+    def _split_streams(self, block: nn.Module, slots: _Slots, streams: list, args: tuple, kwargs: dict) -> _Forward:
+        """Choose each stream's per-rank length for this model call (at the region's first block)."""
+        if not streams:
+            raise ValueError(
+                f"sequence_parallel: the region's first block {self.name(block)} got none of its token streams "
+                f"{[s.key for s, _ in slots.streams]}; name them with SPPlan(streams={{argument: seq dim}})"
             )
-        stream = out if index is None else out[index]
-        if not isinstance(stream, Tensor):
-            raise TypeError(
-                f"SPPlan.output={index!r}: the last block returned {type(out).__name__}; set SPPlan.output "
-                "to the index of the token stream when blocks return tuples"
+        full = {slot.key: x.shape[dim] for slot, dim, x in streams}
+        probe = _Forward({k: SequenceInfo(n, n, 1, 1) for k, n in full.items()}, streams[0][2].shape[0])
+        reserved = set(full.values())
+        claimed = slots.claimed(args, kwargs)
+        for value in [*args, *kwargs.values()]:
+            for t in _tensors(value):  # a replicated tensor's non-batch dims: lengths its keys may have
+                if id(t) not in claimed and t.dim() > 1 and not _token_dims(t, probe):
+                    reserved.update(t.shape[1:])
+        lengths = _local_lengths(full, self.size, reserved)
+        infos = {
+            key: SequenceInfo(seq_len=full[key], padded_len=lengths[key] * self.size, dim=dim, group_size=self.size)
+            for (slot, dim, _), key in zip(streams, full, strict=True)
+        }
+        return _Forward(infos, probe.batch)
+
+    # ---- leaving a block --------------------------------------------------------------------------
+    def leave(self, block: nn.Module, args: tuple, out: Any) -> Any:
+        call = self.calls.pop()
+        call.__exit__(None, None, None)
+        if out is None:  # the block raised; torch re-raises after the hooks
+            return None
+        call.check_routed()
+        if block is not self.region[-1]:
+            return None
+        return _mapped(out, lambda t: self._gather(block, t))
+
+    def _gather(self, block: nn.Module, t: Tensor) -> Tensor:
+        for info in self.forward.streams.values():
+            if t.dim() > info.dim and t.shape[info.dim] == info.local_len:
+                return gather_sequence(t, self.group, info)
+        return t
+
+
+def _accepts(forward: Callable[..., Any], name: ArgSpec) -> bool:
+    params = inspect.signature(forward).parameters
+    return isinstance(name, str) and (name in params or any(p.kind == p.VAR_KEYWORD for p in params.values()))
+
+
+def _token_dims(t: Tensor, forward: _Forward) -> list[tuple[int, tuple[str, ...]]]:
+    """Dims of ``t`` as long as one stream or two streams together, with those streams."""
+    singles = {i.seq_len: (k,) for k, i in reversed(forward.streams.items())}
+    lengths = {**forward.joint_lengths(), **singles}
+    found = [(d, lengths[n]) for d, n in enumerate(t.shape) if n in lengths]
+    if len(found) > 1 and t.dim() > 1:  # a batch dim that happens to match is not a token dim
+        found = [(d, s) for d, s in found if t.shape[d] != forward.batch] or found
+    return found
+
+
+class _BlockCall(TorchFunctionMode):
+    """One block call: routes attention, watches how streams are concatenated, cuts joint inputs late."""
+
+    def __init__(self, runtime: _SPRuntime, block: nn.Module) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.block = block
+        self.forward: _Forward = runtime.forward
+        self.joint: dict[int, tuple[str, ...] | None] = {}  # local length of a concatenation -> its streams
+        self.pending: dict[int, tuple[Tensor, _PerToken]] = {}  # id -> a joint input waiting for its order
+        self.done: dict[int, Tensor] = {}
+        self.routed = False
+
+    @property
+    def where(self) -> str:
+        return f"sequence_parallel: block {self.runtime.name(self.block)}"
+
+    # ---- per-token inputs ------------------------------------------------------------------------
+    def split_inputs(self, slots: _Slots, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        for slot, dim in slots.split:
+            value = slot.get(args, kwargs)
+            if value is not None:
+                args, kwargs = slot.set(args, kwargs, _mapped(value, lambda t, d=dim, s=slot: self._named(t, d, s)))
+        claimed = slots.claimed(args, kwargs)
+        args = tuple(_mapped(a, self._found) if id(a) not in claimed else a for a in args)
+        kwargs = {k: _mapped(v, self._found) if id(v) not in claimed else v for k, v in kwargs.items()}
+        return args, kwargs
+
+    def _named(self, t: Tensor, dim: int, slot: _ArgSlot) -> Tensor:
+        dim = dim % t.dim() if -t.dim() <= dim < t.dim() else dim
+        found = dict(_token_dims(t, self.forward))
+        if dim not in found:
+            raise ValueError(
+                f"{self.where}: SPPlan.split[{slot.label!r}] got shape {tuple(t.shape)}; expected "
+                f"{sorted({i.seq_len for i in self.forward.streams.values()})} tokens (a stream) or a sum of two "
+                f"along dim {dim}"
             )
-        full = gather_sequence(stream, self.group, self.info, self.plan.hidden_dim)
-        if index is None:
-            return full
-        return type(out)((*out[:index], full, *out[index + 1 :]))
+        return self._cut(t, _PerToken(dim, found[dim]))
+
+    def _found(self, t: Tensor) -> Tensor:
+        found = _token_dims(t, self.forward)
+        if not found:
+            return t
+        if len(found) > 1:
+            raise ValueError(
+                f"{self.where}: an argument of shape {tuple(t.shape)} has several dims as long as a token stream "
+                f"({self.forward.describe()}); name its token dim with SPPlan(split={{argument: dim}}) or keep it "
+                "whole with SPPlan(replicate=(argument,))"
+            )
+        return self._cut(t, _PerToken(*found[0]))
+
+    def _cut(self, t: Tensor, how: _PerToken) -> Tensor:
+        streams = how.streams
+        if len(streams) == 2 and self.forward.streams[streams[0]].seq_len != self.forward.streams[streams[1]].seq_len:
+            order = self.runtime.joint_orders.get(frozenset(streams))
+            if order is None:  # cut when first used, once the block has shown its joint order
+                self.pending[id(t)] = (t, how)
+                return t
+            streams = order
+        pieces, start = [], 0
+        for key in streams:
+            info = self.forward.streams[key]
+            piece = t.narrow(how.dim, start, info.seq_len)
+            pieces.append(split_sequence(piece, self.runtime.group, how.dim, local_len=info.local_len)[0])
+            start += info.seq_len
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=how.dim)
+
+    def _resolve(self, value: Any) -> Any:
+        if isinstance(value, Tensor) and id(value) in self.pending:
+            if id(value) not in self.done:
+                t, how = self.pending[id(value)]
+                if frozenset(how.streams) not in self.runtime.joint_orders:
+                    raise ValueError(
+                        f"{self.where}: the argument of shape {tuple(t.shape)} spans the streams "
+                        f"{' + '.join(how.streams)} but was used before the block concatenated them, so its "
+                        "order is unknown; name the streams in the order of this input in SPPlan.streams"
+                    )
+                self.done[id(value)] = self._cut(t, how)
+            return self.done[id(value)]
+        if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
+            return type(value)(self._resolve(v) for v in value)
+        return value
+
+    # ---- the mode ----------------------------------------------------------------------------------
+    def __torch_function__(
+        self, func: Callable[..., Any], types: tuple[type, ...], args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if self.pending:
+            args = tuple(self._resolve(a) for a in args)
+            kwargs = {k: self._resolve(v) for k, v in kwargs.items()}
+        if func is F.scaled_dot_product_attention:
+            return self.attention(*args, **kwargs)
+        if func in _CATS:
+            self._watch_cat(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _watch_cat(self, tensors: Sequence[Tensor], dim: int = 0, axis: int | None = None, **_: Any) -> None:
+        dim = dim if axis is None else axis
+        if len(tensors) < 2 or not all(isinstance(t, Tensor) and t.dim() > 0 for t in tensors):
+            return
+        parts = []
+        for t in tensors:
+            if not -t.dim() <= dim < t.dim():
+                return
+            n = t.shape[dim]
+            info_key = next((k for k, i in self.forward.streams.items() if i.local_len == n), None)
+            if info_key is not None:
+                parts.append((info_key,))
+            elif self.joint.get(n):
+                parts.append(self.joint[n])
+            else:
+                return
+        streams = tuple(k for p in parts for k in p)
+        total = sum(t.shape[dim] for t in tensors)
+        if self.forward.local(total) is not None:
+            return
+        known = self.joint.get(total, streams)
+        self.joint[total] = streams if known == streams else None  # None: two orders seen, ambiguous
+        if len(streams) == 2 and len(set(streams)) == 2:
+            self.runtime.joint_orders.setdefault(frozenset(streams), streams)
+
+    def layout(self, length: int) -> tuple[SequenceInfo, ...] | None:
+        """The split sequences a local length of ``length`` tokens is made of; None: not a split sequence."""
+        info = self.forward.local(length)
+        if info is not None:
+            return (info,)
+        streams = self.joint.get(length)
+        if streams is not None:
+            return tuple(self.forward.streams[k] for k in streams)
+        if length in self.joint:
+            raise ValueError(
+                f"{self.where}: two attention sequences of {length} tokens put the streams together in different "
+                f"orders ({self.forward.describe()}); SP cannot tell which tokens are which"
+            )
+        return None
 
     def attention(
         self,
@@ -182,110 +464,100 @@ class _SPRuntime:
         """A routed ``F.scaled_dot_product_attention`` call: ``(b, h, s_local, d)`` in and out."""
         if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
             raise ValueError(
-                f"sequence_parallel: scaled_dot_product_attention inside an SP block needs 4-D "
-                f"(batch, heads, seq, head_dim) tensors, got q {tuple(query.shape)}, k {tuple(key.shape)}"
-            )
-        if query.shape[2] != self.info.local_len:
-            raise ValueError(
-                f"sequence_parallel: an attention query has {query.shape[2]} tokens, but this rank's slice of "
-                f"the token stream has {self.info.local_len}; joint attention over concatenated streams "
-                "is not supported by SPPlan"
+                f"{self.where}: scaled_dot_product_attention needs 4-D (batch, heads, seq, head_dim) tensors "
+                f"under SP, got q {tuple(query.shape)}, k {tuple(key.shape)}"
             )
         if key.shape[1] != query.shape[1] and not enable_gqa:
             raise ValueError(
-                f"scaled_dot_product_attention: q has {query.shape[1]} heads and k {key.shape[1]}; "
-                "pass enable_gqa=True for grouped-query attention"
+                f"{self.where}: scaled_dot_product_attention got q with {query.shape[1]} heads and k with "
+                f"{key.shape[1]}; pass enable_gqa=True for grouped-query attention"
             )
-        kv_replicated = self.cross_depth > 0 or key.shape[2] != query.shape[2]
+        q_layout = self.layout(query.shape[2])
+        if q_layout is None:
+            joint = sorted(n for n in self.joint if self.joint[n])
+            raise ValueError(
+                f"{self.where}: an attention query has {query.shape[2]} tokens (q {tuple(query.shape)}); this "
+                f"rank's split is {self.forward.describe()}"
+                + (f", joined by the block into {joint}" if joint else "")
+                + "; queries must be one stream's tokens or streams joined with torch.cat"
+            )
+        kv_layout = self.layout(key.shape[2])
+        heads, kv_heads = query.shape[1], key.shape[1]
+        if kv_layout is not None and (heads % self.runtime.size or kv_heads % self.runtime.size):
+            raise ValueError(
+                f"{self.where}: attention has {heads} heads ({kv_heads} for k/v); Ulysses SP over "
+                f"{self.runtime.size} ranks needs both divisible by {self.runtime.size}"
+            )
+        primary = next(iter(self.forward.streams.values()))
+        self.routed |= kv_layout is not None and primary in kv_layout
         out = ulysses_attention(
             query.transpose(1, 2),
             key.transpose(1, 2),
             value.transpose(1, 2),
-            group=self.group,
+            group=self.runtime.group,
             causal=is_causal,
             scale=scale,
-            kv_replicated=kv_replicated,
-            seq_len=self.info.seq_len,
+            kv_replicated=kv_layout is None,
+            seq_len=list(q_layout),
+            kv_seq_len=list(kv_layout) if kv_layout is not None else None,
             attn_mask=attn_mask,
             dropout_p=dropout_p,
         )
         return out.transpose(1, 2)
 
+    def check_routed(self) -> None:
+        if not self.routed:
+            key = next(iter(self.forward.streams))
+            raise ValueError(
+                f"{self.where}: no attention over the stream {key!r} went through F.scaled_dot_product_attention, "
+                "so SP cannot split this block: its tokens are mixed some other way (e.g. linear attention, as "
+                "in Sana, or an attention kernel called directly)"
+            )
 
-class _UlyssesRouting(TorchFunctionMode):
-    """Sends every ``F.scaled_dot_product_attention`` call to ``_SPRuntime.attention``."""
 
-    def __init__(self, runtime: _SPRuntime) -> None:
-        super().__init__()
-        self.runtime = runtime
+def _streams_from_cp_plan(model: nn.Module, region: list[nn.Module], names: dict[int, str]) -> dict[ArgSpec, int]:
+    """The token streams a diffusers ``_cp_plan`` splits on entering the model or its first block.
 
-    def __torch_function__(
-        self, func: Callable[..., Any], types: tuple[type, ...], args: tuple = (), kwargs: dict | None = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return self.runtime.attention(*args, **kwargs)
-        return func(*args, **kwargs)
+    Only 3-D inputs that are arguments of the first block count (``img_ids`` and the like are left to
+    the per-token search); without such a plan: ``hidden_states`` (argument 0) and ``encoder_hidden_states``.
+    """
+    cp_plan = getattr(model, "_cp_plan", None)
+    first = region[0]
+    params = inspect.signature(first.forward).parameters
+    streams: dict[ArgSpec, int] = {}
+    if isinstance(cp_plan, Mapping):
+        for path, entry in cp_plan.items():
+            if not isinstance(path, str) or not (path == "" or fnmatch.fnmatchcase(names[id(first)], path)):
+                continue
+            for arg, spec in entry.items() if isinstance(entry, Mapping) else ():
+                dim, dims = getattr(spec, "split_dim", None), getattr(spec, "expected_dims", None)
+                if isinstance(arg, str) and arg in params and isinstance(dim, int) and dims in (3, None) and not getattr(
+                    spec, "split_output", False
+                ):
+                    streams[arg] = dim
+    return streams or dict(_DEFAULT_STREAMS)
 
 
 def _check_plan(plan: SPPlan) -> None:
     """Every field's type, so a bad plan fails here, naming the field, before any block runs."""
 
-    def is_int(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
+    def is_arg(spec: Any) -> bool:
+        return (isinstance(spec, int) and not isinstance(spec, bool) and spec >= 0) or isinstance(spec, str)
 
-    if plan.blocks is not None and not isinstance(plan.blocks, str):
-        raise TypeError(f"SPPlan.blocks must be a dotted module path or None, got {plan.blocks!r}")
-    for name, spec in [("hidden", plan.hidden), *((f"split[{k!r}]", k) for k in _keys(plan.split))]:
-        if not (is_int(spec) and spec >= 0) and not isinstance(spec, str):
-            raise TypeError(f"SPPlan.{name}: block arguments are given by position (>= 0) or name, got {spec!r}")
-    dims = [plan.hidden_dim, *plan.split.values()]
-    if not all(is_int(d) for d in dims):
-        raise TypeError(
-            f"SPPlan: hidden_dim and split dims must be ints, got {plan.hidden_dim!r}, {dict(plan.split)!r}"
-        )
-    if plan.output is not None and not is_int(plan.output):
-        raise TypeError(f"SPPlan.output must be an int or None, got {plan.output!r}")
-    if not isinstance(plan.cross_attention, (tuple, list)) or not all(
-        isinstance(f, str) and f for f in plan.cross_attention
-    ):
-        raise TypeError(
-            f"SPPlan.cross_attention must be a tuple of non-empty name fragments, got {plan.cross_attention!r}"
-        )
+    def is_dim(dim: Any) -> bool:
+        return isinstance(dim, int) and not isinstance(dim, bool)
 
-
-def _keys(split: Any) -> list[Any]:
-    if not isinstance(split, Mapping):
-        raise TypeError(f"SPPlan.split must be a mapping {{argument position or name: seq dim}}, got {split!r}")
-    return list(split)
-
-
-def _find_blocks(model: nn.Module, plan: SPPlan) -> tuple[str, nn.Module]:
-    if plan.blocks is not None:
-        try:
-            blocks = model.get_submodule(plan.blocks)
-        except AttributeError as exc:
-            raise ValueError(
-                f"SPPlan.blocks={plan.blocks!r}: no such submodule in {type(model).__name__}"
-            ) from exc
-        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
-            raise ValueError(
-                f"SPPlan.blocks={plan.blocks!r} is a {type(blocks).__name__} of {len(list(blocks.children()))} "
-                "children; expected a non-empty nn.ModuleList or nn.Sequential"
+    for name, mapping in (("streams", plan.streams), ("split", plan.split)):
+        if name == "streams" and mapping is None:
+            continue
+        if not isinstance(mapping, Mapping) or not all(is_arg(k) and is_dim(d) for k, d in mapping.items()):
+            raise TypeError(
+                f"SPPlan.{name}={mapping!r}; allowed: a mapping {{argument position (>= 0) or name: dim (int)}}"
             )
-        return plan.blocks, blocks
-    candidates = [
-        (sum(p.numel() for p in m.parameters()), len(m), name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1
-    ]
-    if not candidates:
-        raise ValueError(
-            f"sequence_parallel: {type(model).__name__} has no nn.ModuleList of same-type blocks; "
-            "pass SPPlan(blocks='dotted.path.to.blocks')"
-        )
-    _, _, name, blocks = max(candidates, key=lambda c: c[:2])
-    return name, blocks
+    if plan.streams is not None and not plan.streams:
+        raise ValueError("SPPlan.streams is empty; name at least one block argument carrying the token stream")
+    if not isinstance(plan.replicate, (tuple, list)) or not all(is_arg(k) for k in plan.replicate):
+        raise TypeError(f"SPPlan.replicate={plan.replicate!r}; allowed: a tuple of argument positions or names")
 
 
 def _unwrap_checkpoint(block: nn.Module) -> nn.Module:
@@ -294,62 +566,37 @@ def _unwrap_checkpoint(block: nn.Module) -> nn.Module:
     return block
 
 
-def _is_cross(name: str, fragments: tuple[str, ...]) -> bool:
-    return any(f.lower() in part.lower() for part in name.split(".") for f in fragments)
-
-
-def _wrap_cross(module: nn.Module, runtime: _SPRuntime) -> None:
-    original = module.forward
-
-    @functools.wraps(original)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        with runtime.cross_attention():
-            return original(*args, **kwargs)
-
-    module.forward = forward
-
-
-def _wrap_block(block: nn.Module, first: bool, last: bool, runtime: _SPRuntime) -> list[str]:
-    """Make ``block`` split/route/gather; return the names of its cross-attention submodules."""
-    original = block.forward
-    plan = runtime.plan
-    hidden = _ArgSlot.resolve(original, plan.hidden)
-    extra = [(_ArgSlot.resolve(original, spec), dim) for spec, dim in plan.split.items()]
-
-    @functools.wraps(original)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        if first:
-            args, kwargs = runtime.split_hidden(hidden, args, kwargs)
-        elif runtime.info is None:
-            raise RuntimeError("sequence_parallel: a block ran before the first block split the sequence")
-        for slot, dim in extra:
-            args, kwargs = runtime.split_extra(slot, dim, args, kwargs)
-        with _UlyssesRouting(runtime):
-            out = original(*args, **kwargs)
-        return runtime.gather_output(out) if last else out
-
-    forward.litegen_sp = True  # type: ignore[attr-defined]
-    block.forward = forward
-    cross = []
-    for name, module in block.named_modules():
-        if (
-            name
-            and _is_cross(name, plan.cross_attention)
-            and not any(name.startswith(c + ".") for c in cross)
-        ):
-            _wrap_cross(module, runtime)
-            cross.append(name)
-    return cross
+def _region(model: nn.Module, blocks: Sequence[nn.Module]) -> tuple[list[nn.Module], dict[int, str]]:
+    """The outermost of ``blocks`` (fewest dots in their names), unwrapped, with their clean names."""
+    if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        raise TypeError(f"sequence_parallel: blocks={type(blocks).__name__}; allowed: a list of the model's blocks")
+    blocks = list(blocks)
+    if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
+        raise ValueError(f"sequence_parallel: blocks must be a non-empty list of modules, got {blocks!r}")
+    qualified = {id(m): name for name, m in model.named_modules()}
+    missing = [type(b).__name__ for b in blocks if id(b) not in qualified]
+    if missing:
+        raise ValueError(f"sequence_parallel: {len(missing)} of the blocks ({missing[0]}, ...) are not in the model")
+    names = {id(b): qualified[id(b)].replace("._checkpoint_wrapped_module", "") for b in blocks}
+    depth = min(names[id(b)].count(".") for b in blocks)
+    region = [b for b in blocks if names[id(b)].count(".") == depth]
+    return [_unwrap_checkpoint(b) for b in region], {id(_unwrap_checkpoint(b)): names[id(b)] for b in region}
 
 
 def sequence_parallel(
-    model: nn.Module, group: dist.ProcessGroup | None, plan: SPPlan | None = None
+    model: nn.Module,
+    group: dist.ProcessGroup | None,
+    plan: SPPlan | None = None,
+    *,
+    blocks: Sequence[nn.Module],
 ) -> nn.Module:
-    """Run ``model``'s block stack under Ulysses SP over ``group``, in place; returns ``model``.
+    """Run ``model``'s blocks under Ulysses SP over ``group``, in place; returns ``model``.
 
+    ``blocks``: the model's transformer blocks in execution order, e.g. ``model.blocks`` or
+    ``[*model.transformer_blocks, *model.single_transformer_blocks]`` (``litegen_zero.find_blocks``).
     Every rank of ``group`` must call the model with the same full inputs; every rank gets the same
     full output. Parameter names and the model's code are unchanged. Apply before activation
-    checkpointing, ``torch.compile`` and FSDP2 ``fully_shard``. See ``SPPlan`` for the defaults.
+    checkpointing, ``torch.compile`` and FSDP2 ``fully_shard``. See ``SPPlan`` for what is split.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sequence_parallel: model must be an nn.Module, got {type(model).__name__}")
@@ -361,22 +608,20 @@ def sequence_parallel(
         raise RuntimeError("sequence_parallel needs an initialized torch.distributed process group")
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"sequence_parallel: group={group!r}; allowed: a ProcessGroup or None (the world)")
-    name, blocks = _find_blocks(model, plan)
-    # wrap the module that really runs: a checkpoint wrapper re-runs its inner module in backward
-    blocks = [_unwrap_checkpoint(b) for b in blocks]
-    if any(getattr(b.forward, "litegen_sp", False) for b in blocks):
-        raise ValueError(f"sequence_parallel: {type(model).__name__}.{name} is already sequence-parallel")
-    runtime = _SPRuntime(group, plan)
-    cross: list[str] = []
-    for index, block in enumerate(blocks):
-        found = _wrap_block(block, index == 0, index == len(blocks) - 1, runtime)
-        cross += [f"{name}.{index}.{c}" for c in found]
-    if dist.get_rank(group) == 0:
+    region, names = _region(model, blocks)
+    taken = [names[id(b)] for b in region if any(isinstance(getattr(h, "__self__", None), _SPRuntime)
+                                                   for h in b._forward_pre_hooks.values())]
+    if taken:
+        raise ValueError(f"sequence_parallel: block {taken[0]!r} of {type(model).__name__} is already sequence-parallel")
+    runtime = _SPRuntime(model, group, plan, region, names)
+    for block in region:
+        runtime.slots_for(block)
+        block.register_forward_pre_hook(runtime.enter, with_kwargs=True)
+        block.register_forward_hook(runtime.leave, always_call=True)
+    if runtime.rank == 0:
         logger.info(
-            "litegen_sp: %d blocks at %r run Ulysses SP over %d ranks; cross-attention modules: %s",
-            len(blocks),
-            name,
-            dist.get_world_size(group),
-            cross or "none (key length decides)",
+            "litegen_sp: %d blocks (%s ... %s) run Ulysses SP over %d ranks; streams: %s",
+            len(region), names[id(region[0])], names[id(region[-1])], runtime.size,
+            ", ".join(f"{s!r} (dim {d})" for s, d in runtime.stream_specs.items()),
         )
     return model

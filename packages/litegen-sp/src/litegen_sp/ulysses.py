@@ -102,12 +102,16 @@ def _local_slice(x: Tensor, info: SequenceInfo, dim: int, rank: int) -> Tensor:
     return torch.cat([real, x.new_zeros(pad_shape)], dim=dim)
 
 
-def split_sequence(x: Tensor, group: dist.ProcessGroup | None, dim: int = 1) -> tuple[Tensor, SequenceInfo]:
+def split_sequence(
+    x: Tensor, group: dist.ProcessGroup | None, dim: int = 1, *, local_len: int | None = None
+) -> tuple[Tensor, SequenceInfo]:
     """This rank's slice of ``x`` along ``dim``, padded with zeros to ``ceil(seq / P)`` tokens.
 
     ``x``: the full tensor, identical on every rank of ``group`` (e.g. ``(batch, seq, channels)``).
-    Returns ``(x_local, info)``; ``x_local`` has ``info.local_len`` tokens along ``dim``. No
-    communication; the backward places the local gradient into zeros of ``x``'s shape.
+    ``local_len``: tokens per rank when more than ``ceil(seq / P)`` are wanted (rank r holds tokens
+    ``r * local_len ...``, the last ranks more pad). Returns ``(x_local, info)``; ``x_local`` has
+    ``info.local_len`` tokens along ``dim``. No communication; the backward places the local gradient
+    into zeros of ``x``'s shape.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"split_sequence: x must be a Tensor, got {type(x).__name__}")
@@ -116,7 +120,10 @@ def split_sequence(x: Tensor, group: dist.ProcessGroup | None, dim: int = 1) -> 
     if seq_len == 0:
         raise ValueError(f"split_sequence: x has no tokens along dim={dim} (shape {tuple(x.shape)})")
     size, rank = _group_size_and_rank(group)
-    padded_len = -(-seq_len // size) * size
+    fewest = -(-seq_len // size)
+    if local_len is not None and (isinstance(local_len, bool) or not isinstance(local_len, int) or local_len < fewest):
+        raise ValueError(f"split_sequence: local_len={local_len!r}; allowed: an int >= ceil({seq_len} / {size}) = {fewest}")
+    padded_len = (fewest if local_len is None else local_len) * size
     info = SequenceInfo(seq_len=seq_len, padded_len=padded_len, dim=dim, group_size=size)
     return _local_slice(x, info, dim, rank), info
 
@@ -288,41 +295,88 @@ def attention(
 
 # ----------------------------------------------------------------------------- Ulysses
 
-
-def _check_ulysses_inputs(
-    q: Tensor, k: Tensor, v: Tensor, size: int, kv_replicated: bool, seq_len: int | None
-) -> int:
-    """Validate shapes on every rank before any collective; return the true sequence length."""
-    _check_attention_shapes("ulysses_attention", q, k, v)
-    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-    if not isinstance(kv_replicated, bool):
-        raise TypeError(f"ulysses_attention: kv_replicated={kv_replicated!r}; allowed: True or False")
-    heads, kv_heads = q.shape[2], k.shape[2]
-    if heads % size or kv_heads % size:
-        raise ValueError(
-            f"ulysses_attention: heads={heads} and kv_heads={kv_heads} must both be divisible by the "
-            f"sequence-parallel group size {size} ({shapes})"
-        )
-    if not kv_replicated and k.shape[1] != q.shape[1]:
-        raise ValueError(
-            f"ulysses_attention: sequence-sharded k/v must have q's local length {q.shape[1]}, got "
-            f"{k.shape[1]} ({shapes}); pass kv_replicated=True when every rank holds the whole k/v"
-        )
-    padded_len = q.shape[1] * size
-    if seq_len is None:
-        return padded_len
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not padded_len - size < seq_len <= padded_len:
-        raise ValueError(
-            f"ulysses_attention: seq_len={seq_len!r} does not fit q's local length {q.shape[1]} on {size} "
-            f"ranks; allowed: {max(1, padded_len - size + 1)}..{padded_len} (SequenceInfo.seq_len)"
-        )
-    return seq_len
+Layout = tuple[SequenceInfo, ...]
 
 
-def _mask_for_heads(mask: Tensor | None, q: Tensor, kv_len: int, size: int, rank: int) -> Tensor | None:
-    """Key-padding / per-key masks ``(b|1, h|1, 1, kv_len|1)``; this rank's heads of it."""
+def _layout(
+    where: str, spec: int | Sequence[SequenceInfo] | None, local_len: int, size: int
+) -> Layout:
+    """How a rank's ``local_len`` tokens are made: the local slices of these sequences, in this order."""
+    if spec is None or (isinstance(spec, int) and not isinstance(spec, bool)):
+        padded = local_len * size
+        seq_len = padded if spec is None else spec
+        if not padded - size < seq_len <= padded:
+            raise ValueError(
+                f"ulysses_attention: {where}={spec!r} does not fit a local length of {local_len} on {size} "
+                f"ranks; allowed: {max(1, padded - size + 1)}..{padded} (SequenceInfo.seq_len)"
+            )
+        return (SequenceInfo(seq_len=seq_len, padded_len=padded, dim=1, group_size=size),)
+    if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence) or not spec:
+        raise TypeError(f"ulysses_attention: {where}={spec!r}; allowed: None, an int or a list of SequenceInfo")
+    if not all(isinstance(info, SequenceInfo) and info.group_size == size for info in spec):
+        raise ValueError(
+            f"ulysses_attention: {where}={spec!r}; allowed: the SequenceInfos that split_sequence returned on "
+            f"this group of {size} ranks"
+        )
+    if sum(info.local_len for info in spec) != local_len:
+        raise ValueError(
+            f"ulysses_attention: {where} describes {sum(info.local_len for info in spec)} local tokens "
+            f"({' + '.join(str(info.local_len) for info in spec)}), but the tensor has {local_len}"
+        )
+    return tuple(spec)
+
+
+def _real_tokens(layout: Layout, device: torch.device) -> Tensor | None:
+    """Positions of the real tokens in the rank-major gathered sequence; None when there is no pad.
+
+    After the sequence-to-heads exchange, rank ``r``'s local tokens (its slice of each sequence of the
+    layout, in order) occupy positions ``r * local_len ...``; each slice holds its real tokens first.
+    """
+    if all(info.padded_len == info.seq_len for info in layout):
+        return None
+    pieces, start = [], 0
+    for rank in range(layout[0].group_size):
+        for info in layout:
+            real = min(info.local_len, max(0, info.seq_len - rank * info.local_len))
+            pieces.append(torch.arange(start, start + real, device=device))
+            start += info.local_len
+    return torch.cat(pieces)
+
+
+def _drop_pad(x: Tensor, layout: Layout, index: Tensor | None) -> Tensor:
+    """``x``: (b, P * local_len, ...) gathered tokens -> (b, real tokens, ...)."""
+    if index is None:
+        return x
+    if len(layout) == 1:  # one sequence: its pad is the tail of the gathered sequence
+        return x[:, : layout[0].seq_len]
+    return x.index_select(1, index)
+
+
+def _restore_pad(x: Tensor, layout: Layout, index: Tensor | None, padded_len: int) -> Tensor:
+    """Inverse of ``_drop_pad``: pad tokens come back as zeros."""
+    if index is None:
+        return x
+    if len(layout) == 1:
+        return F.pad(x, (0, 0, 0, 0, 0, padded_len - x.shape[1]))
+    return x.new_zeros((x.shape[0], padded_len, *x.shape[2:])).index_copy(1, index, x)
+
+
+def _gather_keys(mask: Tensor, group: dist.ProcessGroup | None, size: int) -> Tensor:
+    """All ranks' key slices of a per-key mask, concatenated in rank order along the last dim."""
+    mask = mask.detach()
+    wire = mask.to(torch.uint8) if mask.dtype == torch.bool else mask  # gloo has no bool collectives
+    gathered = wire.new_empty((size * wire.shape[0], *wire.shape[1:]))
+    dist.all_gather_into_tensor(gathered, wire.contiguous(), group=group)
+    gathered = gathered.unflatten(0, (size, wire.shape[0])).movedim(0, -2).flatten(-2)
+    return gathered.bool() if mask.dtype == torch.bool else gathered
+
+
+def _check_mask(mask: Tensor | None, q: Tensor, kv_len: int, where: str) -> Tensor | None:
+    """Per-key masks ``(b|1, h|1, 1, kv_len|1)``, returned 4-D."""
     if mask is None:
         return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{where}: attn_mask must be a Tensor or None, got {type(mask).__name__}")
     shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
     batch, heads = q.shape[0], q.shape[2]
     if (
@@ -333,14 +387,23 @@ def _mask_for_heads(mask: Tensor | None, q: Tensor, kv_len: int, size: int, rank
         or shape[3] not in (1, kv_len)
     ):
         raise ValueError(
-            f"ulysses_attention: attn_mask of shape {tuple(mask.shape)} is not supported; allowed: per-key "
-            f"masks broadcastable as ({batch} or 1, {heads} or 1, 1, {kv_len} or 1) (batch, heads, query, key)"
+            f"{where}: attn_mask of shape {tuple(mask.shape)} is not supported; allowed: per-key masks "
+            f"broadcastable as ({batch} or 1, {heads} or 1, 1, {kv_len} or 1) (batch, heads, query, key)"
         )
-    mask = mask.reshape(shape)
-    if shape[1] == heads:
-        local = heads // size
-        mask = mask[:, rank * local : (rank + 1) * local]
-    return mask
+    return mask.reshape(shape)
+
+
+def _check_ulysses_inputs(q: Tensor, k: Tensor, v: Tensor, size: int, kv_replicated: bool) -> None:
+    """Validate shapes on every rank before any collective."""
+    _check_attention_shapes("ulysses_attention", q, k, v)
+    if not isinstance(kv_replicated, bool):
+        raise TypeError(f"ulysses_attention: kv_replicated={kv_replicated!r}; allowed: True or False")
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if not kv_replicated and (heads % size or kv_heads % size):
+        raise ValueError(
+            f"ulysses_attention: heads={heads} and kv_heads={kv_heads} must both be divisible by the "
+            f"sequence-parallel group size {size} (q {tuple(q.shape)}, k {tuple(k.shape)})"
+        )
 
 
 def ulysses_attention(
@@ -353,49 +416,73 @@ def ulysses_attention(
     scale: float | None = None,
     attn_fn: AttentionFn | None = None,
     kv_replicated: bool = False,
-    seq_len: int | None = None,
+    seq_len: int | Sequence[SequenceInfo] | None = None,
+    kv_seq_len: int | Sequence[SequenceInfo] | None = None,
     attn_mask: Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> Tensor:
     """Attention over the whole sequence of ``group``; inputs and output stay sequence-sharded.
 
     ``q``: ``(batch, seq_local, heads, head_dim)``, this rank's slice (``split_sequence``).
-    ``k``, ``v``: ``(batch, seq_local, kv_heads, head_dim)`` sharded like ``q`` (self-attention), or
-    with ``kv_replicated=True`` ``(batch, seq_kv, kv_heads, head_dim)`` held whole by every rank
-    (cross-attention to text): not exchanged, each rank takes its head slice (gradient: its slice only).
-    ``heads`` and ``kv_heads`` must be divisible by the group size (GQA grouping is kept).
-    ``seq_len``: the true (unpadded) length, ``SequenceInfo.seq_len``; pad tokens are dropped before
-    the kernel, so they never act as keys. ``attn_fn(q, k, v, causal=, scale=, attn_mask=, dropout_p=)``
-    replaces the local kernel (default: ``attention``). ``attn_mask``: per-key mask, SDPA layout
-    ``(batch|1, heads|1, 1, kv_len|1)``. Returns ``(batch, seq_local, heads, head_dim_v)``.
+    ``seq_len`` says how those local tokens are made: ``None`` (all real), an int (one sequence of that
+    true length, ``SequenceInfo.seq_len``) or a list of ``SequenceInfo`` (joint attention: the local
+    slices of these sequences concatenated in this order, e.g. ``[text_info, image_info]``). Pad tokens
+    are dropped before the kernel, so they never act as keys.
+    ``k``, ``v``: ``(batch, kv_local, kv_heads, head_dim)`` sharded like ``q`` or, with ``kv_seq_len``,
+    made of other split sequences (cross-attention to a split text stream). ``heads`` and ``kv_heads``
+    must be divisible by the group size (GQA grouping is kept). With ``kv_replicated=True`` every rank
+    holds the whole ``(batch, seq_kv, kv_heads, head_dim)`` k/v: attention runs locally for this rank's
+    queries and all heads, with no communication (gradient: this rank's share).
+    ``attn_fn(q, k, v, causal=, scale=, attn_mask=, dropout_p=)`` replaces the local kernel (default:
+    ``attention``). ``attn_mask``: per-key mask ``(batch|1, heads|1, 1, kv|1)`` in SDPA's convention,
+    split like k (``kv`` = the local k length), or whole when k/v are replicated.
+    Returns ``(batch, seq_local, heads, head_dim_v)``.
     """
     size, rank = _group_size_and_rank(group)
-    seq_len = _check_ulysses_inputs(q, k, v, size, kv_replicated, seq_len)
+    _check_ulysses_inputs(q, k, v, size, kv_replicated)
     _check_options("ulysses_attention", causal, scale, dropout_p)
     if attn_fn is not None and not callable(attn_fn):
         raise TypeError(f"ulysses_attention: attn_fn={attn_fn!r}; allowed: None or a callable")
-    kv_len = k.shape[1] if kv_replicated else seq_len
-    mask = _mask_for_heads(attn_mask, q, kv_len, size, rank)
+    kernel = attn_fn or attention
+    q_layout = _layout("seq_len", seq_len, q.shape[1], size)
+    mask = _check_mask(attn_mask, q, k.shape[1], "ulysses_attention")
     if kv_replicated:
-        (q_heads,) = _SeqToHeads.apply(group, q)
-        local_kv_heads = k.shape[2] // size
-        k_heads = k[:, :, rank * local_kv_heads : (rank + 1) * local_kv_heads]
-        v_heads = v[:, :, rank * local_kv_heads : (rank + 1) * local_kv_heads]
-    else:
-        q_heads, k_heads, v_heads = _SeqToHeads.apply(group, q, k, v)
-        k_heads, v_heads = k_heads[:, :seq_len], v_heads[:, :seq_len]
-    q_heads = q_heads[:, :seq_len]
-    out = (attn_fn or attention)(
-        q_heads, k_heads, v_heads, causal=causal, scale=scale, attn_mask=mask, dropout_p=dropout_p
+        if causal:
+            raise ValueError("ulysses_attention: causal=True needs sequence-sharded k/v, not kv_replicated")
+        out = kernel(q, k, v, causal=False, scale=scale, attn_mask=mask, dropout_p=dropout_p)
+        return _checked_output(out, (*q.shape[:3], v.shape[3]))
+    kv_layout = q_layout if kv_seq_len is None else _layout("kv_seq_len", kv_seq_len, k.shape[1], size)
+    if causal and (len(q_layout) > 1 or kv_layout != q_layout):
+        raise ValueError("ulysses_attention: causal=True needs q and k/v made of the same single sequence")
+    if mask is not None and mask.shape[3] > 1:
+        mask = _gather_keys(mask, group, size)
+    if mask is not None and mask.shape[1] > 1:
+        local = q.shape[2] // size
+        mask = mask[:, rank * local : (rank + 1) * local]
+    q_heads, k_heads, v_heads = _SeqToHeads.apply(group, q, k, v)
+    q_index = _real_tokens(q_layout, q.device)
+    kv_index = q_index if kv_layout == q_layout else _real_tokens(kv_layout, q.device)
+    if mask is not None and mask.shape[3] > 1:
+        mask = _drop_pad(mask.movedim(3, 1), kv_layout, kv_index).movedim(1, 3)
+    out = kernel(
+        _drop_pad(q_heads, q_layout, q_index),
+        _drop_pad(k_heads, kv_layout, kv_index),
+        _drop_pad(v_heads, kv_layout, kv_index),
+        causal=causal,
+        scale=scale,
+        attn_mask=mask,
+        dropout_p=dropout_p,
     )
-    expected = (q.shape[0], seq_len, q.shape[2] // size, v.shape[3])
+    real = sum(info.seq_len for info in q_layout)
+    out = _checked_output(out, (q.shape[0], real, q.shape[2] // size, v.shape[3]))
+    (out,) = _HeadsToSeq.apply(group, _restore_pad(out, q_layout, q_index, q_heads.shape[1]))
+    return out
+
+
+def _checked_output(out: Tensor, expected: tuple[int, ...]) -> Tensor:
     if tuple(out.shape) != expected:
         raise ValueError(
             f"ulysses_attention: attn_fn returned shape {tuple(out.shape)}, expected {expected} "
             "(batch, seq, heads, head_dim)"
         )
-    padded_len = q.shape[1] * size
-    if padded_len != seq_len:
-        out = F.pad(out, (0, 0, 0, 0, 0, padded_len - seq_len))
-    (out,) = _HeadsToSeq.apply(group, out)
     return out

@@ -160,7 +160,7 @@ class LiteGen:
         block_list = list(blocks) if blocks is not None else litegen_zero.find_blocks(model)
         done = []
         if c.sp_size > 1:
-            litegen_sp.sequence_parallel(model, rt.sp_group, plan=sp_plan)
+            litegen_sp.sequence_parallel(model, rt.sp_group, plan=sp_plan, blocks=block_list)
             done.append(f"sequence parallel over {c.sp_size} ranks")
         if c.selective_ratio < 1.0 or c.ac_offload or c.compile:
             record_parents(model, block_list)
