@@ -15,7 +15,8 @@ from litegen_sp.ulysses import _heads_to_seq, _seq_to_heads
 HEADS = 12  # divisible by 2, 3 and 4
 HEAD_DIM = 8
 TEXT_LEN = 5
-CASES = ["self", "self_gqa", "cross", "cross_gqa", "cross_mask"]
+CASES = ["self", "self_gqa", "self_mask", "cross", "cross_gqa", "cross_mask", "cross_split", "joint", "joint_mask"]
+CAUSAL_CASES = ("self", "self_gqa")
 
 
 def reference_attention(q, k, v, causal, mask):
@@ -31,25 +32,42 @@ def reference_attention(q, k, v, causal, mask):
     return out.transpose(1, 2)
 
 
+def split_joint(x: torch.Tensor, lengths: list[int], dim: int = 1) -> tuple[torch.Tensor, list[SequenceInfo]]:
+    """Split each of the sequences concatenated in ``x`` (``lengths`` along ``dim``) and concatenate the slices."""
+    pieces = [split_sequence(part, None, dim) for part in x.split(lengths, dim)]
+    return torch.cat([p for p, _ in pieces], dim), [info for _, info in pieces]
+
+
+def gather_joint(x_local: torch.Tensor, infos: list[SequenceInfo]) -> torch.Tensor:
+    parts = x_local.split([info.local_len for info in infos], 1)
+    return torch.cat([gather_sequence(p, None, info) for p, info in zip(parts, infos, strict=True)], 1)
+
+
 def ulysses_matches_full_attention() -> dict[str, float]:
-    """Max |error| of forward and q/k/v gradients per (dtype, seq, causal, case) on this rank."""
+    """Max |error| of forward and q/k/v gradients per (dtype, seq, causal, case) on this rank.
+
+    self: k/v split like q; cross: k/v a replicated text (attended locally); cross_split: k/v a split
+    text; joint: q, k, v the text then the image tokens, each split on its own; *_mask: a per-key
+    additive bias with a padded key, split like k.
+    """
     size = dist.get_world_size()
     errors = {}
     for dtype, seq, causal, case in itertools.product(
         (torch.float64, torch.float32), (7, 2, 3 * size), (False, True), CASES
     ):
-        if case == "cross_mask" and causal:
-            continue  # SDPA takes a mask or is_causal, not both
+        if causal and case not in CAUSAL_CASES:
+            continue
         gen = torch.Generator().manual_seed(seq * 10 + causal)
-        cross = case.startswith("cross")
+        joint, text_kv = case.startswith("joint"), case.startswith("cross")
+        q_len = TEXT_LEN + seq if joint else seq
+        kv_len = TEXT_LEN if text_kv else q_len
         kv_heads = size if case.endswith("gqa") else HEADS
-        kv_len = TEXT_LEN if cross else seq
-        q = torch.randn(2, seq, HEADS, HEAD_DIM, generator=gen, dtype=dtype, requires_grad=True)
+        q = torch.randn(2, q_len, HEADS, HEAD_DIM, generator=gen, dtype=dtype, requires_grad=True)
         k = torch.randn(2, kv_len, kv_heads, HEAD_DIM, generator=gen, dtype=dtype, requires_grad=True)
         v = torch.randn(2, kv_len, kv_heads, HEAD_DIM, generator=gen, dtype=dtype, requires_grad=True)
-        weight = torch.randn(2, seq, HEADS, HEAD_DIM, generator=gen, dtype=dtype)
+        weight = torch.randn(2, q_len, HEADS, HEAD_DIM, generator=gen, dtype=dtype)
         mask = None
-        if case == "cross_mask":  # per-head additive bias and a padded key in sample 1
+        if case.endswith("mask"):  # per-head additive bias and a padded key in sample 1
             mask = torch.randn(2, HEADS, 1, kv_len, generator=gen, dtype=dtype)
             mask[1, :, :, -1] = float("-inf")
 
@@ -59,19 +77,27 @@ def ulysses_matches_full_attention() -> dict[str, float]:
         for t in (q, k, v):
             t.grad = None
 
-        q_local, info = split_sequence(q, None)
-        k_local, v_local = (k, v) if cross else (split_sequence(k, None)[0], split_sequence(v, None)[0])
+        q_lengths = [TEXT_LEN, seq] if joint else [seq]
+        kv_lengths = [TEXT_LEN] if text_kv else q_lengths
+        q_local, q_infos = split_joint(q, q_lengths)
+        replicated = case in ("cross", "cross_gqa", "cross_mask")
+        if replicated:
+            (k_local, v_local), kv_infos, mask_local = (k, v), None, mask
+        else:
+            (k_local, kv_infos), (v_local, _) = split_joint(k, kv_lengths), split_joint(v, kv_lengths)
+            mask_local = None if mask is None else split_joint(mask, kv_lengths, dim=3)[0]
         out_local = ulysses_attention(
             q_local,
             k_local,
             v_local,
             group=None,
             causal=causal,
-            kv_replicated=cross,
-            seq_len=info.seq_len,
-            attn_mask=mask,
+            kv_replicated=replicated,
+            seq_len=q_infos,
+            kv_seq_len=kv_infos,
+            attn_mask=mask_local,
         )
-        out = gather_sequence(out_local, None, info)
+        out = gather_joint(out_local, q_infos)
         (out * weight).sum().backward()
         err = (out - expected).abs().max().item()
         for t, ref in zip((q, k, v), ref_grads, strict=True):
@@ -112,19 +138,33 @@ def tokens_land_where_they_should() -> None:
         seen.update(q=q_, k=k_, v=v_)
         return q_
 
-    for kv_replicated in (False, True):
-        kv = (k_full, v_full) if kv_replicated else (k, v)
-        out = ulysses_attention(
-            q, *kv, group=None, attn_fn=identity, kv_replicated=kv_replicated, seq_len=seq_len
-        )
-        assert torch.equal(seen["q"], q_full[:, :seq_len, rank * 2 : rank * 2 + 2])
-        kv_tokens = slice(None) if kv_replicated else slice(0, seq_len)
-        assert torch.equal(seen["k"], k_full[:, kv_tokens, rank : rank + 1])
-        assert torch.equal(seen["v"], v_full[:, kv_tokens, rank : rank + 1])
-        expected = q.clone()
-        if rank == size - 1:
-            expected[:, -1] = 0  # the pad token's output is zero
-        assert torch.equal(out, expected)
+    out = ulysses_attention(q, k, v, group=None, attn_fn=identity, seq_len=seq_len)
+    assert torch.equal(seen["q"], q_full[:, :seq_len, rank * 2 : rank * 2 + 2])
+    assert torch.equal(seen["k"], k_full[:, :seq_len, rank : rank + 1])
+    assert torch.equal(seen["v"], v_full[:, :seq_len, rank : rank + 1])
+    expected = q.clone()
+    if rank == size - 1:
+        expected[:, -1] = 0  # the pad token's output is zero
+    assert torch.equal(out, expected)
+
+    # replicated k/v: no exchange, this rank's queries, all heads, the whole k/v
+    out = ulysses_attention(q, k_full, v_full, group=None, attn_fn=identity, kv_replicated=True, seq_len=seq_len)
+    assert torch.equal(seen["q"], q) and torch.equal(seen["k"], k_full) and torch.equal(seen["v"], v_full)
+    assert torch.equal(out, q)
+
+    # joint: two sequences of 2 * size - 1 and size + 1 tokens, each split on its own, then concatenated;
+    # the kernel sees every real token of both (rank-major), never a pad
+    a_full, b_full = coded(1, 2 * size - 1, heads, 0.25), coded(1, size + 1, heads, 0.5)
+    (a, a_info), (b, b_info) = split_sequence(a_full, None), split_sequence(b_full, None)
+    joint = torch.cat([a, b], 1)
+    out = ulysses_attention(joint, joint, joint, group=None, attn_fn=identity, seq_len=[a_info, b_info])
+    mine = slice(rank * 2, rank * 2 + 2)
+    expected_tokens = torch.cat(
+        [torch.cat([a_full[:, r * 2 : r * 2 + 2], b_full[:, r * 2 : r * 2 + 2]], 1) for r in range(size)], 1
+    )
+    assert torch.equal(seen["q"], expected_tokens[..., mine, :])
+    assert torch.equal(out[:, : a_info.local_len], a)  # pad rows of the slice are zeros in and out
+    assert torch.equal(gather_sequence(out[:, a_info.local_len :], None, b_info), b_full)
 
     # split / gather: pad at the end, each rank its contiguous slice, gather trims
     x = coded(2, 2 * size + 1, 1, 0.0)
@@ -199,7 +239,7 @@ def test_bad_inputs_raise_on_every_rank_before_any_collective(dist_pool):
 def test_ulysses_equals_full_sequence_attention(dist_pool, world_size):
     per_rank = dist_pool.run(ulysses_matches_full_attention, world_size=world_size)
     for errors in per_rank:
-        assert len(errors) == 2 * 3 * (2 * len(CASES) - 1)
+        assert len(errors) == 2 * 3 * (len(CASES) + len(CAUSAL_CASES))
         for name, err in errors.items():
             tolerance = 1e-12 if "float64" in name else 1e-5
             assert err <= tolerance, (world_size, name, err)

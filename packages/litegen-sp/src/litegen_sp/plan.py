@@ -149,7 +149,7 @@ def _local_lengths(full: dict[str, int], size: int, reserved: set[int]) -> dict[
             continue
         length = -(-n // size)
         while True:
-            singles = sorted({*chosen.values(), length})
+            singles = [*set(chosen.values()), length]
             sums = [a + b for a, b in itertools.combinations(singles, 2)]
             lengths = singles + sums
             if len(set(lengths)) == len(lengths) and not reserved.intersection(lengths):
@@ -263,7 +263,8 @@ class _SPRuntime:
         if not streams:
             raise ValueError(
                 f"sequence_parallel: the region's first block {self.name(block)} got none of its token streams "
-                f"{[s.key for s, _ in slots.streams]}; name them with SPPlan(streams={{argument: seq dim}})"
+                f"{list(self.stream_specs)}; its arguments are {list(inspect.signature(block.forward).parameters)}: "
+                "name the token streams with SPPlan(streams={argument: seq dim})"
             )
         full = {slot.key: x.shape[dim] for slot, dim, x in streams}
         probe = _Forward({k: SequenceInfo(n, n, 1, 1) for k, n in full.items()}, streams[0][2].shape[0])

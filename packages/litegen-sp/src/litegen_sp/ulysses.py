@@ -451,10 +451,16 @@ def ulysses_attention(
             raise ValueError("ulysses_attention: causal=True needs sequence-sharded k/v, not kv_replicated")
         out = kernel(q, k, v, causal=False, scale=scale, attn_mask=mask, dropout_p=dropout_p)
         return _checked_output(out, (*q.shape[:3], v.shape[3]))
+    if kv_seq_len is None and k.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"ulysses_attention: k/v have {k.shape[1]} local tokens and q {q.shape[1]}; pass kv_seq_len when k/v "
+            "are split from other sequences, or kv_replicated=True when every rank holds the whole k/v"
+        )
     kv_layout = q_layout if kv_seq_len is None else _layout("kv_seq_len", kv_seq_len, k.shape[1], size)
     if causal and (len(q_layout) > 1 or kv_layout != q_layout):
         raise ValueError("ulysses_attention: causal=True needs q and k/v made of the same single sequence")
-    if mask is not None and mask.shape[3] > 1:
+    keyed = mask is not None and mask.shape[3] == k.shape[1]  # per key (a 1-token slice is too): gather it
+    if keyed:
         mask = _gather_keys(mask, group, size)
     if mask is not None and mask.shape[1] > 1:
         local = q.shape[2] // size
@@ -462,7 +468,7 @@ def ulysses_attention(
     q_heads, k_heads, v_heads = _SeqToHeads.apply(group, q, k, v)
     q_index = _real_tokens(q_layout, q.device)
     kv_index = q_index if kv_layout == q_layout else _real_tokens(kv_layout, q.device)
-    if mask is not None and mask.shape[3] > 1:
+    if keyed:
         mask = _drop_pad(mask.movedim(3, 1), kv_layout, kv_index).movedim(1, 3)
     out = kernel(
         _drop_pad(q_heads, q_layout, q_index),
