@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from small_trainer import Denoiser
@@ -432,31 +433,57 @@ def sp_properties() -> list[str]:
 
     local_attention()
 
-    plan_fields = st.sampled_from(["blocks", "hidden", "hidden_dim", "output", "split", "cross_attention"])
+    plan_fields = st.sampled_from(["streams", "split", "replicate"])
 
     @SETTINGS
     @given(st.one_of(st.tuples(plan_fields, junk()),
-                     st.tuples(st.sampled_from(["plan", "model", "group"]), junk(type(None)))))
+                     st.tuples(st.sampled_from(["plan", "model", "group", "blocks"]), junk(type(None)))))
     def plan_one_bad(arg):
         name, value = arg
-        model, plan, group = Denoiser(), SPPlan(), None
+        model, plan, group = Attender(), SPPlan(), None
+        blocks = model.blocks
         if name == "plan":
             plan = value
         elif name == "model":
             model = value
         elif name == "group":
             group = value
+        elif name == "blocks":
+            blocks = value
         else:
             plan = SPPlan(**{name: value})
 
         def run():
-            sp_model = sequence_parallel(model, group, plan)
+            sp_model = sequence_parallel(model, group, plan, blocks=blocks)
             sp_model(torch.ones(2, 6, 8))  # (batch, tokens, features); the plan's fields are used on a call
 
-        probe(outcomes, [name], run, may_be_valid=name not in ("plan", "model", "group"))
+        probe(outcomes, [name], run, may_be_valid=name not in ("plan", "model", "group", "blocks"))
 
     plan_one_bad()
     return outcomes
+
+
+class AttentionBlock(nn.Module):
+    """(batch, tokens, 8) -> same: two-head self-attention with a residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        return x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+class Attender(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(AttentionBlock() for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
 
 
 def gather_all(t: torch.Tensor) -> list[torch.Tensor]:

@@ -569,7 +569,7 @@ def _unwrap_checkpoint(block: nn.Module) -> nn.Module:
 
 def _region(model: nn.Module, blocks: Sequence[nn.Module]) -> tuple[list[nn.Module], dict[int, str]]:
     """The outermost of ``blocks`` (fewest dots in their names), unwrapped, with their clean names."""
-    if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential, list, tuple)):
         raise TypeError(f"sequence_parallel: blocks={type(blocks).__name__}; allowed: a list of the model's blocks")
     blocks = list(blocks)
     if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
