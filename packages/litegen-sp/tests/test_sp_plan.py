@@ -65,7 +65,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(DIM)
         self.cross_attn = Attention(DIM, HEADS, DIM)
         self.norm3 = nn.LayerNorm(DIM, elementwise_affine=False)
-        self.mlp = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(approximate="tanh"), nn.Linear(2 * DIM, DIM))
+        self.mlp = nn.Sequential(
+            nn.Linear(DIM, 2 * DIM), nn.GELU(approximate="tanh"), nn.Linear(2 * DIM, DIM)
+        )
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(DIM, 6 * DIM))
 
     def forward(self, x, cond, text, bias=None, rope=None):
@@ -140,7 +142,9 @@ class JointBlock(nn.Module):
     def forward(self, img, txt, cond, rope, mask):
         shift, scale = self.ada(cond).unsqueeze(1).chunk(2, dim=-1)
         b = img.shape[0]
-        qi, ki, vi = self.img_qkv(modulate(self.norm(img), shift, scale)).view(b, -1, 3, HEADS, DIM // HEADS).unbind(2)
+        qi, ki, vi = (
+            self.img_qkv(modulate(self.norm(img), shift, scale)).view(b, -1, 3, HEADS, DIM // HEADS).unbind(2)
+        )
         qt, kt, vt = self.txt_qkv(self.norm(txt)).view(b, -1, 3, HEADS, DIM // HEADS).unbind(2)
         q, k, v = (torch.cat([t_, i_], dim=1).transpose(1, 2) for t_, i_ in ((qt, qi), (kt, ki), (vt, vi)))
         q, k = rotate(q, rope), rotate(k, rope)
@@ -252,7 +256,13 @@ def sp_matches_single_rank(name: str, sp_size: int, checkpoint: str, fsdp: bool)
         ("cross", 2, 2, "none", False),
         ("cross", 2, 2, "before", False),
         ("cross_bias", 4, 4, "after", False),
-        ("cross_bias", 4, 2, "after", True),  # the facade's order: SP plan -> activation checkpointing -> FSDP2
+        (
+            "cross_bias",
+            4,
+            2,
+            "after",
+            True,
+        ),  # the facade's order: SP plan -> activation checkpointing -> FSDP2
         ("mmdit", 2, 2, "after", False),
         ("mmdit", 4, 4, "none", False),
         ("mmdit", 4, 2, "after", True),

@@ -15,7 +15,17 @@ from litegen_sp.ulysses import _heads_to_seq, _seq_to_heads
 HEADS = 12  # divisible by 2, 3 and 4
 HEAD_DIM = 8
 TEXT_LEN = 5
-CASES = ["self", "self_gqa", "self_mask", "cross", "cross_gqa", "cross_mask", "cross_split", "joint", "joint_mask"]
+CASES = [
+    "self",
+    "self_gqa",
+    "self_mask",
+    "cross",
+    "cross_gqa",
+    "cross_mask",
+    "cross_split",
+    "joint",
+    "joint_mask",
+]
 CAUSAL_CASES = ("self", "self_gqa")
 
 
@@ -148,7 +158,9 @@ def tokens_land_where_they_should() -> None:
     assert torch.equal(out, expected)
 
     # replicated k/v: no exchange, this rank's queries, all heads, the whole k/v
-    out = ulysses_attention(q, k_full, v_full, group=None, attn_fn=identity, kv_replicated=True, seq_len=seq_len)
+    out = ulysses_attention(
+        q, k_full, v_full, group=None, attn_fn=identity, kv_replicated=True, seq_len=seq_len
+    )
     assert torch.equal(seen["q"], q) and torch.equal(seen["k"], k_full) and torch.equal(seen["v"], v_full)
     assert torch.equal(out, q)
 

@@ -24,8 +24,16 @@ Batch = dict[str, torch.Tensor]
 
 def _pixart() -> nn.Module:
     return diffusers.PixArtTransformer2DModel(
-        sample_size=10, num_layers=2, attention_head_dim=8, num_attention_heads=4, in_channels=4, out_channels=8,
-        cross_attention_dim=32, caption_channels=16, patch_size=2, norm_type="ada_norm_single",
+        sample_size=10,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        in_channels=4,
+        out_channels=8,
+        cross_attention_dim=32,
+        caption_channels=16,
+        patch_size=2,
+        norm_type="ada_norm_single",
         use_additional_conditions=False,
     )
 
@@ -33,61 +41,116 @@ def _pixart() -> nn.Module:
 def _pixart_batch(b: int, g: torch.Generator) -> Batch:
     mask = torch.ones(b, TEXT)
     mask[1::2, -2:] = 0  # every other caption is two tokens shorter: a text padding mask
-    return {"hidden_states": torch.randn(b, 4, 10, 10, generator=g), "timestep": torch.rand(b, generator=g) * 1000,
-            "encoder_hidden_states": torch.randn(b, TEXT, 16, generator=g), "encoder_attention_mask": mask}
+    return {
+        "hidden_states": torch.randn(b, 4, 10, 10, generator=g),
+        "timestep": torch.rand(b, generator=g) * 1000,
+        "encoder_hidden_states": torch.randn(b, TEXT, 16, generator=g),
+        "encoder_attention_mask": mask,
+    }
 
 
 def _wan() -> nn.Module:
     return diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
-        freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        rope_max_seq_len=32,
     )
 
 
 def _wan_batch(b: int, g: torch.Generator) -> Batch:  # 3 x 5 x 5 = 75 video tokens
-    return {"hidden_states": torch.randn(b, 4, 3, 10, 10, generator=g), "timestep": torch.rand(b, generator=g) * 1000,
-            "encoder_hidden_states": torch.randn(b, TEXT, 16, generator=g)}
+    return {
+        "hidden_states": torch.randn(b, 4, 3, 10, 10, generator=g),
+        "timestep": torch.rand(b, generator=g) * 1000,
+        "encoder_hidden_states": torch.randn(b, TEXT, 16, generator=g),
+    }
 
 
 def _flux() -> nn.Module:
     return diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=4,
-        joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        axes_dims_rope=(2, 2, 4),
     )
 
 
 def _flux_batch(b: int, g: torch.Generator) -> Batch:  # a 7 x 9 latent: 63 image tokens
     rows, cols = torch.meshgrid(torch.arange(7), torch.arange(9), indexing="ij")
     img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
-    return {"hidden_states": torch.randn(b, 63, 4, generator=g), "encoder_hidden_states": torch.randn(b, TEXT, 16, generator=g),
-            "pooled_projections": torch.randn(b, 16, generator=g), "timestep": torch.rand(b, generator=g),
-            "img_ids": img_ids, "txt_ids": torch.zeros(TEXT, 3)}
+    return {
+        "hidden_states": torch.randn(b, 63, 4, generator=g),
+        "encoder_hidden_states": torch.randn(b, TEXT, 16, generator=g),
+        "pooled_projections": torch.randn(b, 16, generator=g),
+        "timestep": torch.rand(b, generator=g),
+        "img_ids": img_ids,
+        "txt_ids": torch.zeros(TEXT, 3),
+    }
 
 
 def _sd3() -> nn.Module:
     return diffusers.SD3Transformer2DModel(
-        sample_size=10, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-        caption_projection_dim=32, joint_attention_dim=16, pooled_projection_dim=16, out_channels=4,
+        sample_size=10,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        out_channels=4,
     )
 
 
 def _sd3_batch(b: int, g: torch.Generator) -> Batch:  # 5 x 5 = 25 image tokens
-    return {"hidden_states": torch.randn(b, 4, 10, 10, generator=g), "encoder_hidden_states": torch.randn(b, TEXT, 16, generator=g),
-            "pooled_projections": torch.randn(b, 16, generator=g), "timestep": torch.rand(b, generator=g) * 1000}
+    return {
+        "hidden_states": torch.randn(b, 4, 10, 10, generator=g),
+        "encoder_hidden_states": torch.randn(b, TEXT, 16, generator=g),
+        "pooled_projections": torch.randn(b, 16, generator=g),
+        "timestep": torch.rand(b, generator=g) * 1000,
+    }
 
 
 def _cogvideox() -> nn.Module:
     return diffusers.CogVideoXTransformer3DModel(
-        num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
-        text_embed_dim=16, num_layers=2, sample_width=10, sample_height=10, sample_frames=9, patch_size=2,
-        temporal_compression_ratio=4, max_text_seq_length=6, use_rotary_positional_embeddings=True,
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=8,
+        text_embed_dim=16,
+        num_layers=2,
+        sample_width=10,
+        sample_height=10,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=6,
+        use_rotary_positional_embeddings=True,
     )
 
 
 def _cogvideox_batch(b: int, g: torch.Generator) -> Batch:  # 3 frames x 5 x 5 = 75 video tokens, rotary table
     cos, sin = get_3d_rotary_pos_embed(16, ((0, 0), (5, 5)), (5, 5), 3)
-    return {"hidden_states": torch.randn(b, 3, 4, 10, 10, generator=g), "timestep": torch.randint(0, 1000, (b,), generator=g),
-            "encoder_hidden_states": torch.randn(b, 6, 16, generator=g), "image_rotary_emb": (cos, sin)}
+    return {
+        "hidden_states": torch.randn(b, 3, 4, 10, 10, generator=g),
+        "timestep": torch.randint(0, 1000, (b,), generator=g),
+        "encoder_hidden_states": torch.randn(b, 6, 16, generator=g),
+        "image_rotary_emb": (cos, sin),
+    }
 
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int, torch.Generator], Batch]]] = {
@@ -117,16 +180,24 @@ def make_batches(name: str, global_batch: int, steps: int) -> list[Batch]:
 
 def rows(batch: Batch, start: int, stop: int, global_batch: int) -> Batch:
     """This data-parallel rank's samples: tensors with the batch as dim 0 are sliced, the rest shared."""
-    return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == global_batch else v
-            for k, v in batch.items()}
+    return {
+        k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == global_batch else v
+        for k, v in batch.items()
+    }
 
 
-def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: list[Batch], grad_norm) -> tuple[list, list]:
+def train_steps(
+    model: nn.Module, opt: torch.optim.Optimizer, batches: list[Batch], grad_norm
+) -> tuple[list, list]:
     """Losses and global gradient norms of each step; the target is a fixed function of the input."""
     losses, norms = [], []
     for batch in batches:
         out = model(**batch).sample
-        out = out[:, : batch["hidden_states"].shape[1]] if out.shape[1] != batch["hidden_states"].shape[1] else out
+        out = (
+            out[:, : batch["hidden_states"].shape[1]]
+            if out.shape[1] != batch["hidden_states"].shape[1]
+            else out
+        )
         target = torch.sin(3 * batch["hidden_states"])
         loss = F.mse_loss(out, target)
         loss.backward()
@@ -140,6 +211,10 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: list[Batc
 def reference(name: str, steps: int, global_batch: int) -> tuple[list, list, dict[str, torch.Tensor]]:
     """Single-process, full-batch training: the truth every layout must match."""
     model, opt = make_model_and_optimizer(name)
-    losses, norms = train_steps(model, opt, make_batches(name, global_batch, steps),
-                                lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1e9))
+    losses, norms = train_steps(
+        model,
+        opt,
+        make_batches(name, global_batch, steps),
+        lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1e9),
+    )
     return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -18,8 +18,11 @@ from litegen import LiteGen
 
 STEPS, GLOBAL_BATCH = 3, 4
 WORLD2 = [(name, {"sp_size": 2}) for name in MODELS]
-WORLD4 = [(name, cfg) for name in ("flux", "wan")
-          for cfg in ({"sp_size": 4}, {"sp_size": 2, "zero_degree": 3, "selective_ratio": 0.5})]
+WORLD4 = [
+    (name, cfg)
+    for name in ("flux", "wan")
+    for cfg in ({"sp_size": 4}, {"sp_size": 2, "zero_degree": 3, "selective_ratio": 0.5})
+]
 
 
 def train_through_facade(name: str, cfg: dict) -> dict:
@@ -27,8 +30,10 @@ def train_through_facade(name: str, cfg: dict) -> dict:
     model, opt = gen.initialize(*make_model_and_optimizer(name))
     rt = gen.runtime
     per = GLOBAL_BATCH // rt.dp_size
-    batches = [rows(b, rt.dp_rank * per, (rt.dp_rank + 1) * per, GLOBAL_BATCH)
-               for b in make_batches(name, GLOBAL_BATCH, STEPS)]
+    batches = [
+        rows(b, rt.dp_rank * per, (rt.dp_rank + 1) * per, GLOBAL_BATCH)
+        for b in make_batches(name, GLOBAL_BATCH, STEPS)
+    ]
     losses, norms = train_steps(model, opt, batches, lambda m: gen.clip_grad_norm_(1e9))
     state = gen.full_state_dict()
     gen.close()
@@ -63,7 +68,9 @@ def check(per_rank: list[dict], name: str, cfg: dict) -> None:
     losses = torch.tensor([res[key]["losses"] for res in per_rank]).mean(0)  # SP peers hold the same loss
     torch.testing.assert_close(losses, torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
     for res in per_rank:
-        torch.testing.assert_close(torch.tensor(res[key]["norms"]), torch.tensor(ref_norms), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            torch.tensor(res[key]["norms"]), torch.tensor(ref_norms), rtol=1e-5, atol=1e-7
+        )
     state = per_rank[0][key]["state"]
     assert set(state) == set(ref_state)
     for k, ref in ref_state.items():
@@ -75,6 +82,8 @@ def test_sp2_matches_single_process(world2, name, cfg):
     check(world2, name, cfg)
 
 
-@pytest.mark.parametrize("name, cfg", WORLD4, ids=[f"{n}-{'-'.join(f'{k}{v}' for k, v in c.items())}" for n, c in WORLD4])
+@pytest.mark.parametrize(
+    "name, cfg", WORLD4, ids=[f"{n}-{'-'.join(f'{k}{v}' for k, v in c.items())}" for n, c in WORLD4]
+)
 def test_world4_matches_single_process(world4, name, cfg):
     check(world4, name, cfg)

@@ -193,14 +193,22 @@ class _PerToken:
 class _SPRuntime:
     """One model's SP state: the group, the region, its blocks' argument slots and the current split."""
 
-    def __init__(self, model: nn.Module, group: dist.ProcessGroup | None, plan: SPPlan, region: list[nn.Module],
-                 names: dict[int, str]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        group: dist.ProcessGroup | None,
+        plan: SPPlan,
+        region: list[nn.Module],
+        names: dict[int, str],
+    ) -> None:
         self.group = group
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.plan = plan
         self.region = region
         self.names = names
-        self.stream_specs = plan.streams if plan.streams is not None else _streams_from_cp_plan(model, region, names)
+        self.stream_specs = (
+            plan.streams if plan.streams is not None else _streams_from_cp_plan(model, region, names)
+        )
         self.slots: dict[type, _Slots] = {}
         self.forward: _Forward | None = None
         self.joint_orders: dict[frozenset[str], tuple[str, ...]] = {}
@@ -239,14 +247,20 @@ class _SPRuntime:
             self.forward = self._split_streams(block, slots, streams, args, kwargs)
             for slot, dim, x in streams:
                 info = self.forward.streams[slot.key]
-                args, kwargs = slot.set(args, kwargs, split_sequence(x, self.group, dim, local_len=info.local_len)[0])
+                args, kwargs = slot.set(
+                    args, kwargs, split_sequence(x, self.group, dim, local_len=info.local_len)[0]
+                )
         elif self.forward is None:
-            raise RuntimeError(f"sequence_parallel: block {self.name(block)} ran before the region's first block")
+            raise RuntimeError(
+                f"sequence_parallel: block {self.name(block)} ran before the region's first block"
+            )
         else:
             for slot, dim, x in streams:
                 info = self.forward.streams.get(slot.key)
                 if info is not None and x.shape[dim] == info.seq_len:  # passed whole to every block (a text)
-                    args, kwargs = slot.set(args, kwargs, split_sequence(x, self.group, dim, local_len=info.local_len)[0])
+                    args, kwargs = slot.set(
+                        args, kwargs, split_sequence(x, self.group, dim, local_len=info.local_len)[0]
+                    )
                 elif info is None or x.shape[dim] != info.local_len:
                     raise ValueError(
                         f"sequence_parallel: block {self.name(block)} got the stream {slot.key!r} with "
@@ -258,7 +272,9 @@ class _SPRuntime:
         self.calls.append(call)
         return args, kwargs
 
-    def _split_streams(self, block: nn.Module, slots: _Slots, streams: list, args: tuple, kwargs: dict) -> _Forward:
+    def _split_streams(
+        self, block: nn.Module, slots: _Slots, streams: list, args: tuple, kwargs: dict
+    ) -> _Forward:
         """Choose each stream's per-rank length for this model call (at the region's first block)."""
         if not streams:
             raise ValueError(
@@ -276,7 +292,9 @@ class _SPRuntime:
                     reserved.update(t.shape[1:])
         lengths = _local_lengths(full, self.size, reserved)
         infos = {
-            key: SequenceInfo(seq_len=full[key], padded_len=lengths[key] * self.size, dim=dim, group_size=self.size)
+            key: SequenceInfo(
+                seq_len=full[key], padded_len=lengths[key] * self.size, dim=dim, group_size=self.size
+            )
             for (slot, dim, _), key in zip(streams, full, strict=True)
         }
         return _Forward(infos, probe.batch)
@@ -336,7 +354,9 @@ class _BlockCall(TorchFunctionMode):
         for slot, dim in slots.split:
             value = slot.get(args, kwargs)
             if value is not None:
-                args, kwargs = slot.set(args, kwargs, _mapped(value, lambda t, d=dim, s=slot: self._named(t, d, s)))
+                args, kwargs = slot.set(
+                    args, kwargs, _mapped(value, lambda t, d=dim, s=slot: self._named(t, d, s))
+                )
         claimed = slots.claimed(args, kwargs)
         args = tuple(_mapped(a, self._found) if id(a) not in claimed else a for a in args)
         kwargs = {k: _mapped(v, self._found) if id(v) not in claimed else v for k, v in kwargs.items()}
@@ -367,7 +387,10 @@ class _BlockCall(TorchFunctionMode):
 
     def _cut(self, t: Tensor, how: _PerToken) -> Tensor:
         streams = how.streams
-        if len(streams) == 2 and self.forward.streams[streams[0]].seq_len != self.forward.streams[streams[1]].seq_len:
+        if (
+            len(streams) == 2
+            and self.forward.streams[streams[0]].seq_len != self.forward.streams[streams[1]].seq_len
+        ):
             order = self.runtime.joint_orders.get(frozenset(streams))
             if order is None:  # cut when first used, once the block has shown its joint order
                 self.pending[id(t)] = (t, how)
@@ -516,7 +539,9 @@ class _BlockCall(TorchFunctionMode):
             )
 
 
-def _streams_from_cp_plan(model: nn.Module, region: list[nn.Module], names: dict[int, str]) -> dict[ArgSpec, int]:
+def _streams_from_cp_plan(
+    model: nn.Module, region: list[nn.Module], names: dict[int, str]
+) -> dict[ArgSpec, int]:
     """The token streams a diffusers ``_cp_plan`` splits on entering the model or its first block.
 
     Only 3-D inputs that are arguments of the first block count (``img_ids`` and the like are left to
@@ -532,8 +557,12 @@ def _streams_from_cp_plan(model: nn.Module, region: list[nn.Module], names: dict
                 continue
             for arg, spec in entry.items() if isinstance(entry, Mapping) else ():
                 dim, dims = getattr(spec, "split_dim", None), getattr(spec, "expected_dims", None)
-                if isinstance(arg, str) and arg in params and isinstance(dim, int) and dims in (3, None) and not getattr(
-                    spec, "split_output", False
+                if (
+                    isinstance(arg, str)
+                    and arg in params
+                    and isinstance(dim, int)
+                    and dims in (3, None)
+                    and not getattr(spec, "split_output", False)
                 ):
                     streams[arg] = dim
     return streams or dict(_DEFAULT_STREAMS)
@@ -556,9 +585,13 @@ def _check_plan(plan: SPPlan) -> None:
                 f"SPPlan.{name}={mapping!r}; allowed: a mapping {{argument position (>= 0) or name: dim (int)}}"
             )
     if plan.streams is not None and not plan.streams:
-        raise ValueError("SPPlan.streams is empty; name at least one block argument carrying the token stream")
+        raise ValueError(
+            "SPPlan.streams is empty; name at least one block argument carrying the token stream"
+        )
     if not isinstance(plan.replicate, (tuple, list)) or not all(is_arg(k) for k in plan.replicate):
-        raise TypeError(f"SPPlan.replicate={plan.replicate!r}; allowed: a tuple of argument positions or names")
+        raise TypeError(
+            f"SPPlan.replicate={plan.replicate!r}; allowed: a tuple of argument positions or names"
+        )
 
 
 def _unwrap_checkpoint(block: nn.Module) -> nn.Module:
@@ -570,14 +603,18 @@ def _unwrap_checkpoint(block: nn.Module) -> nn.Module:
 def _region(model: nn.Module, blocks: Sequence[nn.Module]) -> tuple[list[nn.Module], dict[int, str]]:
     """The outermost of ``blocks`` (fewest dots in their names), unwrapped, with their clean names."""
     if not isinstance(blocks, (nn.ModuleList, nn.Sequential, list, tuple)):
-        raise TypeError(f"sequence_parallel: blocks={type(blocks).__name__}; allowed: a list of the model's blocks")
+        raise TypeError(
+            f"sequence_parallel: blocks={type(blocks).__name__}; allowed: a list of the model's blocks"
+        )
     blocks = list(blocks)
     if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
         raise ValueError(f"sequence_parallel: blocks must be a non-empty list of modules, got {blocks!r}")
     qualified = {id(m): name for name, m in model.named_modules()}
     missing = [type(b).__name__ for b in blocks if id(b) not in qualified]
     if missing:
-        raise ValueError(f"sequence_parallel: {len(missing)} of the blocks ({missing[0]}, ...) are not in the model")
+        raise ValueError(
+            f"sequence_parallel: {len(missing)} of the blocks ({missing[0]}, ...) are not in the model"
+        )
     names = {id(b): qualified[id(b)].replace("._checkpoint_wrapped_module", "") for b in blocks}
     depth = min(names[id(b)].count(".") for b in blocks)
     region = [b for b in blocks if names[id(b)].count(".") == depth]
@@ -610,10 +647,15 @@ def sequence_parallel(
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"sequence_parallel: group={group!r}; allowed: a ProcessGroup or None (the world)")
     region, names = _region(model, blocks)
-    taken = [names[id(b)] for b in region if any(isinstance(getattr(h, "__self__", None), _SPRuntime)
-                                                   for h in b._forward_pre_hooks.values())]
+    taken = [
+        names[id(b)]
+        for b in region
+        if any(isinstance(getattr(h, "__self__", None), _SPRuntime) for h in b._forward_pre_hooks.values())
+    ]
     if taken:
-        raise ValueError(f"sequence_parallel: block {taken[0]!r} of {type(model).__name__} is already sequence-parallel")
+        raise ValueError(
+            f"sequence_parallel: block {taken[0]!r} of {type(model).__name__} is already sequence-parallel"
+        )
     runtime = _SPRuntime(model, group, plan, region, names)
     for block in region:
         runtime.slots_for(block)
@@ -622,7 +664,10 @@ def sequence_parallel(
     if runtime.rank == 0:
         logger.info(
             "litegen_sp: %d blocks (%s ... %s) run Ulysses SP over %d ranks; streams: %s",
-            len(region), names[id(region[0])], names[id(region[-1])], runtime.size,
+            len(region),
+            names[id(region[0])],
+            names[id(region[-1])],
+            runtime.size,
             ", ".join(f"{s!r} (dim {d})" for s, d in runtime.stream_specs.items()),
         )
     return model

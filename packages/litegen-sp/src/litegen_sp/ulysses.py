@@ -50,7 +50,9 @@ def _group_size_and_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("litegen_sp needs an initialized torch.distributed process group")
     if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group={group!r} ({type(group).__name__}); allowed: a ProcessGroup or None (the world)")
+        raise TypeError(
+            f"group={group!r} ({type(group).__name__}); allowed: a ProcessGroup or None (the world)"
+        )
     return dist.get_world_size(group), dist.get_rank(group)
 
 
@@ -121,8 +123,12 @@ def split_sequence(
         raise ValueError(f"split_sequence: x has no tokens along dim={dim} (shape {tuple(x.shape)})")
     size, rank = _group_size_and_rank(group)
     fewest = -(-seq_len // size)
-    if local_len is not None and (isinstance(local_len, bool) or not isinstance(local_len, int) or local_len < fewest):
-        raise ValueError(f"split_sequence: local_len={local_len!r}; allowed: an int >= ceil({seq_len} / {size}) = {fewest}")
+    if local_len is not None and (
+        isinstance(local_len, bool) or not isinstance(local_len, int) or local_len < fewest
+    ):
+        raise ValueError(
+            f"split_sequence: local_len={local_len!r}; allowed: an int >= ceil({seq_len} / {size}) = {fewest}"
+        )
     padded_len = (fewest if local_len is None else local_len) * size
     info = SequenceInfo(seq_len=seq_len, padded_len=padded_len, dim=dim, group_size=size)
     return _local_slice(x, info, dim, rank), info
@@ -140,7 +146,9 @@ def gather_sequence(
         raise TypeError(f"gather_sequence: x_local must be a Tensor, got {type(x_local).__name__}")
     if not isinstance(info, SequenceInfo):
         raise TypeError(f"gather_sequence: info must be the SequenceInfo from split_sequence, got {info!r}")
-    dim = _normalize_dim(info.dim if dim is None else dim, x_local.dim(), "gather_sequence (x_local)", x_local.shape)
+    dim = _normalize_dim(
+        info.dim if dim is None else dim, x_local.dim(), "gather_sequence (x_local)", x_local.shape
+    )
     size, _ = _group_size_and_rank(group)
     if size != info.group_size:
         raise ValueError(
@@ -239,7 +247,9 @@ def _check_attention_shapes(where: str, q: Tensor, k: Tensor, v: Tensor) -> None
     if k.shape[1:3] != v.shape[1:3]:
         raise ValueError(f"{where}: k and v must have the same seq and heads: {shapes}")
     if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
-        raise ValueError(f"{where}: heads={q.shape[2]} must be a multiple of kv_heads={k.shape[2]} (GQA): {shapes}")
+        raise ValueError(
+            f"{where}: heads={q.shape[2]} must be a multiple of kv_heads={k.shape[2]} (GQA): {shapes}"
+        )
 
 
 @functools.cache
@@ -298,9 +308,7 @@ def attention(
 Layout = tuple[SequenceInfo, ...]
 
 
-def _layout(
-    where: str, spec: int | Sequence[SequenceInfo] | None, local_len: int, size: int
-) -> Layout:
+def _layout(where: str, spec: int | Sequence[SequenceInfo] | None, local_len: int, size: int) -> Layout:
     """How a rank's ``local_len`` tokens are made: the local slices of these sequences, in this order."""
     if spec is None or (isinstance(spec, int) and not isinstance(spec, bool)):
         padded = local_len * size
@@ -312,7 +320,9 @@ def _layout(
             )
         return (SequenceInfo(seq_len=seq_len, padded_len=padded, dim=1, group_size=size),)
     if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence) or not spec:
-        raise TypeError(f"ulysses_attention: {where}={spec!r}; allowed: None, an int or a list of SequenceInfo")
+        raise TypeError(
+            f"ulysses_attention: {where}={spec!r}; allowed: None, an int or a list of SequenceInfo"
+        )
     if not all(isinstance(info, SequenceInfo) and info.group_size == size for info in spec):
         raise ValueError(
             f"ulysses_attention: {where}={spec!r}; allowed: the SequenceInfos that split_sequence returned on "
