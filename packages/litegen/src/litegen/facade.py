@@ -87,7 +87,8 @@ class LiteGen:
         moved to the device, in eval mode; map-style ``Dataset`` → resumable ``DataLoader``; any other
         callable (``vae.encode``) → data-parallel / sliced / compiled encode.
         ``sp_plan``: a ``litegen_sp.SPPlan`` for models the default plan does not fit; ``blocks``:
-        the repeated blocks (default: auto-detected).
+        the repeated blocks (default: ``litegen_zero.find_blocks``), one list for SP, checkpointing and
+        sharding.
         """
         kinds = self._classify(objs)  # raises on every rank before any collective
         with self._naming_timeouts("initialize()"):
