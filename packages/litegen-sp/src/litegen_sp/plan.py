@@ -8,9 +8,11 @@ text refiner nested inside an embedder stay whole.
 - Entering the region's first block, each token stream is cut into this rank's slice: the block
   arguments ``SPPlan.streams`` names, else those the model's diffusers ``_cp_plan`` splits, else
   ``hidden_states`` (argument 0) and ``encoder_hidden_states``.
-- Entering every block, each other tensor argument (inside tuples, lists and dicts too) with a dim as
-  long as a stream, or as two streams together, is cut the same way: rotary tables, masks, per-token
-  timesteps. A two-stream table is cut segment by segment, in the order joint attention uses.
+- Entering every block, each other tensor argument (inside tuples, lists and dicts too) whose leading
+  dim (after a batch or broadcast dim and singleton dims) is as long as a stream, or as two streams
+  together, is cut the same way: rotary tables ``(tokens, d)``, key masks ``(batch, 1, 1, tokens)``,
+  per-token timesteps ``(batch, tokens, ...)``. A two-stream table is cut segment by segment, in the
+  order joint attention uses.
 - During a block call a ``TorchFunctionMode`` routes each ``F.scaled_dot_product_attention`` through
   ``ulysses_attention`` and watches ``torch.cat``, which is how joint attention puts the streams
   together (text first in Flux, image first in SD3). Keys from a split stream are exchanged; keys no
@@ -288,7 +290,7 @@ class _SPRuntime:
         claimed = slots.claimed(args, kwargs)
         for value in [*args, *kwargs.values()]:
             for t in _tensors(value):  # a replicated tensor's non-batch dims: lengths its keys may have
-                if id(t) not in claimed and t.dim() > 1 and not _token_dims(t, probe):
+                if id(t) not in claimed and t.dim() > 1 and _token_dim(t, probe) is None:
                     reserved.update(t.shape[1:])
         lengths = _local_lengths(full, self.size, reserved)
         infos = {
@@ -311,9 +313,16 @@ class _SPRuntime:
         return _mapped(out, lambda t: self._gather(block, t))
 
     def _gather(self, block: nn.Module, t: Tensor) -> Tensor:
-        for info in self.forward.streams.values():
+        infos = list(self.forward.streams.values())
+        for info in infos:
             if t.dim() > info.dim and t.shape[info.dim] == info.local_len:
                 return gather_sequence(t, self.group, info)
+        joined = {a.local_len + b.local_len for a, b in itertools.combinations(infos, 2)}
+        if any(t.dim() > i.dim and t.shape[i.dim] in joined for i in infos):
+            raise ValueError(
+                f"sequence_parallel: the region's last block {self.name(block)} returns {tuple(t.shape)}, streams "
+                f"concatenated ({self.forward.describe()}); SP gathers streams returned one by one"
+            )
         return t
 
 
@@ -322,14 +331,27 @@ def _accepts(forward: Callable[..., Any], name: ArgSpec) -> bool:
     return isinstance(name, str) and (name in params or any(p.kind == p.VAR_KEYWORD for p in params.values()))
 
 
-def _token_dims(t: Tensor, forward: _Forward) -> list[tuple[int, tuple[str, ...]]]:
-    """Dims of ``t`` as long as one stream or two streams together, with those streams."""
+def _stream_lengths(forward: _Forward) -> dict[int, tuple[str, ...]]:
+    """Full length of each stream, and of each two streams together -> those streams."""
     singles = {i.seq_len: (k,) for k, i in reversed(forward.streams.items())}
-    lengths = {**forward.joint_lengths(), **singles}
-    found = [(d, lengths[n]) for d, n in enumerate(t.shape) if n in lengths]
-    if len(found) > 1 and t.dim() > 1:  # a batch dim that happens to match is not a token dim
-        found = [(d, s) for d, s in found if t.shape[d] != forward.batch] or found
-    return found
+    return {**forward.joint_lengths(), **singles}
+
+
+def _token_dim(t: Tensor, forward: _Forward) -> tuple[int, tuple[str, ...]] | None:
+    """The token dim of a per-token input and the streams it spans; None: not a per-token input.
+
+    Per-token inputs put their tokens first, after a batch (or broadcast) dim and singleton dims:
+    ``(tokens, d)`` rotary tables, ``(1, tokens, 1, d)``, ``(batch, 1, 1, tokens)`` key masks,
+    ``(batch, tokens, ...)`` per-token embeddings. That dim must be as long as a stream or two.
+    """
+    if t.dim() == 0:
+        return None
+    start = 1 if t.dim() > 1 and t.shape[0] in (forward.batch, 1) else 0
+    dim = next((d for d in range(start, t.dim()) if t.shape[d] != 1), None)
+    lengths = _stream_lengths(forward)
+    if dim is None or t.shape[dim] not in lengths or (t.dim() == 1 and t.shape[0] == forward.batch):
+        return None
+    return dim, lengths[t.shape[dim]]
 
 
 class _BlockCall(TorchFunctionMode):
@@ -363,27 +385,17 @@ class _BlockCall(TorchFunctionMode):
         return args, kwargs
 
     def _named(self, t: Tensor, dim: int, slot: _ArgSlot) -> Tensor:
-        dim = dim % t.dim() if -t.dim() <= dim < t.dim() else dim
-        found = dict(_token_dims(t, self.forward))
-        if dim not in found:
+        lengths = _stream_lengths(self.forward)
+        if not -t.dim() <= dim < t.dim() or t.shape[dim] not in lengths:
             raise ValueError(
-                f"{self.where}: SPPlan.split[{slot.label!r}] got shape {tuple(t.shape)}; expected "
-                f"{sorted({i.seq_len for i in self.forward.streams.values()})} tokens (a stream) or a sum of two "
-                f"along dim {dim}"
+                f"{self.where}: SPPlan.split[{slot.label!r}] got shape {tuple(t.shape)}; expected one of "
+                f"{sorted(lengths)} tokens (a stream, or two together) along dim {dim}"
             )
-        return self._cut(t, _PerToken(dim, found[dim]))
+        return self._cut(t, _PerToken(dim % t.dim(), lengths[t.shape[dim]]))
 
     def _found(self, t: Tensor) -> Tensor:
-        found = _token_dims(t, self.forward)
-        if not found:
-            return t
-        if len(found) > 1:
-            raise ValueError(
-                f"{self.where}: an argument of shape {tuple(t.shape)} has several dims as long as a token stream "
-                f"({self.forward.describe()}); name its token dim with SPPlan(split={{argument: dim}}) or keep it "
-                "whole with SPPlan(replicate=(argument,))"
-            )
-        return self._cut(t, _PerToken(*found[0]))
+        found = _token_dim(t, self.forward)
+        return t if found is None else self._cut(t, _PerToken(*found))
 
     def _cut(self, t: Tensor, how: _PerToken) -> Tensor:
         streams = how.streams
