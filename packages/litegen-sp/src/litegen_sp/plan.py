@@ -118,10 +118,12 @@ class _Slots:
 
 @dataclass(frozen=True)
 class _Forward:
-    """One model call's split: each stream's ``SequenceInfo`` (by argument key), in entry order."""
+    """One model call's split: each stream's ``SequenceInfo`` (by argument key, in entry order), and the
+    concatenations of streams seen so far (local length -> streams in order; None: two orders seen)."""
 
     streams: dict[str, SequenceInfo]
     batch: int
+    joined: dict[int, tuple[str, ...] | None] = field(default_factory=dict)
 
     def local(self, length: int) -> SequenceInfo | None:
         return next((i for i in self.streams.values() if i.local_len == length), None)
@@ -137,7 +139,45 @@ class _Forward:
 
     def describe(self) -> str:
         parts = [f"{k}: {i.local_len} per rank (of {i.seq_len})" for k, i in self.streams.items()]
-        return "; ".join(parts)
+        joined = sorted(n for n, streams in self.joined.items() if streams)
+        return "; ".join(parts) + (f"; joined into {joined}" if joined else "")
+
+    def watch_cat(
+        self, tensors: Sequence[Tensor], dim: int = 0, axis: int | None = None, **_: Any
+    ) -> str | None:
+        """Record a ``torch.cat`` of local streams (or of their concatenations); returns their order."""
+        dim = dim if axis is None else axis
+        if not isinstance(tensors, (tuple, list)) or len(tensors) < 2:
+            return None
+        parts = []
+        for t in tensors:
+            if not isinstance(t, Tensor) or not -t.dim() <= dim < t.dim():
+                return None
+            n = t.shape[dim]
+            key = next((k for k, i in self.streams.items() if i.local_len == n), None)
+            if key is None and not self.joined.get(n):
+                return None
+            parts.append((key,) if key is not None else self.joined[n])
+        streams = tuple(k for p in parts for k in p)
+        total = sum(t.shape[dim] for t in tensors)
+        if self.local(total) is not None:
+            return None
+        known = self.joined.get(total, streams)
+        self.joined[total] = streams if known == streams else None
+        return streams
+
+    def layout(self, length: int, where: str) -> tuple[SequenceInfo, ...] | None:
+        """The split sequences a local length of ``length`` tokens is made of; None: no split sequence."""
+        info = self.local(length)
+        if info is not None:
+            return (info,)
+        if length in self.joined and self.joined[length] is None:
+            raise ValueError(
+                f"{where}: sequences of {length} tokens put the streams together in different orders "
+                f"({self.describe()}); SP cannot tell which tokens are which"
+            )
+        streams = self.joined.get(length)
+        return None if streams is None else tuple(self.streams[k] for k in streams)
 
 
 def _local_lengths(full: dict[str, int], size: int, reserved: set[int]) -> dict[str, int]:
@@ -215,6 +255,7 @@ class _SPRuntime:
         self.forward: _Forward | None = None
         self.joint_orders: dict[frozenset[str], tuple[str, ...]] = {}
         self.calls: list[_BlockCall] = []
+        self.watch: _BetweenBlocks | None = None
 
     def name(self, block: nn.Module) -> str:
         return f"{self.names[id(block)]!r} ({type(block).__name__})"
@@ -236,6 +277,8 @@ class _SPRuntime:
 
     # ---- entering a block -------------------------------------------------------------------------
     def enter(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if block is self.region[0]:
+            self._stop_watching()  # left over by a forward that raised between blocks
         slots = self.slots_for(block)
         streams = [(slot, dim, x) for slot, dim in slots.streams if (x := slot.get(args, kwargs)) is not None]
         for slot, dim, x in streams:
@@ -257,12 +300,15 @@ class _SPRuntime:
                 f"sequence_parallel: block {self.name(block)} ran before the region's first block"
             )
         else:
+            self._stop_watching()
             for slot, dim, x in streams:
                 info = self.forward.streams.get(slot.key)
                 if info is not None and x.shape[dim] == info.seq_len:  # passed whole to every block (a text)
                     args, kwargs = slot.set(
                         args, kwargs, split_sequence(x, self.group, dim, local_len=info.local_len)[0]
                     )
+                elif self.forward.joined.get(x.shape[dim]):  # streams the model joined between blocks
+                    continue
                 elif info is None or x.shape[dim] != info.local_len:
                     raise ValueError(
                         f"sequence_parallel: block {self.name(block)} got the stream {slot.key!r} with "
@@ -309,21 +355,31 @@ class _SPRuntime:
             return None
         call.check_routed()
         if block is not self.region[-1]:
+            if torch._C._current_graph_task_id() == -1:  # not a checkpointed block re-run in backward
+                self.watch = _BetweenBlocks(self.forward)
+                self.watch.__enter__()
             return None
-        return _mapped(out, lambda t: self._gather(block, t))
+        return _mapped(out, self._gather)
 
-    def _gather(self, block: nn.Module, t: Tensor) -> Tensor:
-        infos = list(self.forward.streams.values())
-        for info in infos:
-            if t.dim() > info.dim and t.shape[info.dim] == info.local_len:
-                return gather_sequence(t, self.group, info)
-        joined = {a.local_len + b.local_len for a, b in itertools.combinations(infos, 2)}
-        if any(t.dim() > i.dim and t.shape[i.dim] in joined for i in infos):
-            raise ValueError(
-                f"sequence_parallel: the region's last block {self.name(block)} returns {tuple(t.shape)}, streams "
-                f"concatenated ({self.forward.describe()}); SP gathers streams returned one by one"
-            )
-        return t
+    def _stop_watching(self, *_: Any) -> None:
+        """Leave the between-blocks mode, if it is the innermost one (also as the model's exit hook)."""
+        if self.watch is not None and _innermost_mode() is self.watch:
+            self.watch.__exit__(None, None, None)
+        self.watch = None
+
+    def _gather(self, t: Tensor) -> Tensor:
+        """A returned local stream (or streams joined in the region) -> the full sequence, in model order."""
+        dim = next(iter(self.forward.streams.values())).dim
+        if t.dim() <= dim:
+            return t
+        layout = self.forward.layout(t.shape[dim], "sequence_parallel: the region's last block")
+        if layout is None:
+            return t
+        parts = t.split([info.local_len for info in layout], dim)
+        full = [
+            gather_sequence(part, self.group, info, dim) for part, info in zip(parts, layout, strict=True)
+        ]
+        return full[0] if len(full) == 1 else torch.cat(full, dim)
 
 
 def _accepts(forward: Callable[..., Any], name: ArgSpec) -> bool:
@@ -354,6 +410,27 @@ def _token_dim(t: Tensor, forward: _Forward) -> tuple[int, tuple[str, ...]] | No
     return dim, lengths[t.shape[dim]]
 
 
+def _innermost_mode() -> TorchFunctionMode | None:
+    stack = torch.overrides._get_current_function_mode_stack()
+    return stack[-1] if stack else None
+
+
+class _BetweenBlocks(TorchFunctionMode):
+    """Active between two blocks of the region: sees the model join streams (Flux2's text + image)."""
+
+    def __init__(self, forward: _Forward) -> None:
+        super().__init__()
+        self.forward = forward
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: tuple[type, ...], args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _CATS:
+            self.forward.watch_cat(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
 class _BlockCall(TorchFunctionMode):
     """One block call: routes attention, watches how streams are concatenated, cuts joint inputs late."""
 
@@ -362,7 +439,6 @@ class _BlockCall(TorchFunctionMode):
         self.runtime = runtime
         self.block = block
         self.forward: _Forward = runtime.forward
-        self.joint: dict[int, tuple[str, ...] | None] = {}  # local length of a concatenation -> its streams
         self.pending: dict[int, tuple[Tensor, _PerToken]] = {}  # id -> a joint input waiting for its order
         self.done: dict[int, Tensor] = {}
         self.routed = False
@@ -444,47 +520,23 @@ class _BlockCall(TorchFunctionMode):
             return self.attention(*args, **kwargs)
         if func in _CATS:
             self._watch_cat(*args, **kwargs)
-        return func(*args, **kwargs)
-
-    def _watch_cat(self, tensors: Sequence[Tensor], dim: int = 0, axis: int | None = None, **_: Any) -> None:
-        dim = dim if axis is None else axis
-        if len(tensors) < 2 or not all(isinstance(t, Tensor) and t.dim() > 0 for t in tensors):
-            return
-        parts = []
-        for t in tensors:
-            if not -t.dim() <= dim < t.dim():
-                return
-            n = t.shape[dim]
-            info_key = next((k for k, i in self.forward.streams.items() if i.local_len == n), None)
-            if info_key is not None:
-                parts.append((info_key,))
-            elif self.joint.get(n):
-                parts.append(self.joint[n])
-            else:
-                return
-        streams = tuple(k for p in parts for k in p)
-        total = sum(t.shape[dim] for t in tensors)
-        if self.forward.local(total) is not None:
-            return
-        known = self.joint.get(total, streams)
-        self.joint[total] = streams if known == streams else None  # None: two orders seen, ambiguous
-        if len(streams) == 2 and len(set(streams)) == 2:
-            self.runtime.joint_orders.setdefault(frozenset(streams), streams)
-
-    def layout(self, length: int) -> tuple[SequenceInfo, ...] | None:
-        """The split sequences a local length of ``length`` tokens is made of; None: not a split sequence."""
-        info = self.forward.local(length)
-        if info is not None:
-            return (info,)
-        streams = self.joint.get(length)
-        if streams is not None:
-            return tuple(self.forward.streams[k] for k in streams)
-        if length in self.joint:
+        try:
+            return func(*args, **kwargs)
+        except RuntimeError as error:
+            if isinstance(error, (dist.DistError, torch.OutOfMemoryError)):
+                raise
+            name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
             raise ValueError(
-                f"{self.where}: two attention sequences of {length} tokens put the streams together in different "
-                f"orders ({self.forward.describe()}); SP cannot tell which tokens are which"
-            )
-        return None
+                f"{self.where}: {name} failed on this rank's slice of the tokens ({self.forward.describe()}): "
+                f"{error}. SP cannot split this block: it cuts the tokens before the block, so a block that lays "
+                "them out as an image or video grid (a convolution, as in Sana's Mix-FFN) or mixes them without "
+                "F.scaled_dot_product_attention (linear attention) does not work on a slice"
+            ) from error
+
+    def _watch_cat(self, *args: Any, **kwargs: Any) -> None:
+        streams = self.forward.watch_cat(*args, **kwargs)
+        if streams is not None and len(streams) == 2 and len(set(streams)) == 2:
+            self.runtime.joint_orders.setdefault(frozenset(streams), streams)
 
     def attention(
         self,
@@ -508,16 +560,14 @@ class _BlockCall(TorchFunctionMode):
                 f"{self.where}: scaled_dot_product_attention got q with {query.shape[1]} heads and k with "
                 f"{key.shape[1]}; pass enable_gqa=True for grouped-query attention"
             )
-        q_layout = self.layout(query.shape[2])
+        q_layout = self.forward.layout(query.shape[2], self.where)
         if q_layout is None:
-            joint = sorted(n for n in self.joint if self.joint[n])
             raise ValueError(
                 f"{self.where}: an attention query has {query.shape[2]} tokens (q {tuple(query.shape)}); this "
-                f"rank's split is {self.forward.describe()}"
-                + (f", joined by the block into {joint}" if joint else "")
-                + "; queries must be one stream's tokens or streams joined with torch.cat"
+                f"rank's split is {self.forward.describe()}; queries must be one stream's tokens or streams "
+                "joined with torch.cat"
             )
-        kv_layout = self.layout(key.shape[2])
+        kv_layout = self.forward.layout(key.shape[2], self.where)
         heads, kv_heads = query.shape[1], key.shape[1]
         if kv_layout is not None and (heads % self.runtime.size or kv_heads % self.runtime.size):
             raise ValueError(
@@ -673,6 +723,7 @@ def sequence_parallel(
         runtime.slots_for(block)
         block.register_forward_pre_hook(runtime.enter, with_kwargs=True)
         block.register_forward_hook(runtime.leave, always_call=True)
+    model.register_forward_hook(runtime._stop_watching, always_call=True)
     if runtime.rank == 0:
         logger.info(
             "litegen_sp: %d blocks (%s ... %s) run Ulysses SP over %d ranks; streams: %s",
