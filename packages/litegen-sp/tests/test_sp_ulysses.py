@@ -16,16 +16,9 @@ HEADS = 12  # divisible by 2, 3 and 4
 HEAD_DIM = 8
 TEXT_LEN = 5
 CASES = [
-    "self",
-    "self_gqa",
-    "self_mask",
-    "cross",
-    "cross_gqa",
-    "cross_mask",
-    "cross_split",
-    "joint",
-    "joint_mask",
-]
+    "self", "self_gqa", "self_mask", "self_square", "cross", "cross_gqa", "cross_mask", "cross_square",
+    "cross_split", "joint", "joint_mask", "joint_square",
+]  # fmt: skip
 CAUSAL_CASES = ("self", "self_gqa")
 
 
@@ -58,7 +51,7 @@ def ulysses_matches_full_attention() -> dict[str, float]:
 
     self: k/v split like q; cross: k/v a replicated text (attended locally); cross_split: k/v a split
     text; joint: q, k, v the text then the image tokens, each split on its own; *_mask: a per-key
-    additive bias with a padded key, split like k.
+    additive bias with a padded key, split like k; *_square: a whole query x key bias with masked pairs.
     """
     size = dist.get_world_size()
     errors = {}
@@ -80,6 +73,10 @@ def ulysses_matches_full_attention() -> dict[str, float]:
         if case.endswith("mask"):  # per-head additive bias and a padded key in sample 1
             mask = torch.randn(2, HEADS, 1, kv_len, generator=gen, dtype=dtype)
             mask[1, :, :, -1] = float("-inf")
+        if case.endswith("square"):  # per-head bias over every (query, key) pair, every fifth pair masked
+            mask = torch.randn(2, HEADS, q_len, kv_len, generator=gen, dtype=dtype)
+            rows, cols = torch.meshgrid(torch.arange(q_len), torch.arange(kv_len), indexing="ij")
+            mask.masked_fill_((rows * 7 + cols) % 5 == 0, float("-inf"))
 
         expected = reference_attention(q, k, v, causal, mask)
         (expected * weight).sum().backward()
@@ -90,12 +87,13 @@ def ulysses_matches_full_attention() -> dict[str, float]:
         q_lengths = [TEXT_LEN, seq] if joint else [seq]
         kv_lengths = [TEXT_LEN] if text_kv else q_lengths
         q_local, q_infos = split_joint(q, q_lengths)
-        replicated = case in ("cross", "cross_gqa", "cross_mask")
+        replicated = case in ("cross", "cross_gqa", "cross_mask", "cross_square")
         if replicated:
             (k_local, v_local), kv_infos, mask_local = (k, v), None, mask
         else:
             (k_local, kv_infos), (v_local, _) = split_joint(k, kv_lengths), split_joint(v, kv_lengths)
-            mask_local = None if mask is None else split_joint(mask, kv_lengths, dim=3)[0]
+            keyed = mask is not None and mask.shape[2] == 1
+            mask_local = split_joint(mask, kv_lengths, dim=3)[0] if keyed else mask  # query x key: whole
         out_local = ulysses_attention(
             q_local,
             k_local,
@@ -203,7 +201,7 @@ def bad_calls_raise_before_any_collective() -> list[tuple[str, str, str]]:
         "seq_len": lambda: ulysses_attention(x, x, x, group=None, seq_len=3),
         "ndim": lambda: ulysses_attention(x[0], x, x, group=None),
         "dtype": lambda: ulysses_attention(x, x.double(), x, group=None),
-        "mask": lambda: ulysses_attention(x, x, x, group=None, attn_mask=torch.zeros(1, 1, 8, 8)),
+        "mask": lambda: ulysses_attention(x, x, x, group=None, attn_mask=torch.zeros(1, 1, 7, 7)),
         "gather_len": lambda: gather_sequence(x[:, :3], None, info),
         "gather_info": lambda: gather_sequence(x, None, (7, 8)),
         "split_empty": lambda: split_sequence(torch.randn(2, 0, 3), None),
@@ -235,7 +233,7 @@ def test_bad_inputs_raise_on_every_rank_before_any_collective(dist_pool):
         "seq_len": "seq_len=3",
         "ndim": "(4, 4, 8)",
         "dtype": "dtype",
-        "mask": "(1, 1, 8, 8)",
+        "mask": "(1, 1, 7, 7)",
         "gather_len": "local_len=4",
         "gather_info": "SequenceInfo",
         "split_empty": "no tokens",

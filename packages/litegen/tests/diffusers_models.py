@@ -87,9 +87,16 @@ def _flux() -> nn.Module:
     )
 
 
+def _image_ids(height: int, width: int, axes: int) -> torch.Tensor:
+    """Flux-style position ids ``(height * width, axes)``: (0, row, col, 0...)."""
+    ids = torch.zeros(height, width, axes)
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    return ids.reshape(-1, axes)
+
+
 def _flux_batch(b: int, g: torch.Generator) -> Batch:  # a 7 x 9 latent: 63 image tokens
-    rows, cols = torch.meshgrid(torch.arange(7), torch.arange(9), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+    img_ids = _image_ids(7, 9, 3)
     return {
         "hidden_states": torch.randn(b, 63, 4, generator=g),
         "encoder_hidden_states": torch.randn(b, TEXT, 16, generator=g),
@@ -153,18 +160,103 @@ def _cogvideox_batch(b: int, g: torch.Generator) -> Batch:  # 3 frames x 5 x 5 =
     }
 
 
+def _flux2() -> nn.Module:  # text and image joined between the dual- and the single-stream blocks
+    return diffusers.Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=16,
+        timestep_guidance_channels=16,
+        mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    )
+
+
+def _flux2_batch(b: int, g: torch.Generator) -> Batch:
+    return {
+        "hidden_states": torch.randn(b, 63, 4, generator=g),
+        "encoder_hidden_states": torch.randn(b, TEXT, 16, generator=g),
+        "timestep": torch.rand(b, generator=g),
+        "img_ids": _image_ids(7, 9, 4),
+        "txt_ids": torch.zeros(TEXT, 4),
+    }
+
+
+def _hunyuan_video() -> nn.Module:  # a text refiner (left whole), dual- then single-stream blocks
+    return diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=4,
+        attention_head_dim=16,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=2,
+        patch_size_t=1,
+        guidance_embeds=False,
+        text_embed_dim=16,
+        pooled_projection_dim=16,
+        rope_axes_dim=(4, 6, 6),
+    )
+
+
+def _hunyuan_video_batch(b: int, g: torch.Generator) -> Batch:  # 3 x 4 x 5 = 60 video tokens, joint key mask
+    mask = torch.ones(b, TEXT)
+    mask[1::2, -2:] = 0
+    return {
+        "hidden_states": torch.randn(b, 4, 3, 8, 10, generator=g),
+        "timestep": torch.randint(0, 1000, (b,), generator=g),
+        "encoder_hidden_states": torch.randn(b, TEXT, 16, generator=g),
+        "encoder_attention_mask": mask,
+        "pooled_projections": torch.randn(b, 16, generator=g),
+    }
+
+
+def _sana() -> nn.Module:  # linear attention and a convolution over the image grid: SP must refuse it
+    return diffusers.SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        num_layers=1,
+        num_cross_attention_heads=4,
+        cross_attention_head_dim=8,
+        cross_attention_dim=32,
+        caption_channels=16,
+        mlp_ratio=2.0,
+        sample_size=8,
+        patch_size=2,
+    )
+
+
+def _sana_batch(b: int, g: torch.Generator) -> Batch:
+    return {
+        "hidden_states": torch.randn(b, 4, 8, 10, generator=g),
+        "encoder_hidden_states": torch.randn(b, TEXT, 16, generator=g),
+        "timestep": torch.randint(0, 1000, (b,), generator=g),
+    }
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int, torch.Generator], Batch]]] = {
     "pixart": (_pixart, _pixart_batch),
     "wan": (_wan, _wan_batch),
     "flux": (_flux, _flux_batch),
     "sd3": (_sd3, _sd3_batch),
     "cogvideox": (_cogvideox, _cogvideox_batch),
+    "flux2": (_flux2, _flux2_batch),
+    "hunyuan_video": (_hunyuan_video, _hunyuan_video_batch),
 }
+REFUSED = {"sana": (_sana, _sana_batch)}
 
 
 def make_model_and_optimizer(name: str, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
-    model = MODELS[name][0]()
+    model = {**MODELS, **REFUSED}[name][0]()
     for pname, param in model.named_parameters():
         if pname.endswith(("to_k.bias", "add_k_proj.bias")):
             param.requires_grad_(False)
@@ -174,7 +266,7 @@ def make_model_and_optimizer(name: str, seed: int = 0) -> tuple[nn.Module, torch
 
 def make_batches(name: str, global_batch: int, steps: int) -> list[Batch]:
     """Per step: the model's keyword inputs for the whole global batch and a target like its output."""
-    make = MODELS[name][1]
+    make = {**MODELS, **REFUSED}[name][1]
     return [make(global_batch, torch.Generator().manual_seed(100 + s)) for s in range(steps)]
 
 

@@ -2,9 +2,11 @@
 
 PixArt (cross-attention, text padding mask), Wan (rotary table inside attention, cross-attention),
 Flux (joint attention text first, dual- then single-stream blocks, rotary table over text and image),
-SD3 (joint attention image first) and CogVideoX (joint attention text first, rotary table of the video
-tokens) at SP 2; Flux and Wan also at SP 4 and at DP 2 x SP 2 with ZeRO-3 and selective checkpointing.
-Three AdamW steps match one process: losses, global gradient norms and final weights (fp32, 1e-5).
+SD3 (joint attention image first), CogVideoX (joint attention text first, rotary table of the video
+tokens), Flux2 (text and image joined between the stacks) and HunyuanVideo (joint key mask, image
+first; a text refiner's blocks left whole) at SP 2; Flux and Wan also at SP 4 and at DP 2 x SP 2 with
+ZeRO-3 and selective checkpointing. Three AdamW steps match one process: losses, global gradient norms
+and final weights (fp32, 1e-5). Sana (linear attention, a convolution over the image) is refused.
 """
 
 from __future__ import annotations
@@ -87,3 +89,21 @@ def test_sp2_matches_single_process(world2, name, cfg):
 )
 def test_world4_matches_single_process(world4, name, cfg):
     check(world4, name, cfg)
+
+
+def sana_is_refused() -> str:
+    gen = LiteGen({"sp_size": 2, "global_seed": 0})
+    model, _ = gen.initialize(*make_model_and_optimizer("sana"))
+    try:
+        model(**make_batches("sana", 2, 1)[0])
+    except ValueError as error:
+        return str(error)
+    finally:
+        gen.close()
+    return "no error"
+
+
+def test_a_block_sp_cannot_split_is_refused_by_name(dist_pool):
+    for message in dist_pool.run(sana_is_refused, world_size=2):
+        assert "block 'transformer_blocks.0' (SanaTransformerBlock)" in message, message
+        assert "SP cannot split this block" in message, message

@@ -402,9 +402,16 @@ def _token_dim(t: Tensor, forward: _Forward) -> tuple[int, tuple[str, ...]] | No
     """
     if t.dim() == 0:
         return None
+    lengths = _stream_lengths(forward)
+    if (
+        (t.dim() > 2 or t.dtype == torch.bool)
+        and t.dim() > 1
+        and t.shape[-2] in lengths
+        and t.shape[-1] in lengths
+    ):
+        return None  # a query x key mask: attention takes it whole
     start = 1 if t.dim() > 1 and t.shape[0] in (forward.batch, 1) else 0
     dim = next((d for d in range(start, t.dim()) if t.shape[d] != 1), None)
-    lengths = _stream_lengths(forward)
     if dim is None or t.shape[dim] not in lengths or (t.dim() == 1 and t.shape[0] == forward.batch):
         return None
     return dim, lengths[t.shape[dim]]

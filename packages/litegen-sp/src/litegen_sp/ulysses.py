@@ -381,26 +381,42 @@ def _gather_keys(mask: Tensor, group: dist.ProcessGroup | None, size: int) -> Te
     return gathered.bool() if mask.dtype == torch.bool else gathered
 
 
-def _check_mask(mask: Tensor | None, q: Tensor, kv_len: int, where: str) -> Tensor | None:
-    """Per-key masks ``(b|1, h|1, 1, kv_len|1)``, returned 4-D."""
+def _check_mask(
+    mask: Tensor | None, q: Tensor, forms: Sequence[tuple[int, int]], where: str
+) -> Tensor | None:
+    """``mask``: SDPA's ``(b|1, h|1, query, key)`` with ``(query, key)`` one of ``forms`` (a 1 broadcasts
+    where the form has 1); returned 4-D."""
     if mask is None:
         return None
     if not isinstance(mask, Tensor):
         raise TypeError(f"{where}: attn_mask must be a Tensor or None, got {type(mask).__name__}")
     shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
     batch, heads = q.shape[0], q.shape[2]
-    if (
-        mask.dim() > 4
-        or shape[0] not in (1, batch)
-        or shape[1] not in (1, heads)
-        or shape[2] != 1
-        or shape[3] not in (1, kv_len)
-    ):
+    fits = any(shape[2] == fq and shape[3] in (1, fk) for fq, fk in forms)
+    if mask.dim() > 4 or shape[0] not in (1, batch) or shape[1] not in (1, heads) or not fits:
+        allowed = " or ".join(f"({batch}|1, {heads}|1, {fq}, {fk}|1)" for fq, fk in forms)
         raise ValueError(
-            f"{where}: attn_mask of shape {tuple(mask.shape)} is not supported; allowed: per-key masks "
-            f"broadcastable as ({batch} or 1, {heads} or 1, 1, {kv_len} or 1) (batch, heads, query, key)"
+            f"{where}: attn_mask of shape {tuple(mask.shape)} is not supported; allowed (batch, heads, query, "
+            f"key): {allowed}; per-key masks are split like k, query x key masks are whole"
         )
     return mask.reshape(shape)
+
+
+def _positions(layout: Layout, device: torch.device, rank: int | None = None) -> Tensor:
+    """Where tokens sit in the whole sequence (the layout's sequences one after another).
+
+    ``rank=None``: the real tokens in the rank-major gathered order (as ``_real_tokens`` keeps them);
+    a rank: that rank's local tokens, pad included (a pad points at its sequence's first token).
+    """
+    offsets = [sum(info.seq_len for info in layout[:j]) for j in range(len(layout))]
+    pieces = []
+    for r in range(layout[0].group_size) if rank is None else (rank,):
+        for info, offset in zip(layout, offsets, strict=True):
+            first = r * info.local_len
+            count = min(info.local_len, max(0, info.seq_len - first)) if rank is None else info.local_len
+            local = torch.arange(first, first + count, device=device)
+            pieces.append(offset + local.where(local < info.seq_len, 0))
+    return torch.cat(pieces)
 
 
 def _check_ulysses_inputs(q: Tensor, k: Tensor, v: Tensor, size: int, kv_replicated: bool) -> None:
@@ -455,10 +471,13 @@ def ulysses_attention(
         raise TypeError(f"ulysses_attention: attn_fn={attn_fn!r}; allowed: None or a callable")
     kernel = attn_fn or attention
     q_layout = _layout("seq_len", seq_len, q.shape[1], size)
-    mask = _check_mask(attn_mask, q, k.shape[1], "ulysses_attention")
     if kv_replicated:
         if causal:
             raise ValueError("ulysses_attention: causal=True needs sequence-sharded k/v, not kv_replicated")
+        forms = [(1, k.shape[1]), (q.shape[1], k.shape[1]), (_true_len(q_layout), k.shape[1])]
+        mask = _check_mask(attn_mask, q, forms, "ulysses_attention")
+        if mask is not None and mask.shape[2] not in (1, q.shape[1]):  # whole query x key: this rank's rows
+            mask = mask.index_select(2, _positions(q_layout, q.device, rank))
         out = kernel(q, k, v, causal=False, scale=scale, attn_mask=mask, dropout_p=dropout_p)
         return _checked_output(out, (*q.shape[:3], v.shape[3]))
     if kv_seq_len is None and k.shape[1] != q.shape[1]:
@@ -469,7 +488,9 @@ def ulysses_attention(
     kv_layout = q_layout if kv_seq_len is None else _layout("kv_seq_len", kv_seq_len, k.shape[1], size)
     if causal and (len(q_layout) > 1 or kv_layout != q_layout):
         raise ValueError("ulysses_attention: causal=True needs q and k/v made of the same single sequence")
-    keyed = mask is not None and mask.shape[3] == k.shape[1]  # per key (a 1-token slice is too): gather it
+    forms = [(1, k.shape[1]), (_true_len(q_layout), _true_len(kv_layout))]
+    mask = _check_mask(attn_mask, q, forms, "ulysses_attention")
+    keyed = mask is not None and mask.shape[2] == 1 and mask.shape[3] == k.shape[1]  # split like k: gather it
     if keyed:
         mask = _gather_keys(mask, group, size)
     if mask is not None and mask.shape[1] > 1:
@@ -480,6 +501,10 @@ def ulysses_attention(
     kv_index = q_index if kv_layout == q_layout else _real_tokens(kv_layout, q.device)
     if keyed:
         mask = _drop_pad(mask.movedim(3, 1), kv_layout, kv_index).movedim(1, 3)
+    elif mask is not None and mask.shape[2] > 1 and (len(q_layout) > 1 or len(kv_layout) > 1):
+        mask = mask.index_select(2, _positions(q_layout, q.device)).index_select(
+            3, _positions(kv_layout, q.device)
+        )
     out = kernel(
         _drop_pad(q_heads, q_layout, q_index),
         _drop_pad(k_heads, kv_layout, kv_index),
@@ -489,10 +514,13 @@ def ulysses_attention(
         attn_mask=mask,
         dropout_p=dropout_p,
     )
-    real = sum(info.seq_len for info in q_layout)
-    out = _checked_output(out, (q.shape[0], real, q.shape[2] // size, v.shape[3]))
+    out = _checked_output(out, (q.shape[0], _true_len(q_layout), q.shape[2] // size, v.shape[3]))
     (out,) = _HeadsToSeq.apply(group, _restore_pad(out, q_layout, q_index, q_heads.shape[1]))
     return out
+
+
+def _true_len(layout: Layout) -> int:
+    return sum(info.seq_len for info in layout)
 
 
 def _checked_output(out: Tensor, expected: tuple[int, ...]) -> Tensor:
