@@ -8,11 +8,11 @@ text refiner nested inside an embedder stay whole.
 - Entering the region's first block, each token stream is cut into this rank's slice: the block
   arguments ``SPPlan.streams`` names, else those the model's diffusers ``_cp_plan`` splits, else
   ``hidden_states`` (argument 0) and ``encoder_hidden_states``.
-- Entering every block, each other tensor argument (inside tuples, lists and dicts too) whose leading
-  dim (after a batch or broadcast dim and singleton dims) is as long as a stream, or as two streams
-  together, is cut the same way: rotary tables ``(tokens, d)``, key masks ``(batch, 1, 1, tokens)``,
-  per-token timesteps ``(batch, tokens, ...)``. A two-stream table is cut segment by segment, in the
-  order joint attention uses.
+- Entering every block, each other tensor argument (inside tuples, lists and dicts too) with a token
+  dim as long as a stream, or as two streams together, is cut the same way (see ``_token_dim``): rotary
+  tables ``(tokens, d)``, key masks ``(batch, 1, 1, tokens)``, per-token timesteps ``(batch, tokens, ...)``.
+  A two-stream table is cut segment by segment, in the order joint attention uses; a query x key mask
+  stays whole and attention maps it onto the tokens it sees.
 - During a block call a ``TorchFunctionMode`` routes each ``F.scaled_dot_product_attention`` through
   ``ulysses_attention`` and watches ``torch.cat``, which is how joint attention puts the streams
   together (text first in Flux, image first in SD3). Keys from a split stream are exchanged; keys no
@@ -396,11 +396,14 @@ def _stream_lengths(forward: _Forward) -> dict[int, tuple[str, ...]]:
 def _token_dim(t: Tensor, forward: _Forward) -> tuple[int, tuple[str, ...]] | None:
     """The token dim of a per-token input and the streams it spans; None: not a per-token input.
 
-    Per-token inputs put their tokens first, after a batch (or broadcast) dim and singleton dims:
-    ``(tokens, d)`` rotary tables, ``(1, tokens, 1, d)``, ``(batch, 1, 1, tokens)`` key masks,
-    ``(batch, tokens, ...)`` per-token embeddings. That dim must be as long as a stream or two.
+    The dim must be as long as a stream or two together. It is the leading dim after a batch (or
+    broadcast) dim and singleton dims — ``(tokens, d)`` rotary tables, ``(1, tokens, 1, d)``,
+    ``(batch, 1, 1, tokens)`` key masks, ``(batch, tokens, ...)`` per-token embeddings — or else the only
+    later one that matches, the last dim of a 3-D+ tensor excepted: ``(batch, 6, tokens, channels)``
+    modulations count, a ``(batch, text, channels)`` context whose channels equal a stream does not.
+    A query x key mask (its last two dims both streams) is taken whole by attention.
     """
-    if t.dim() == 0:
+    if t.dim() == 0 or (t.dim() == 1 and t.shape[0] == forward.batch):
         return None
     lengths = _stream_lengths(forward)
     if (
@@ -409,12 +412,15 @@ def _token_dim(t: Tensor, forward: _Forward) -> tuple[int, tuple[str, ...]] | No
         and t.shape[-2] in lengths
         and t.shape[-1] in lengths
     ):
-        return None  # a query x key mask: attention takes it whole
-    start = 1 if t.dim() > 1 and t.shape[0] in (forward.batch, 1) else 0
-    dim = next((d for d in range(start, t.dim()) if t.shape[d] != 1), None)
-    if dim is None or t.shape[dim] not in lengths or (t.dim() == 1 and t.shape[0] == forward.batch):
         return None
-    return dim, lengths[t.shape[dim]]
+    start = 1 if t.dim() > 1 and t.shape[0] in (forward.batch, 1) else 0
+    lead = next((d for d in range(start, t.dim()) if t.shape[d] != 1), None)
+    if lead is None:
+        return None
+    if t.shape[lead] in lengths:
+        return lead, lengths[t.shape[lead]]
+    later = [d for d in range(lead + 1, t.dim() - (t.dim() > 2)) if t.shape[d] in lengths]
+    return (later[0], lengths[t.shape[later[0]]]) if len(later) == 1 else None
 
 
 def _innermost_mode() -> TorchFunctionMode | None:
