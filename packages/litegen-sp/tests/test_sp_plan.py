@@ -217,6 +217,9 @@ def sp_matches_single_rank(name: str, sp_size: int, checkpoint: str, fsdp: bool)
     sequence_parallel(model, mesh.get_group("sp"), plan, blocks=blocks)
     if checkpoint == "after":
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, kinds))
+    if checkpoint == "compile":  # dynamo traces the blocks, hooks and routing mode included (no codegen)
+        for block in blocks:
+            block.compile(backend="eager")
     if fsdp:
         world_mesh = init_device_mesh("cpu", (world,))
         for block in model.blocks if hasattr(model, "blocks") else model.layers:
@@ -264,6 +267,7 @@ def sp_matches_single_rank(name: str, sp_size: int, checkpoint: str, fsdp: bool)
             True,
         ),  # the facade's order: SP plan -> activation checkpointing -> FSDP2
         ("mmdit", 2, 2, "after", False),
+        ("video_rope", 2, 2, "compile", False),
         ("mmdit", 4, 4, "none", False),
         ("mmdit", 4, 2, "after", True),
         ("video_rope", 2, 2, "none", False),

@@ -276,6 +276,7 @@ class _SPRuntime:
         return self.slots[type(block)]
 
     # ---- entering a block -------------------------------------------------------------------------
+    @torch.compiler.disable
     def enter(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if block is self.region[0]:
             self._stop_watching()  # left over by a forward that raised between blocks
@@ -348,6 +349,7 @@ class _SPRuntime:
         return _Forward(infos, probe.batch)
 
     # ---- leaving a block --------------------------------------------------------------------------
+    @torch.compiler.disable
     def leave(self, block: nn.Module, args: tuple, out: Any) -> Any:
         call = self.calls.pop()
         call.__exit__(None, None, None)
@@ -505,6 +507,10 @@ class _BlockCall(TorchFunctionMode):
             start += info.seq_len
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=how.dim)
 
+    @torch.compiler.disable
+    def _resolve_all(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return tuple(self._resolve(a) for a in args), {k: self._resolve(v) for k, v in kwargs.items()}
+
     def _resolve(self, value: Any) -> Any:
         if isinstance(value, Tensor) and id(value) in self.pending:
             if id(value) not in self.done:
@@ -527,8 +533,7 @@ class _BlockCall(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         if self.pending:
-            args = tuple(self._resolve(a) for a in args)
-            kwargs = {k: self._resolve(v) for k, v in kwargs.items()}
+            args, kwargs = self._resolve_all(args, kwargs)
         if func is F.scaled_dot_product_attention:
             return self.attention(*args, **kwargs)
         if func in _CATS:
@@ -546,11 +551,13 @@ class _BlockCall(TorchFunctionMode):
                 "F.scaled_dot_product_attention (linear attention) does not work on a slice"
             ) from error
 
+    @torch.compiler.disable  # the mode's other work traces into compiled blocks; this and attention break the graph
     def _watch_cat(self, *args: Any, **kwargs: Any) -> None:
         streams = self.forward.watch_cat(*args, **kwargs)
         if streams is not None and len(streams) == 2 and len(set(streams)) == 2:
             self.runtime.joint_orders.setdefault(frozenset(streams), streams)
 
+    @torch.compiler.disable
     def attention(
         self,
         query: Tensor,
