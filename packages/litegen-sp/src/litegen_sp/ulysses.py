@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ring import Chunk, ring_attention_chunks
+
 AttentionFn = Callable[..., Tensor]
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256
@@ -336,16 +338,16 @@ def _layout(where: str, spec: int | Sequence[SequenceInfo] | None, local_len: in
     return tuple(spec)
 
 
-def _real_tokens(layout: Layout, device: torch.device) -> Tensor | None:
-    """Positions of the real tokens in the rank-major gathered sequence; None when there is no pad.
+def _real_tokens(layout: Layout, device: torch.device, ranks: range) -> Tensor | None:
+    """Positions of the real tokens among ``ranks``' local tokens laid end to end; None: no pad among them.
 
     After the sequence-to-heads exchange, rank ``r``'s local tokens (its slice of each sequence of the
-    layout, in order) occupy positions ``r * local_len ...``; each slice holds its real tokens first.
+    layout, in order) follow those of rank ``r - 1``; each slice holds its real tokens first.
     """
-    if all(info.padded_len == info.seq_len for info in layout):
+    if all(min(i.local_len, max(0, i.seq_len - r * i.local_len)) == i.local_len for r in ranks for i in layout):
         return None
     pieces, start = [], 0
-    for rank in range(layout[0].group_size):
+    for rank in ranks:
         for info in layout:
             real = min(info.local_len, max(0, info.seq_len - rank * info.local_len))
             pieces.append(torch.arange(start, start + real, device=device))
@@ -353,21 +355,29 @@ def _real_tokens(layout: Layout, device: torch.device) -> Tensor | None:
     return torch.cat(pieces)
 
 
-def _drop_pad(x: Tensor, layout: Layout, index: Tensor | None) -> Tensor:
-    """``x``: (b, P * local_len, ...) gathered tokens -> (b, real tokens, ...)."""
-    if index is None:
-        return x
-    if len(layout) == 1:  # one sequence: its pad is the tail of the gathered sequence
-        return x[:, : layout[0].seq_len]
-    return x.index_select(1, index)
+def _positions(layout: Layout, device: torch.device, ranks: range, pads: bool = False) -> Tensor:
+    """Where ``ranks``' real tokens sit in the whole sequence (the layout's sequences one after another),
+    in the order of ``_real_tokens``; ``pads``: every local token, a pad pointing at its sequence's start."""
+    offsets = [sum(info.seq_len for info in layout[:j]) for j in range(len(layout))]
+    pieces = []
+    for rank in ranks:
+        for info, offset in zip(layout, offsets, strict=True):
+            first = rank * info.local_len
+            count = info.local_len if pads else min(info.local_len, max(0, info.seq_len - first))
+            local = torch.arange(first, first + count, device=device)
+            pieces.append(offset + local.where(local < info.seq_len, 0))
+    return torch.cat(pieces)
 
 
-def _restore_pad(x: Tensor, layout: Layout, index: Tensor | None, padded_len: int) -> Tensor:
-    """Inverse of ``_drop_pad``: pad tokens come back as zeros."""
+def _drop_pad(x: Tensor, index: Tensor | None, dim: int = 1) -> Tensor:
+    """``x``: gathered tokens along ``dim`` -> only the real ones."""
+    return x if index is None else x.index_select(dim, index)
+
+
+def _restore_pad(x: Tensor, index: Tensor | None, padded_len: int) -> Tensor:
+    """Inverse of ``_drop_pad`` along dim 1: pad tokens come back as zeros."""
     if index is None:
         return x
-    if len(layout) == 1:
-        return F.pad(x, (0, 0, 0, 0, 0, padded_len - x.shape[1]))
     return x.new_zeros((x.shape[0], padded_len, *x.shape[2:])).index_copy(1, index, x)
 
 
@@ -402,33 +412,17 @@ def _check_mask(
     return mask.reshape(shape)
 
 
-def _positions(layout: Layout, device: torch.device, rank: int | None = None) -> Tensor:
-    """Where tokens sit in the whole sequence (the layout's sequences one after another).
-
-    ``rank=None``: the real tokens in the rank-major gathered order (as ``_real_tokens`` keeps them);
-    a rank: that rank's local tokens, pad included (a pad points at its sequence's first token).
-    """
-    offsets = [sum(info.seq_len for info in layout[:j]) for j in range(len(layout))]
-    pieces = []
-    for r in range(layout[0].group_size) if rank is None else (rank,):
-        for info, offset in zip(layout, offsets, strict=True):
-            first = r * info.local_len
-            count = min(info.local_len, max(0, info.seq_len - first)) if rank is None else info.local_len
-            local = torch.arange(first, first + count, device=device)
-            pieces.append(offset + local.where(local < info.seq_len, 0))
-    return torch.cat(pieces)
-
-
-def _check_ulysses_inputs(q: Tensor, k: Tensor, v: Tensor, size: int, kv_replicated: bool) -> None:
+def _check_ulysses_inputs(q: Tensor, k: Tensor, v: Tensor, ulysses: int, kv_replicated: bool) -> None:
     """Validate shapes on every rank before any collective."""
     _check_attention_shapes("ulysses_attention", q, k, v)
     if not isinstance(kv_replicated, bool):
         raise TypeError(f"ulysses_attention: kv_replicated={kv_replicated!r}; allowed: True or False")
     heads, kv_heads = q.shape[2], k.shape[2]
-    if not kv_replicated and (heads % size or kv_heads % size):
+    if not kv_replicated and (heads % ulysses or kv_heads % ulysses):
         raise ValueError(
             f"ulysses_attention: heads={heads} and kv_heads={kv_heads} must both be divisible by the "
-            f"sequence-parallel group size {size} (q {tuple(q.shape)}, k {tuple(k.shape)})"
+            f"Ulysses group size {ulysses} (q {tuple(q.shape)}, k {tuple(k.shape)}); a ring_group takes the rest "
+            "of the sequence-parallel degree"
         )
 
 
@@ -438,6 +432,7 @@ def ulysses_attention(
     v: Tensor,
     *,
     group: dist.ProcessGroup | None,
+    ring_group: dist.ProcessGroup | None = None,
     causal: bool = False,
     scale: float | None = None,
     attn_fn: AttentionFn | None = None,
@@ -447,7 +442,7 @@ def ulysses_attention(
     attn_mask: Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> Tensor:
-    """Attention over the whole sequence of ``group``; inputs and output stay sequence-sharded.
+    """Attention over the whole sequence of the SP group; inputs and output stay sequence-sharded.
 
     ``q``: ``(batch, seq_local, heads, head_dim)``, this rank's slice (``split_sequence``).
     ``seq_len`` says how those local tokens are made: ``None`` (all real), an int (one sequence of that
@@ -455,17 +450,22 @@ def ulysses_attention(
     slices of these sequences concatenated in this order, e.g. ``[text_info, image_info]``). Pad tokens
     are dropped before the kernel, so they never act as keys.
     ``k``, ``v``: ``(batch, kv_local, kv_heads, head_dim)`` sharded like ``q`` or, with ``kv_seq_len``,
-    made of other split sequences (cross-attention to a split text stream). ``heads`` and ``kv_heads``
-    must be divisible by the group size (GQA grouping is kept). With ``kv_replicated=True`` every rank
-    holds the whole ``(batch, seq_kv, kv_heads, head_dim)`` k/v: attention runs locally for this rank's
-    queries and all heads, with no communication (gradient: this rank's share).
+    made of other split sequences (cross-attention to a split text stream). With ``kv_replicated=True``
+    every rank holds the whole ``(batch, seq_kv, kv_heads, head_dim)`` k/v: attention runs locally for
+    this rank's queries and all heads, with no communication (gradient: this rank's share).
+    ``group``: the Ulysses group (``heads`` and ``kv_heads`` divisible by its size; GQA kept). With
+    ``ring_group`` the SP group is Ulysses x Ring (USP): ``group`` holds ``U`` consecutive SP ranks
+    (SP rank = ring rank * U + Ulysses rank), the ``R`` ring ranks run ring attention over the Ulysses
+    groups' chunks (``ring.py``; causal, ``attn_fn`` and dropout need ``R = 1``).
     ``attn_fn(q, k, v, causal=, scale=, attn_mask=, dropout_p=)`` replaces the local kernel (default:
-    ``attention``). ``attn_mask``: per-key mask ``(batch|1, heads|1, 1, kv|1)`` in SDPA's convention,
-    split like k (``kv`` = the local k length), or whole when k/v are replicated.
-    Returns ``(batch, seq_local, heads, head_dim_v)``.
+    ``attention``). ``attn_mask``: per-key ``(batch|1, heads|1, 1, kv|1)`` split like k, or a whole
+    ``(batch|1, heads|1, seq, seq_kv)`` over the true sequences (SDPA's convention). Returns
+    ``(batch, seq_local, heads, head_dim_v)``.
     """
-    size, rank = _group_size_and_rank(group)
-    _check_ulysses_inputs(q, k, v, size, kv_replicated)
+    ulysses, u_rank = _group_size_and_rank(group)
+    ring, r_rank = (1, 0) if ring_group is None else _group_size_and_rank(ring_group)
+    size, rank = ulysses * ring, r_rank * ulysses + u_rank
+    _check_ulysses_inputs(q, k, v, ulysses, kv_replicated)
     _check_options("ulysses_attention", causal, scale, dropout_p)
     if attn_fn is not None and not callable(attn_fn):
         raise TypeError(f"ulysses_attention: attn_fn={attn_fn!r}; allowed: None or a callable")
@@ -477,7 +477,7 @@ def ulysses_attention(
         forms = [(1, k.shape[1]), (q.shape[1], k.shape[1]), (_true_len(q_layout), k.shape[1])]
         mask = _check_mask(attn_mask, q, forms, "ulysses_attention")
         if mask is not None and mask.shape[2] not in (1, q.shape[1]):  # whole query x key: this rank's rows
-            mask = mask.index_select(2, _positions(q_layout, q.device, rank))
+            mask = mask.index_select(2, _positions(q_layout, q.device, range(rank, rank + 1), pads=True))
         out = kernel(q, k, v, causal=False, scale=scale, attn_mask=mask, dropout_p=dropout_p)
         return _checked_output(out, (*q.shape[:3], v.shape[3]))
     if kv_seq_len is None and k.shape[1] != q.shape[1]:
@@ -486,37 +486,77 @@ def ulysses_attention(
             "are split from other sequences, or kv_replicated=True when every rank holds the whole k/v"
         )
     kv_layout = q_layout if kv_seq_len is None else _layout("kv_seq_len", kv_seq_len, k.shape[1], size)
-    if causal and (len(q_layout) > 1 or kv_layout != q_layout):
-        raise ValueError("ulysses_attention: causal=True needs q and k/v made of the same single sequence")
+    if causal and (len(q_layout) > 1 or kv_layout != q_layout or ring > 1):
+        raise ValueError(
+            "ulysses_attention: causal=True needs q and k/v made of the same single sequence, and no ring_group"
+        )
+    if ring > 1 and (attn_fn is not None or dropout_p):
+        raise ValueError("ulysses_attention: attn_fn and dropout_p need ring_group=None (ring kernels are fixed)")
     forms = [(1, k.shape[1]), (_true_len(q_layout), _true_len(kv_layout))]
     mask = _check_mask(attn_mask, q, forms, "ulysses_attention")
-    keyed = mask is not None and mask.shape[2] == 1 and mask.shape[3] == k.shape[1]  # split like k: gather it
-    if keyed:
-        mask = _gather_keys(mask, group, size)
+    keyed = mask is not None and mask.shape[2] == 1 and mask.shape[3] == k.shape[1]  # split like k
+    if keyed and ulysses > 1:  # this Ulysses group's keys, like k after the exchange
+        mask = _gather_keys(mask, group, ulysses)
     if mask is not None and mask.shape[1] > 1:
-        local = q.shape[2] // size
-        mask = mask[:, rank * local : (rank + 1) * local]
-    q_heads, k_heads, v_heads = _SeqToHeads.apply(group, q, k, v)
-    q_index = _real_tokens(q_layout, q.device)
-    kv_index = q_index if kv_layout == q_layout else _real_tokens(kv_layout, q.device)
-    if keyed:
-        mask = _drop_pad(mask.movedim(3, 1), kv_layout, kv_index).movedim(1, 3)
-    elif mask is not None and mask.shape[2] > 1 and (len(q_layout) > 1 or len(kv_layout) > 1):
-        mask = mask.index_select(2, _positions(q_layout, q.device)).index_select(
-            3, _positions(kv_layout, q.device)
+        local = q.shape[2] // ulysses
+        mask = mask[:, u_rank * local : (u_rank + 1) * local]
+    q_heads, k_heads, v_heads = _SeqToHeads.apply(group, q, k, v) if ulysses > 1 else (q, k, v)
+    mine = range(r_rank * ulysses, (r_rank + 1) * ulysses)  # the SP ranks whose tokens this rank now holds
+    q_index = _real_tokens(q_layout, q.device, mine)
+    if ring > 1:
+        out = _ring(q_heads, k_heads, v_heads, ring_group, q_layout, kv_layout, mine, mask, keyed, scale)
+    else:
+        kv_index = q_index if kv_layout == q_layout else _real_tokens(kv_layout, q.device, mine)
+        if keyed:
+            mask = _drop_pad(mask, kv_index, dim=3)
+        elif mask is not None and mask.shape[2] > 1 and (q_index is not None or kv_index is not None):
+            rows, cols = _positions(q_layout, q.device, mine), _positions(kv_layout, q.device, mine)
+            mask = mask.index_select(2, rows).index_select(3, cols)
+        out = kernel(
+            _drop_pad(q_heads, q_index),
+            _drop_pad(k_heads, kv_index),
+            _drop_pad(v_heads, kv_index),
+            causal=causal,
+            scale=scale,
+            attn_mask=mask,
+            dropout_p=dropout_p,
         )
-    out = kernel(
-        _drop_pad(q_heads, q_layout, q_index),
-        _drop_pad(k_heads, kv_layout, kv_index),
-        _drop_pad(v_heads, kv_layout, kv_index),
-        causal=causal,
-        scale=scale,
-        attn_mask=mask,
-        dropout_p=dropout_p,
-    )
-    out = _checked_output(out, (q.shape[0], _true_len(q_layout), q.shape[2] // size, v.shape[3]))
-    (out,) = _HeadsToSeq.apply(group, _restore_pad(out, q_layout, q_index, q_heads.shape[1]))
+        out = _checked_output(out, (q.shape[0], _true_len(q_layout), q.shape[2] // ulysses, v.shape[3]))
+        out = _restore_pad(out, q_index, q_heads.shape[1])
+    if ulysses > 1:
+        (out,) = _HeadsToSeq.apply(group, out)
     return out
+
+
+def _ring(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ring_group: dist.ProcessGroup,
+    q_layout: Layout,
+    kv_layout: Layout,
+    mine: range,
+    mask: Tensor | None,
+    keyed: bool,
+    scale: float | None,
+) -> Tensor:
+    """Ring attention over the Ulysses groups' chunks: chunk i holds SP ranks ``i * U ... (i + 1) * U - 1``."""
+    ulysses, ring = len(mine), dist.get_world_size(ring_group)
+    whole = mask is not None and not keyed and mask.shape[2] > 1
+
+    def chunk(layout: Layout, i: int) -> Chunk:
+        ranks = range(i * ulysses, (i + 1) * ulysses)
+        real = _real_tokens(layout, q.device, ranks)
+        count = ulysses * sum(info.local_len for info in layout) if real is None else real.numel()
+        return Chunk(real, _positions(layout, q.device, ranks) if whole else None, count)
+
+    q_chunk = chunk(q_layout, mine.start // ulysses)
+    kv_chunks = [chunk(kv_layout, i) for i in range(ring)]
+    rows = mask.index_select(2, q_chunk.positions) if whole else None
+    return ring_attention_chunks(
+        q, k, v, group=ring_group, q_chunk=q_chunk, kv_chunks=kv_chunks,
+        key_mask=mask if keyed else None, whole_mask=rows, scale=scale,
+    )  # fmt: skip
 
 
 def _true_len(layout: Layout) -> int:

@@ -1,0 +1,239 @@
+"""Ring attention: exact attention over key/value blocks that travel around a group of ranks.
+
+Each rank keeps its query chunk; the key/value chunks of the ring's ranks travel around it (rank ``r``
+sends to ``r + 1``, the next chunk's transfer running while the current one is attended). Each chunk's
+attention comes with its log-sum-exp, and the chunks are merged with the online-softmax rule, so no
+rank holds more than one chunk's scores. The backward runs the ring again with flash attention's
+backward (it needs only the final output and log-sum-exp); each chunk's key/value gradient travels
+with it and is handed back to its owner. Forward sends each rank's k and v ``R - 1`` times; backward
+sends k, v and their gradients ``R - 1`` times each.
+
+Chunks hold pad tokens (sequences padded to a multiple of the SP size): ``Chunk.real`` lists the real
+tokens of a chunk, and only those enter a kernel; a chunk without real keys (or whose keys a mask
+hides from a query) never enters the merge for it. Layout: ``(batch, seq, heads, head_dim)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One ring rank's chunk: ``real`` indexes its real tokens (None: all are); ``positions`` gives
+    each real token's place in the whole sequence (for a whole query x key mask; None: no such mask)."""
+
+    real: Tensor | None
+    positions: Tensor | None
+    count: int
+
+
+def _take(x: Tensor, index: Tensor | None, dim: int) -> Tensor:
+    return x if index is None else x.index_select(dim, index)
+
+
+def _kernel(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float | None) -> tuple[Tensor, Tensor]:
+    """Attention and its log-sum-exp; q, k, v ``(b, h, s, d)`` (k, v expanded to q's heads)."""
+    if q.is_cuda and bias is None and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+        return out, lse
+    if q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)[:2]
+        return out, lse[..., : q.shape[2]]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+
+
+def _kernel_backward(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bias: Tensor | None, scale: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one chunk's attention, given the merged output and log-sum-exp of all chunks."""
+    if q.is_cuda and bias is None and q.dtype in (torch.float16, torch.bfloat16):
+        empty = torch.empty(0, device=q.device, dtype=torch.int64)
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad, q, k, v, out, lse.float(), empty, empty, q.shape[2], k.shape[2], 0.0, False, empty, empty, scale=scale
+        )
+    if q.is_cuda:
+        seed = offset = torch.empty(0, device=q.device, dtype=torch.int64)
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            grad, q, k, v, bias, out, lse.float().contiguous(), seed, offset, 0.0, [True, True, True, False], False,
+            scale=scale,
+        )
+        return dq, dk, dv
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale
+    )
+
+
+def _expand(kv: Tensor, heads: int) -> Tensor:
+    """``(b, h_kv, s, d)`` -> ``(b, heads, s, d)``: each kv head serves ``heads / h_kv`` query heads."""
+    return kv if kv.shape[1] == heads else kv.repeat_interleave(heads // kv.shape[1], dim=1)
+
+
+def _reduce(grad: Tensor, kv_heads: int) -> Tensor:
+    return grad if grad.shape[1] == kv_heads else grad.unflatten(1, (kv_heads, -1)).sum(2)
+
+
+class _Ring:
+    """The static facts of one ring call: group, chunks, masks, scale."""
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        q_chunk: Chunk,
+        kv_chunks: list[Chunk],
+        key_mask: Tensor | None,
+        whole_mask: Tensor | None,
+        scale: float | None,
+    ) -> None:
+        self.group = group
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
+        self.q_chunk, self.kv_chunks = q_chunk, kv_chunks
+        self.key_mask, self.whole_mask = key_mask, whole_mask
+        self.scale = scale
+
+    def source(self, step: int) -> int:
+        return (self.rank - step) % self.size
+
+    def bias(self, step: int, key_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        """The additive bias for the chunk attended at ``step``: its per-key mask and/or whole-mask columns."""
+        chunk = self.kv_chunks[self.source(step)]
+        bias = None
+        if key_mask is not None:
+            bias = _take(key_mask, chunk.real, 3)
+        if self.whole_mask is not None:
+            cols = self.whole_mask.index_select(3, chunk.positions)
+            bias = cols if bias is None else bias + cols
+        if bias is not None and bias.dtype == torch.bool:
+            bias = torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill(~bias, NEG_INF)
+        return None if bias is None else bias.to(dtype)
+
+    def swap(self, tensors: list[Tensor]) -> tuple[list[Tensor], list]:
+        """Start sending ``tensors`` to the next rank and receiving the previous rank's into new buffers."""
+        tensors = [t.contiguous() for t in tensors]
+        received = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag=i) for i, t in enumerate(tensors)]
+        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group, tag=i) for i, r in enumerate(received)]
+        return received, dist.batch_isend_irecv(ops)
+
+
+def _wait(works: list) -> None:
+    for work in works:
+        work.wait()
+
+
+class _RingAttention(torch.autograd.Function):
+    """q: ``(b, h, sq, d)`` real queries; k, v: ``(b, h_kv, s_chunk, d)`` this rank's chunk, pads included."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, ring: _Ring) -> Tensor:
+        heads, acc = q.shape[1], torch.promote_types(q.dtype, torch.float32)
+        out = torch.zeros((*q.shape[:3], v.shape[3]), dtype=acc, device=q.device)
+        lse = torch.full(q.shape[:3], NEG_INF, dtype=acc, device=q.device)
+        k, v = k.contiguous(), v.contiguous()
+        blocks = [k, v] + ([ring.key_mask.contiguous()] if ring.key_mask is not None else [])
+        for step in range(ring.size):
+            works = []
+            if step + 1 < ring.size:
+                incoming, works = ring.swap(blocks)
+            chunk = ring.kv_chunks[ring.source(step)]
+            if chunk.count and q.shape[2]:
+                key_mask = blocks[2] if ring.key_mask is not None else None
+                bias = ring.bias(step, key_mask, q.dtype)
+                kk, vv = (_expand(_take(t, chunk.real, 2), heads) for t in blocks[:2])
+                o, l_ = _kernel(q, kk, vv, bias, ring.scale)
+                l_ = l_.to(acc)
+                if bias is not None:  # a query all of whose keys here are masked gets no say (the kernel says lse 0)
+                    l_ = l_.masked_fill(torch.isneginf(bias).all(-1).expand_as(l_), NEG_INF)
+                merged = torch.logaddexp(lse, l_)
+                old = torch.exp(lse - merged).nan_to_num(0.0).unsqueeze(-1)
+                new = torch.exp(l_ - merged).nan_to_num(0.0).unsqueeze(-1)
+                out = out * old + o.to(acc) * new
+                lse = merged
+            _wait(works)
+            if step + 1 < ring.size:
+                blocks = incoming
+        lse = lse.masked_fill(torch.isneginf(lse), 0.0)  # a query with no key at all: output 0, as SDPA's kernels
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring = ring
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        ring: _Ring = ctx.ring
+        heads, kv_heads, acc = q.shape[1], k.shape[1], lse.dtype
+        grad = grad.contiguous()
+        dq = torch.zeros_like(q, dtype=acc)
+        blocks = [k, v] + ([ring.key_mask.contiguous()] if ring.key_mask is not None else [])
+        own = travel = None
+        travel_works: list = []
+        for step in range(ring.size):
+            works = []
+            if step + 1 < ring.size:
+                incoming, works = ring.swap(blocks)
+            chunk = ring.kv_chunks[ring.source(step)]
+            dk = torch.zeros_like(k, dtype=acc)
+            dv = torch.zeros_like(v, dtype=acc)
+            if chunk.count and q.shape[2]:
+                key_mask = blocks[2] if ring.key_mask is not None else None
+                bias = ring.bias(step, key_mask, q.dtype)
+                kk, vv = (_expand(_take(t, chunk.real, 2), heads) for t in blocks[:2])
+                dq_, dk_, dv_ = _kernel_backward(grad, q, kk, vv, out, lse, bias, ring.scale)
+                dq += dq_.to(acc)
+                dk_, dv_ = _reduce(dk_.to(acc), kv_heads), _reduce(dv_.to(acc), kv_heads)
+                if chunk.real is None:
+                    dk, dv = dk_, dv_
+                else:
+                    dk.index_copy_(2, chunk.real, dk_)
+                    dv.index_copy_(2, chunk.real, dv_)
+            if step == 0:
+                own = [dk, dv]
+            else:  # add to the gradient travelling with this chunk and pass it on (to its owner, at the end)
+                if step > 1:
+                    _wait(travel_works)
+                    dk, dv = dk + travel[0], dv + travel[1]
+                travel, travel_works = ring.swap([dk, dv])
+            _wait(works)
+            if step + 1 < ring.size:
+                blocks = incoming
+        if ring.size > 1:
+            _wait(travel_works)
+            own = [own[0] + travel[0], own[1] + travel[1]]
+        return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype), None
+
+
+def ring_attention_chunks(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    group: dist.ProcessGroup,
+    q_chunk: Chunk,
+    kv_chunks: list[Chunk],
+    key_mask: Tensor | None = None,
+    whole_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Attention of this rank's queries over every ring rank's key/value chunk.
+
+    ``q``: ``(b, s_chunk, h, d)``; ``k``, ``v``: ``(b, s_kv_chunk, h_kv, d)``, this rank's chunks, pad
+    included. ``q_chunk`` / ``kv_chunks[i]``: the real tokens of this rank's query chunk and of ring rank
+    i's key chunk. ``key_mask``: this rank's per-key mask ``(b|1, h|1, 1, s_kv_chunk)``, travelling with k;
+    ``whole_mask``: rows of a whole query x key mask for the real queries, ``(b|1, h|1, real q, seq_kv)``.
+    Returns ``(b, s_chunk, h, d_v)`` with zeros for pad queries.
+    """
+    ring = _Ring(group, q_chunk, kv_chunks, key_mask, whole_mask, scale)
+    q_real = _take(q, q_chunk.real, 1).transpose(1, 2)
+    out = _RingAttention.apply(q_real, k.transpose(1, 2), v.transpose(1, 2), ring).transpose(1, 2)
+    if q_chunk.real is None:
+        return out
+    return out.new_zeros((*q.shape[:3], v.shape[3])).index_copy(1, q_chunk.real, out)
