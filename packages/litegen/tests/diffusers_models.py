@@ -49,10 +49,10 @@ def _pixart_batch(b: int, g: torch.Generator) -> Batch:
     }
 
 
-def _wan() -> nn.Module:
+def _wan(heads: int = 4) -> nn.Module:
     return diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2),
-        num_attention_heads=4,
+        num_attention_heads=heads,
         attention_head_dim=8,
         in_channels=4,
         out_channels=4,
@@ -73,14 +73,14 @@ def _wan_batch(b: int, g: torch.Generator) -> Batch:  # 3 x 5 x 5 = 75 video tok
     }
 
 
-def _flux() -> nn.Module:
+def _flux(heads: int = 4) -> nn.Module:
     return diffusers.FluxTransformer2DModel(
         patch_size=1,
         in_channels=4,
         num_layers=1,
         num_single_layers=2,
         attention_head_dim=8,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         joint_attention_dim=16,
         pooled_projection_dim=16,
         axes_dims_rope=(2, 2, 4),
@@ -254,9 +254,12 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[int, torch.Generator]
 REFUSED = {"sana": (_sana, _sana_batch)}
 
 
-def make_model_and_optimizer(name: str, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+def make_model_and_optimizer(
+    name: str, seed: int = 0, **config: int
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """``config``: constructor overrides some builders take (``heads`` for wan and flux)."""
     torch.manual_seed(seed)
-    model = {**MODELS, **REFUSED}[name][0]()
+    model = {**MODELS, **REFUSED}[name][0](**config)
     for pname, param in model.named_parameters():
         if pname.endswith(("to_k.bias", "add_k_proj.bias")):
             param.requires_grad_(False)
@@ -300,9 +303,11 @@ def train_steps(
     return losses, norms
 
 
-def reference(name: str, steps: int, global_batch: int) -> tuple[list, list, dict[str, torch.Tensor]]:
+def reference(
+    name: str, steps: int, global_batch: int, **config: int
+) -> tuple[list, list, dict[str, torch.Tensor]]:
     """Single-process, full-batch training: the truth every layout must match."""
-    model, opt = make_model_and_optimizer(name)
+    model, opt = make_model_and_optimizer(name, **config)
     losses, norms = train_steps(
         model,
         opt,

@@ -5,8 +5,10 @@ Flux (joint attention text first, dual- then single-stream blocks, rotary table 
 SD3 (joint attention image first), CogVideoX (joint attention text first, rotary table of the video
 tokens), Flux2 (text and image joined between the stacks) and HunyuanVideo (joint key mask, image
 first; a text refiner's blocks left whole) at SP 2; Flux and Wan also at SP 4 and at DP 2 x SP 2 with
-ZeRO-3 and selective checkpointing. Three AdamW steps match one process: losses, global gradient norms
-and final weights (fp32, 1e-5). Sana (linear attention, a convolution over the image) is refused.
+ZeRO-3 and selective checkpointing. Ulysses x Ring: Flux and Wan with 3 heads at SP 2 (ring only) and
+with 6 heads at SP 4 (2 x 2) with ZeRO-3. Three AdamW steps match one process: losses, global gradient
+norms and final weights (fp32, 1e-5). Sana (linear attention, a convolution over the image) is refused,
+and so is a ring degree that leaves a Ulysses degree the heads do not divide.
 """
 
 from __future__ import annotations
@@ -19,17 +21,25 @@ from diffusers_models import MODELS, make_batches, make_model_and_optimizer, ref
 from litegen import LiteGen
 
 STEPS, GLOBAL_BATCH = 3, 4
-WORLD2 = [(name, {"sp_size": 2}) for name in MODELS]
-WORLD4 = [
-    (name, cfg)
+Combo = tuple[str, dict, dict]  # model name, LiteGen config, model constructor overrides
+WORLD2: list[Combo] = [(name, {"sp_size": 2}, {}) for name in MODELS]
+WORLD2 += [(name, {"sp_size": 2}, {"heads": 3}) for name in ("flux", "wan")]
+WORLD4: list[Combo] = [
+    (name, cfg, {})
     for name in ("flux", "wan")
     for cfg in ({"sp_size": 4}, {"sp_size": 2, "zero_degree": 3, "selective_ratio": 0.5})
 ]
+WORLD4 += [(name, {"sp_size": 4, "zero_degree": 3}, {"heads": 6}) for name in ("flux", "wan")]
 
 
-def train_through_facade(name: str, cfg: dict) -> dict:
+def combo_id(combo: Combo) -> str:
+    name, cfg, model_config = combo
+    return "-".join([name, *(f"{k}{v}" for k, v in {**cfg, **model_config}.items())])
+
+
+def train_through_facade(name: str, cfg: dict, model_config: dict) -> dict:
     gen = LiteGen({**cfg, "global_seed": 0})
-    model, opt = gen.initialize(*make_model_and_optimizer(name))
+    model, opt = gen.initialize(*make_model_and_optimizer(name, **model_config))
     rt = gen.runtime
     per = GLOBAL_BATCH // rt.dp_size
     batches = [
@@ -42,13 +52,13 @@ def train_through_facade(name: str, cfg: dict) -> dict:
     return {"losses": losses, "norms": norms, "state": state}
 
 
-def run_all(combos: list[tuple[str, dict]]) -> dict:
+def run_all(combos: list[Combo]) -> dict:
     out = {}
-    for name, cfg in combos:
+    for combo in combos:
         try:
-            out[name, str(cfg)] = train_through_facade(name, cfg)
+            out[combo_id(combo)] = train_through_facade(*combo)
         except Exception:  # noqa: BLE001 - reported per combination by the test
-            out[name, str(cfg)] = traceback.format_exc()
+            out[combo_id(combo)] = traceback.format_exc()
     return out
 
 
@@ -62,11 +72,11 @@ def world4(dist_pool):
     return dist_pool.run(run_all, WORLD4, world_size=4, timeout=300)
 
 
-def check(per_rank: list[dict], name: str, cfg: dict) -> None:
-    key = (name, str(cfg))
+def check(per_rank: list[dict], combo: Combo) -> None:
+    key = combo_id(combo)
     for rank, res in enumerate(per_rank):
         assert isinstance(res[key], dict), f"rank {rank} failed:\n{res[key]}"
-    ref_losses, ref_norms, ref_state = reference(name, STEPS, GLOBAL_BATCH)
+    ref_losses, ref_norms, ref_state = reference(combo[0], STEPS, GLOBAL_BATCH, **combo[2])
     losses = torch.tensor([res[key]["losses"] for res in per_rank]).mean(0)  # SP peers hold the same loss
     torch.testing.assert_close(losses, torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
     for res in per_rank:
@@ -79,23 +89,21 @@ def check(per_rank: list[dict], name: str, cfg: dict) -> None:
         torch.testing.assert_close(state[k], ref, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("name, cfg", WORLD2, ids=[n for n, _ in WORLD2])
-def test_sp2_matches_single_process(world2, name, cfg):
-    check(world2, name, cfg)
+@pytest.mark.parametrize("combo", WORLD2, ids=combo_id)
+def test_world2_matches_single_process(world2, combo):
+    check(world2, combo)
 
 
-@pytest.mark.parametrize(
-    "name, cfg", WORLD4, ids=[f"{n}-{'-'.join(f'{k}{v}' for k, v in c.items())}" for n, c in WORLD4]
-)
-def test_world4_matches_single_process(world4, name, cfg):
-    check(world4, name, cfg)
+@pytest.mark.parametrize("combo", WORLD4, ids=combo_id)
+def test_world4_matches_single_process(world4, combo):
+    check(world4, combo)
 
 
-def sana_is_refused() -> str:
-    gen = LiteGen({"sp_size": 2, "global_seed": 0})
-    model, _ = gen.initialize(*make_model_and_optimizer("sana"))
+def refused(name: str, cfg: dict, model_config: dict) -> str:
+    gen = LiteGen({**cfg, "global_seed": 0})
+    model, _ = gen.initialize(*make_model_and_optimizer(name, **model_config))
     try:
-        model(**make_batches("sana", 2, 1)[0])
+        model(**make_batches(name, 2, 1)[0])
     except ValueError as error:
         return str(error)
     finally:
@@ -104,6 +112,12 @@ def sana_is_refused() -> str:
 
 
 def test_a_block_sp_cannot_split_is_refused_by_name(dist_pool):
-    for message in dist_pool.run(sana_is_refused, world_size=2):
+    for message in dist_pool.run(refused, "sana", {"sp_size": 2}, {}, world_size=2):
         assert "block 'transformer_blocks.0' (SanaTransformerBlock)" in message, message
         assert "SP cannot split this block" in message, message
+
+
+def test_a_ring_degree_the_heads_do_not_allow_lists_the_splits_that_work(dist_pool):
+    for message in dist_pool.run(refused, "flux", {"sp_size": 4, "sp_ring": 1}, {"heads": 6}, world_size=4):
+        assert "sp_ring=1 with sp_size=4 and attention of 6 heads" in message, message
+        assert "valid Ulysses x Ring splits: 2 x 2 (sp_ring=2), 1 x 4 (sp_ring=4)" in message, message

@@ -1,10 +1,12 @@
-"""litegen_sp: Ulysses sequence parallelism for attention, usable on unmodified DiT models.
+"""litegen_sp: Ulysses x Ring sequence parallelism for attention, usable on unmodified DiT models.
 
 Layout: ``(batch, seq, heads, head_dim)``. See ``ulysses`` for the collectives and the gradient rule,
-``plan`` for running an unmodified model's blocks under SP.
+``ring`` for ring attention and the Ulysses x Ring split, ``plan`` for running an unmodified model's
+blocks under SP.
 """
 
 from .plan import SPPlan, sequence_parallel
+from .ring import usp_split
 from .ulysses import SequenceInfo, attention, gather_sequence, split_sequence, ulysses_attention
 
 __all__ = [
@@ -15,4 +17,5 @@ __all__ = [
     "sequence_parallel",
     "split_sequence",
     "ulysses_attention",
+    "usp_split",
 ]

@@ -41,11 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .ring import usp_split
 from .ulysses import SequenceInfo, gather_sequence, split_sequence, ulysses_attention
 
 logger = logging.getLogger(__name__)
 
 ArgSpec = int | str
+Splits = Mapping[int, tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]]
 _CATS = (torch.cat, torch.concat, torch.concatenate)
 _DEFAULT_STREAMS: dict[ArgSpec, int] = {0: 1, "encoder_hidden_states": 1}
 
@@ -242,9 +244,11 @@ class _SPRuntime:
         plan: SPPlan,
         region: list[nn.Module],
         names: dict[int, str],
+        splits: Splits,
     ) -> None:
         self.group = group
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.splits = splits
         self.plan = plan
         self.region = region
         self.names = names
@@ -259,6 +263,22 @@ class _SPRuntime:
 
     def name(self, block: nn.Module) -> str:
         return f"{self.names[id(block)]!r} ({type(block).__name__})"
+
+    def split_for(
+        self, heads: int, kv_heads: int, where: str
+    ) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+        """The (Ulysses, ring) groups for attention with these head counts (``usp_split``)."""
+        ring = self.size // next(iter(self.splits)) if len(self.splits) == 1 else None
+        try:
+            ulysses, _ = usp_split(self.size, heads, kv_heads, ring)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        if ulysses not in self.splits:
+            raise ValueError(
+                f"{where}: attention of {heads} heads ({kv_heads} for k/v) over {self.size} ranks needs the Ulysses "
+                f"degree {ulysses}; sequence_parallel got splits for {sorted(self.splits)}"
+            )
+        return self.splits[ulysses]
 
     def slots_for(self, block: nn.Module) -> _Slots:
         if type(block) not in self.slots:
@@ -588,19 +608,17 @@ class _BlockCall(TorchFunctionMode):
                 "joined with torch.cat"
             )
         kv_layout = self.forward.layout(key.shape[2], self.where)
-        heads, kv_heads = query.shape[1], key.shape[1]
-        if kv_layout is not None and (heads % self.runtime.size or kv_heads % self.runtime.size):
-            raise ValueError(
-                f"{self.where}: attention has {heads} heads ({kv_heads} for k/v); Ulysses SP over "
-                f"{self.runtime.size} ranks needs both divisible by {self.runtime.size}"
-            )
+        ulysses, ring = self.runtime.group, None
+        if kv_layout is not None:
+            ulysses, ring = self.runtime.split_for(query.shape[1], key.shape[1], self.where)
         primary = next(iter(self.forward.streams.values()))
         self.routed |= kv_layout is not None and primary in kv_layout
         out = ulysses_attention(
             query.transpose(1, 2),
             key.transpose(1, 2),
             value.transpose(1, 2),
-            group=self.runtime.group,
+            group=ulysses,
+            ring_group=ring,
             causal=is_causal,
             scale=scale,
             kv_replicated=kv_layout is None,
@@ -676,6 +694,39 @@ def _check_plan(plan: SPPlan) -> None:
         )
 
 
+def _check_splits(splits: Any, group: dist.ProcessGroup | None) -> Splits:
+    size = dist.get_world_size(group)
+    if splits is None:
+        return {size: (group, None)}
+    if not isinstance(splits, Mapping) or not splits:
+        raise TypeError(
+            f"sequence_parallel: splits={splits!r}; allowed: {{ulysses degree: (group, ring group)}}"
+        )
+    for ulysses, pair in splits.items():
+        ok = (
+            isinstance(ulysses, int)
+            and not isinstance(ulysses, bool)
+            and ulysses >= 1
+            and size % ulysses == 0
+        )
+        ok = ok and isinstance(pair, tuple) and len(pair) == 2
+        if ok:
+            u_group, r_group = pair
+            ok = isinstance(u_group, dist.ProcessGroup) and dist.get_world_size(u_group) == ulysses
+            ok = ok and (
+                r_group is None
+                if ulysses == size
+                else isinstance(r_group, dist.ProcessGroup)
+                and dist.get_world_size(r_group) == size // ulysses
+            )
+        if not ok:
+            raise ValueError(
+                f"sequence_parallel: splits[{ulysses!r}]={pair!r}; allowed: for a Ulysses degree u dividing {size}, "
+                f"(a group of u ranks, a ring group of {size} / u ranks or None when u == {size})"
+            )
+    return dict(splits)
+
+
 def _unwrap_checkpoint(block: nn.Module) -> nn.Module:
     while isinstance(getattr(block, "_checkpoint_wrapped_module", None), nn.Module):
         block = block._checkpoint_wrapped_module
@@ -709,11 +760,16 @@ def sequence_parallel(
     plan: SPPlan | None = None,
     *,
     blocks: Sequence[nn.Module],
+    splits: Splits | None = None,
 ) -> nn.Module:
     """Run ``model``'s blocks under Ulysses SP over ``group``, in place; returns ``model``.
 
     ``blocks``: the model's transformer blocks in execution order, e.g. ``model.blocks`` or
     ``[*model.transformer_blocks, *model.single_transformer_blocks]`` (``litegen_zero.find_blocks``).
+    ``splits``: Ulysses x Ring groups of the ``P`` ranks of ``group``, ``{ulysses degree u: (group of u
+    consecutive ranks, ring group of the P / u ranks at the same place in theirs, or None)}``; each
+    attention call takes the split ``usp_split`` picks from its head counts (one entry: that split for
+    every call). ``None``: Ulysses only, ``{P: (group, None)}``.
     Every rank of ``group`` must call the model with the same full inputs; every rank gets the same
     full output. Parameter names and the model's code are unchanged. Apply before activation
     checkpointing, ``torch.compile`` and FSDP2 ``fully_shard``. See ``SPPlan`` for what is split.
@@ -728,6 +784,7 @@ def sequence_parallel(
         raise RuntimeError("sequence_parallel needs an initialized torch.distributed process group")
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"sequence_parallel: group={group!r}; allowed: a ProcessGroup or None (the world)")
+    splits = _check_splits(splits, group)
     region, names = _region(model, blocks)
     taken = [
         names[id(b)]
@@ -738,7 +795,7 @@ def sequence_parallel(
         raise ValueError(
             f"sequence_parallel: block {taken[0]!r} of {type(model).__name__} is already sequence-parallel"
         )
-    runtime = _SPRuntime(model, group, plan, region, names)
+    runtime = _SPRuntime(model, group, plan, region, names, splits)
     for block in region:
         runtime.slots_for(block)
         block.register_forward_pre_hook(runtime.enter, with_kwargs=True)
@@ -746,11 +803,12 @@ def sequence_parallel(
     model.register_forward_hook(runtime._stop_watching, always_call=True)
     if runtime.rank == 0:
         logger.info(
-            "litegen_sp: %d blocks (%s ... %s) run Ulysses SP over %d ranks; streams: %s",
+            "litegen_sp: %d blocks (%s ... %s) run SP over %d ranks (Ulysses degrees %s); streams: %s",
             len(region),
             names[id(region[0])],
             names[id(region[-1])],
             runtime.size,
+            sorted(splits),
             ", ".join(f"{s!r} (dim {d})" for s, d in runtime.stream_specs.items()),
         )
     return model

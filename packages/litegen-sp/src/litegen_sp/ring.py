@@ -15,6 +15,7 @@ hides from a query) never enters the merge for it. Layout: ``(batch, seq, heads,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,30 +39,70 @@ def _take(x: Tensor, index: Tensor | None, dim: int) -> Tensor:
     return x if index is None else x.index_select(dim, index)
 
 
-def _kernel(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float | None) -> tuple[Tensor, Tensor]:
+def _kernel(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float | None
+) -> tuple[Tensor, Tensor]:
     """Attention and its log-sum-exp; q, k, v ``(b, h, s, d)`` (k, v expanded to q's heads)."""
     if q.is_cuda and bias is None and q.dtype in (torch.float16, torch.bfloat16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, False, False, scale=scale
+        )[:2]
         return out, lse
     if q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)[:2]
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, 0.0, False, scale=scale
+        )[:2]
         return out, lse[..., : q.shape[2]]
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=bias, scale=scale
+    )
 
 
 def _kernel_backward(
-    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bias: Tensor | None, scale: float | None
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    bias: Tensor | None,
+    scale: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one chunk's attention, given the merged output and log-sum-exp of all chunks."""
     if q.is_cuda and bias is None and q.dtype in (torch.float16, torch.bfloat16):
         empty = torch.empty(0, device=q.device, dtype=torch.int64)
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad, q, k, v, out, lse.float(), empty, empty, q.shape[2], k.shape[2], 0.0, False, empty, empty, scale=scale
+            grad,
+            q,
+            k,
+            v,
+            out,
+            lse.float(),
+            empty,
+            empty,
+            q.shape[2],
+            k.shape[2],
+            0.0,
+            False,
+            empty,
+            empty,
+            scale=scale,
         )
     if q.is_cuda:
         seed = offset = torch.empty(0, device=q.device, dtype=torch.int64)
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            grad, q, k, v, bias, out, lse.float().contiguous(), seed, offset, 0.0, [True, True, True, False], False,
+            grad,
+            q,
+            k,
+            v,
+            bias,
+            out,
+            lse.float().contiguous(),
+            seed,
+            offset,
+            0.0,
+            [True, True, True, False],
+            False,
             scale=scale,
         )
         return dq, dk, dv
@@ -150,7 +191,9 @@ class _RingAttention(torch.autograd.Function):
                 kk, vv = (_expand(_take(t, chunk.real, 2), heads) for t in blocks[:2])
                 o, l_ = _kernel(q, kk, vv, bias, ring.scale)
                 l_ = l_.to(acc)
-                if bias is not None:  # a query all of whose keys here are masked gets no say (the kernel says lse 0)
+                if (
+                    bias is not None
+                ):  # a query all of whose keys here are masked gets no say (the kernel says lse 0)
                     l_ = l_.masked_fill(torch.isneginf(bias).all(-1).expand_as(l_), NEG_INF)
                 merged = torch.logaddexp(lse, l_)
                 old = torch.exp(lse - merged).nan_to_num(0.0).unsqueeze(-1)
@@ -160,7 +203,9 @@ class _RingAttention(torch.autograd.Function):
             _wait(works)
             if step + 1 < ring.size:
                 blocks = incoming
-        lse = lse.masked_fill(torch.isneginf(lse), 0.0)  # a query with no key at all: output 0, as SDPA's kernels
+        lse = lse.masked_fill(
+            torch.isneginf(lse), 0.0
+        )  # a query with no key at all: output 0, as SDPA's kernels
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring = ring
@@ -237,3 +282,37 @@ def ring_attention_chunks(
     if q_chunk.real is None:
         return out
     return out.new_zeros((*q.shape[:3], v.shape[3])).index_copy(1, q_chunk.real, out)
+
+
+def usp_split(
+    sp_size: int, heads: int, kv_heads: int | None = None, ring: int | None = None
+) -> tuple[int, int]:
+    """``(ulysses, ring)`` with ``ulysses * ring == sp_size`` for attention with ``heads`` (and ``kv_heads``).
+
+    ``ring=None``: the largest Ulysses degree that divides the SP size, the heads and the kv heads (their
+    greatest common divisor), the rest ring; any head count works with any SP size. A given ``ring``
+    must divide ``sp_size`` and leave a Ulysses degree that divides the heads, else ``ValueError``
+    listing the splits that work.
+    """
+    kv_heads = heads if kv_heads is None else kv_heads
+    for name, value in (("sp_size", sp_size), ("heads", heads), ("kv_heads", kv_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"usp_split: {name}={value!r}; allowed: an int >= 1")
+    ulysses = math.gcd(sp_size, heads, kv_heads)
+    if ring is None:
+        return ulysses, sp_size // ulysses
+    valid = [
+        f"{u} x {sp_size // u} (sp_ring={sp_size // u})" for u in range(ulysses, 0, -1) if ulysses % u == 0
+    ]
+    if (
+        isinstance(ring, bool)
+        or not isinstance(ring, int)
+        or ring < 1
+        or sp_size % ring
+        or ulysses % (sp_size // ring)
+    ):
+        raise ValueError(
+            f"sp_ring={ring!r} with sp_size={sp_size} and attention of {heads} heads ({kv_heads} for k/v): the "
+            f"Ulysses degree sp_size / sp_ring must divide the heads; valid Ulysses x Ring splits: {', '.join(valid)}"
+        )
+    return sp_size // ring, ring

@@ -344,7 +344,9 @@ def _real_tokens(layout: Layout, device: torch.device, ranks: range) -> Tensor |
     After the sequence-to-heads exchange, rank ``r``'s local tokens (its slice of each sequence of the
     layout, in order) follow those of rank ``r - 1``; each slice holds its real tokens first.
     """
-    if all(min(i.local_len, max(0, i.seq_len - r * i.local_len)) == i.local_len for r in ranks for i in layout):
+    if all(
+        min(i.local_len, max(0, i.seq_len - r * i.local_len)) == i.local_len for r in ranks for i in layout
+    ):
         return None
     pieces, start = [], 0
     for rank in ranks:
@@ -491,7 +493,9 @@ def ulysses_attention(
             "ulysses_attention: causal=True needs q and k/v made of the same single sequence, and no ring_group"
         )
     if ring > 1 and (attn_fn is not None or dropout_p):
-        raise ValueError("ulysses_attention: attn_fn and dropout_p need ring_group=None (ring kernels are fixed)")
+        raise ValueError(
+            "ulysses_attention: attn_fn and dropout_p need ring_group=None (ring kernels are fixed)"
+        )
     forms = [(1, k.shape[1]), (_true_len(q_layout), _true_len(kv_layout))]
     mask = _check_mask(attn_mask, q, forms, "ulysses_attention")
     keyed = mask is not None and mask.shape[2] == 1 and mask.shape[3] == k.shape[1]  # split like k

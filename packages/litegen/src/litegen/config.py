@@ -58,7 +58,8 @@ class LiteGenConfig:
     # parallelism
     zero_degree: int = 0  # 0 DDP, 1 ZeRO-1, 2 ZeRO-2, 3 ZeRO-3
     group_zero: bool | int = False  # ZeRO-3 sharded within groups (True: a node) and replicated across
-    sp_size: int = 1  # Ulysses sequence-parallel degree (contiguous ranks)
+    sp_size: int = 1  # sequence-parallel degree (contiguous ranks): Ulysses x Ring
+    sp_ring: int | None = None  # the ring part of sp_size; null: per attention call, the most Ulysses the heads allow
     cpu_offload: bool = False  # ZeRO-3 parameters and optimizer state on CPU
     # precision
     precision: str = "fp32"  # parameters / compute
@@ -207,6 +208,8 @@ def _validate(c: LiteGenConfig) -> None:
         _check(c.group_zero is True or c.group_zero >= 1, "group_zero", c.group_zero,
                "true (a node) or a group size >= 1")
     _check(c.sp_size >= 1, "sp_size", c.sp_size, "an integer >= 1")
+    _check(c.sp_ring is None or (c.sp_ring >= 1 and c.sp_size % c.sp_ring == 0), "sp_ring", c.sp_ring,
+           f"null (chosen per attention call from its heads) or a divisor of sp_size={c.sp_size}")
     _check(not c.cpu_offload or c.zero_degree == 3, "cpu_offload", c.cpu_offload, "offload needs zero_degree: 3")
     _check(c.precision in PRECISIONS, "precision", c.precision, f"one of {list(PRECISIONS)}")
     _check(c.grad_precision is None or c.grad_precision in PRECISIONS, "grad_precision", c.grad_precision,

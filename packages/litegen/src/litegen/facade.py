@@ -161,8 +161,9 @@ class LiteGen:
         block_list = list(blocks) if blocks is not None else litegen_zero.find_blocks(model)
         done = []
         if c.sp_size > 1:
-            litegen_sp.sequence_parallel(model, rt.sp_group, plan=sp_plan, blocks=block_list)
-            done.append(f"sequence parallel over {c.sp_size} ranks")
+            litegen_sp.sequence_parallel(model, rt.sp_group, plan=sp_plan, blocks=block_list, splits=rt.sp_splits)
+            split = "per attention call" if c.sp_ring is None else f"{c.sp_size // c.sp_ring} x {c.sp_ring}"
+            done.append(f"sequence parallel over {c.sp_size} ranks (Ulysses x Ring {split})")
         if c.selective_ratio < 1.0 or c.ac_offload or c.compile:
             record_parents(model, block_list)
         if c.selective_ratio < 1.0:

@@ -42,6 +42,7 @@ class Runtime:
     sp_size: int
     mesh: DeviceMesh  # ("dp", "sp")
     zero_mesh: DeviceMesh | None  # ("replicate", "shard") for grouped ZeRO-3, else None (whole world)
+    sp_splits: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroup | None]]  # Ulysses degree -> its groups
     owns_process_group: bool
 
     @property
@@ -145,6 +146,8 @@ def start(config: LiteGenConfig) -> Runtime:
     sp = config.sp_size
     timeout = datetime.timedelta(seconds=config.collective_timeout)
     mesh = _mesh(device.type, (world // sp, sp), ("dp", "sp"), timeout)
+    splits = usp_meshes(device.type, world // sp, sp, config.sp_ring, timeout)
+    splits[sp] = (mesh.get_group("sp"), None)
     zero_mesh = None
     group = config.group_size if config.zero_degree == 3 else None
     if group is not None:
@@ -155,7 +158,22 @@ def start(config: LiteGenConfig) -> Runtime:
     return Runtime(
         device=device, rank=rank, world_size=world, dp_rank=rank // sp, dp_size=world // sp,
         sp_rank=rank % sp, sp_size=sp, mesh=mesh, zero_mesh=zero_mesh, owns_process_group=owns,
+        sp_splits=splits,
     )
+
+
+def usp_meshes(device_type: str, dp: int, sp: int, ring: int | None, timeout: datetime.timedelta) -> dict:
+    """For each Ulysses x Ring split of the SP groups (only ``sp / ring x ring`` when ``ring`` is set;
+    pure Ulysses reuses the SP group): a ``("dp", "ring", "ulysses")`` mesh, Ulysses innermost, and its
+    (Ulysses group, ring group)."""
+    degrees = [sp // ring] if ring is not None else [u for u in range(1, sp + 1) if sp % u == 0]
+    splits = {}
+    for ulysses in degrees:
+        if ulysses == sp:
+            continue
+        mesh = _mesh(device_type, (dp, sp // ulysses, ulysses), ("dp", "ring", "ulysses"), timeout)
+        splits[ulysses] = (mesh.get_group("ulysses"), mesh.get_group("ring"))
+    return splits
 
 
 def grouped_mesh(device_type: str, group_size: int, timeout: datetime.timedelta) -> DeviceMesh:
@@ -164,7 +182,7 @@ def grouped_mesh(device_type: str, group_size: int, timeout: datetime.timedelta)
     return _mesh(device_type, (world // group_size, group_size), ("replicate", "shard"), timeout)
 
 
-def _mesh(device_type: str, shape: tuple[int, int], names: tuple[str, str], timeout: datetime.timedelta) -> DeviceMesh:
+def _mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...], timeout: datetime.timedelta) -> DeviceMesh:
     """A named mesh whose new groups time out after ``timeout`` (torch gives new groups 30 minutes)."""
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
     for name in names:
