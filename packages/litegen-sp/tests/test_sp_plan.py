@@ -58,12 +58,12 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """adaLN DiT block: self-attention (optional rotary table), cross-attention to text, MLP."""
 
-    def __init__(self) -> None:
+    def __init__(self, heads: int = HEADS) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(DIM, elementwise_affine=False)
-        self.attn = Attention(DIM, HEADS)
+        self.attn = Attention(DIM, heads)
         self.norm2 = nn.LayerNorm(DIM)
-        self.cross_attn = Attention(DIM, HEADS, DIM)
+        self.cross_attn = Attention(DIM, heads, DIM)
         self.norm3 = nn.LayerNorm(DIM, elementwise_affine=False)
         self.mlp = nn.Sequential(
             nn.Linear(DIM, 2 * DIM), nn.GELU(approximate="tanh"), nn.Linear(2 * DIM, DIM)
@@ -84,9 +84,9 @@ def time_embedding(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
-def rope_table(length: int, offset: int = 0) -> torch.Tensor:
-    """(length, DIM // HEADS) rotary angles of positions offset..offset+length."""
-    half = DIM // HEADS // 2
+def rope_table(length: int, offset: int = 0, heads: int = HEADS) -> torch.Tensor:
+    """(length, DIM // heads) rotary angles of positions offset..offset+length."""
+    half = DIM // heads // 2
     angles = (torch.arange(length) + offset)[:, None] * torch.exp(-torch.arange(half) / half)[None]
     return torch.cat([angles, angles], dim=-1)
 
@@ -98,7 +98,9 @@ class TinyDiT(nn.Module):
     ``rope``: rotary angles of the image tokens, computed outside the blocks.
     """
 
-    def __init__(self, depth: int = 2, token_bias: bool = False, rope: bool = False) -> None:
+    def __init__(
+        self, depth: int = 2, token_bias: bool = False, rope: bool = False, heads: int = HEADS
+    ) -> None:
         super().__init__()
         tokens = (IMAGE // PATCH) ** 2
         self.patch_embed = nn.Conv2d(3, DIM, PATCH, PATCH)
@@ -107,7 +109,8 @@ class TinyDiT(nn.Module):
         self.rope = rope
         self.t_embed = nn.Sequential(nn.Linear(DIM, DIM), nn.SiLU(), nn.Linear(DIM, DIM))
         self.text_proj = nn.Linear(TEXT_DIM, DIM)
-        self.blocks = nn.ModuleList([Block() for _ in range(depth)])
+        self.heads = heads
+        self.blocks = nn.ModuleList([Block(heads) for _ in range(depth)])
         self.final_norm = nn.LayerNorm(DIM, elementwise_affine=False)
         self.final_ada = nn.Linear(DIM, 2 * DIM)
         self.head = nn.Linear(DIM, PATCH * PATCH * 3)
@@ -117,7 +120,7 @@ class TinyDiT(nn.Module):
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos
         cond = self.t_embed(time_embedding(t))
         text = self.text_proj(text)
-        rope = rope_table(tokens.shape[1]) if self.rope else None
+        rope = rope_table(tokens.shape[1], heads=self.heads) if self.rope else None
         for block in self.blocks:
             tokens = block(tokens, cond, text, bias=self.token_bias, rope=rope)
         shift, scale = self.final_ada(F.silu(cond)).unsqueeze(1).chunk(2, dim=-1)
@@ -130,8 +133,9 @@ class TinyDiT(nn.Module):
 class JointBlock(nn.Module):
     """MMDiT block: each stream its own projections and MLP, one attention over [text, image]."""
 
-    def __init__(self) -> None:
+    def __init__(self, heads: int = HEADS) -> None:
         super().__init__()
+        self.heads = heads
         self.img_qkv, self.txt_qkv = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, 3 * DIM)
         self.img_out, self.txt_out = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
         self.img_mlp = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
@@ -143,9 +147,11 @@ class JointBlock(nn.Module):
         shift, scale = self.ada(cond).unsqueeze(1).chunk(2, dim=-1)
         b = img.shape[0]
         qi, ki, vi = (
-            self.img_qkv(modulate(self.norm(img), shift, scale)).view(b, -1, 3, HEADS, DIM // HEADS).unbind(2)
+            self.img_qkv(modulate(self.norm(img), shift, scale))
+            .view(b, -1, 3, self.heads, DIM // self.heads)
+            .unbind(2)
         )
-        qt, kt, vt = self.txt_qkv(self.norm(txt)).view(b, -1, 3, HEADS, DIM // HEADS).unbind(2)
+        qt, kt, vt = self.txt_qkv(self.norm(txt)).view(b, -1, 3, self.heads, DIM // self.heads).unbind(2)
         q, k, v = (torch.cat([t_, i_], dim=1).transpose(1, 2) for t_, i_ in ((qt, qi), (kt, ki), (vt, vi)))
         q, k = rotate(q, rope), rotate(k, rope)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
@@ -158,12 +164,13 @@ class JointBlock(nn.Module):
 class TinyMMDiT(nn.Module):
     """Image and text streams through joint blocks; rotary table and key mask over [text, image]."""
 
-    def __init__(self, depth: int = 2) -> None:
+    def __init__(self, depth: int = 2, heads: int = HEADS) -> None:
         super().__init__()
+        self.heads = heads
         self.patch_embed = nn.Conv2d(3, DIM, PATCH, PATCH)
         self.text_proj = nn.Linear(TEXT_DIM, DIM)
         self.t_embed = nn.Sequential(nn.Linear(DIM, DIM), nn.SiLU(), nn.Linear(DIM, DIM))
-        self.layers = nn.ModuleList([JointBlock() for _ in range(depth)])
+        self.layers = nn.ModuleList([JointBlock(heads) for _ in range(depth)])
         self.head = nn.Linear(DIM, PATCH * PATCH * 3)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -171,7 +178,9 @@ class TinyMMDiT(nn.Module):
         img = self.patch_embed(x).flatten(2).transpose(1, 2)
         txt = self.text_proj(text)
         cond = self.t_embed(time_embedding(t))
-        rope = torch.cat([rope_table(txt.shape[1]), rope_table(img.shape[1], offset=100)])
+        rope = torch.cat(
+            [rope_table(txt.shape[1], heads=self.heads), rope_table(img.shape[1], 100, self.heads)]
+        )
         padding = text[:, :, 0] < -0.5  # text tokens that are padding (about 3 in 10)
         mask = torch.cat([~padding, torch.ones(b, img.shape[1], dtype=torch.bool)], dim=1)[:, None, None]
         for layer in self.layers:
@@ -186,14 +195,27 @@ MODELS = {
     "cross_bias": (lambda: TinyDiT(token_bias=True), None),
     "mmdit": (lambda: TinyMMDiT(), SPPlan(streams={"img": 1, "txt": 1})),
     "video_rope": (lambda: TinyDiT(depth=3, rope=True), None),
+    "video_rope_3heads": (lambda: TinyDiT(depth=2, rope=True, heads=3), None),
+    "mmdit_6heads": (lambda: TinyMMDiT(heads=6), SPPlan(streams={"img": 1, "txt": 1})),
 }
 
 
-def sp_matches_single_rank(name: str, sp_size: int, checkpoint: str, fsdp: bool) -> dict:
-    """SP (x DP) run of MODELS[name] vs the single-process full batch; world-averaged gradients."""
+def sp_matches_single_rank(
+    name: str, sp_size: int, checkpoint: str, fsdp: bool, ulysses: int | None = None
+) -> dict:
+    """SP (x DP) run of MODELS[name] vs the single-process full batch; world-averaged gradients.
+
+    ``ulysses``: Ulysses x Ring with this Ulysses degree (a ``(dp, ring, ulysses)`` mesh); None: Ulysses only.
+    """
     world, rank = dist.get_world_size(), dist.get_rank()
     dp_size = world // sp_size
     mesh = init_device_mesh("cpu", (dp_size, sp_size), mesh_dim_names=("dp", "sp"))
+    splits = None
+    if ulysses is not None:
+        usp = init_device_mesh(
+            "cpu", (dp_size, sp_size // ulysses, ulysses), mesh_dim_names=("dp", "ring", "ulysses")
+        )
+        splits = {ulysses: (usp.get_group("ulysses"), usp.get_group("ring"))}
     dp_rank = mesh.get_local_rank("dp")
     build, plan = MODELS[name]
     torch.manual_seed(0)
@@ -214,7 +236,7 @@ def sp_matches_single_rank(name: str, sp_size: int, checkpoint: str, fsdp: bool)
     if checkpoint == "before":
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, kinds))
         blocks = list(model.blocks if hasattr(model, "blocks") else model.layers)
-    sequence_parallel(model, mesh.get_group("sp"), plan, blocks=blocks)
+    sequence_parallel(model, mesh.get_group("sp"), plan, blocks=blocks, splits=splits)
     if checkpoint == "after":
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, kinds))
     if checkpoint == "compile":  # dynamo traces the blocks, hooks and routing mode included (no codegen)
@@ -254,28 +276,26 @@ def sp_matches_single_rank(name: str, sp_size: int, checkpoint: str, fsdp: bool)
 
 
 @pytest.mark.parametrize(
-    "name, world_size, sp_size, checkpoint, fsdp",
+    "name, world_size, sp_size, checkpoint, fsdp, ulysses",
     [
-        ("cross", 2, 2, "none", False),
-        ("cross", 2, 2, "before", False),
-        ("cross_bias", 4, 4, "after", False),
-        (
-            "cross_bias",
-            4,
-            2,
-            "after",
-            True,
-        ),  # the facade's order: SP plan -> activation checkpointing -> FSDP2
-        ("mmdit", 2, 2, "after", False),
-        ("video_rope", 2, 2, "compile", False),
-        ("mmdit", 4, 4, "none", False),
-        ("mmdit", 4, 2, "after", True),
-        ("video_rope", 2, 2, "none", False),
-        ("video_rope", 4, 4, "after", False),
+        ("cross", 2, 2, "none", False, None),
+        ("cross", 2, 2, "before", False, None),
+        ("cross_bias", 4, 4, "after", False, None),
+        ("cross_bias", 4, 2, "after", True, None),  # the facade's order: SP -> checkpointing -> FSDP2
+        ("mmdit", 2, 2, "after", False, None),
+        ("video_rope", 2, 2, "compile", False, None),
+        ("mmdit", 4, 4, "none", False, None),
+        ("mmdit", 4, 2, "after", True, None),
+        ("video_rope", 2, 2, "none", False, None),
+        ("video_rope", 4, 4, "after", False, None),
+        ("video_rope_3heads", 2, 2, "after", False, 1),  # ring only
+        ("mmdit_6heads", 4, 4, "none", True, 2),  # Ulysses 2 x Ring 2, FSDP2
     ],
 )
-def test_sp_equals_single_rank(dist_pool, name, world_size, sp_size, checkpoint, fsdp):
-    per_rank = dist_pool.run(sp_matches_single_rank, name, sp_size, checkpoint, fsdp, world_size=world_size)
+def test_sp_equals_single_rank(dist_pool, name, world_size, sp_size, checkpoint, fsdp, ulysses):
+    per_rank = dist_pool.run(
+        sp_matches_single_rank, name, sp_size, checkpoint, fsdp, ulysses, world_size=world_size
+    )
     for result in per_rank:
         assert result["params"], result
         assert result["out_err"] <= 1e-5, result
@@ -355,7 +375,7 @@ def test_bad_plans_raise_clear_errors(dist_pool):
         "twice": "already sequence-parallel",
         "linear_attention": "block 'blocks.0' (LinearAttention): no attention over the stream 'x'",
         "registers": "an attention query has 3 tokens",
-        "heads": "attention has 3 heads",
+        "heads": "attention of 3 heads (3 for k/v): the Ulysses degree",
         "split_len": "SPPlan.split['text'] got shape (1, 5, 24)",
         "no_stream": "got none of its token streams ['tokens']",
     }

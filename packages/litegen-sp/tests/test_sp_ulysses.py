@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from litegen_sp import SequenceInfo, attention, gather_sequence, split_sequence, ulysses_attention
 from litegen_sp.ulysses import _heads_to_seq, _seq_to_heads
+from torch.distributed.device_mesh import init_device_mesh
 
 HEADS = 12  # divisible by 2, 3 and 4
 HEAD_DIM = 8
@@ -46,7 +47,7 @@ def gather_joint(x_local: torch.Tensor, infos: list[SequenceInfo]) -> torch.Tens
     return torch.cat([gather_sequence(p, None, info) for p, info in zip(parts, infos, strict=True)], 1)
 
 
-def ulysses_matches_full_attention() -> dict[str, float]:
+def ulysses_matches_full_attention(heads: int = HEADS, ulysses: int | None = None) -> dict[str, float]:
     """Max |error| of forward and q/k/v gradients per (dtype, seq, causal, case) on this rank.
 
     self: k/v split like q; cross: k/v a replicated text (attended locally); cross_split: k/v a split
@@ -54,27 +55,31 @@ def ulysses_matches_full_attention() -> dict[str, float]:
     additive bias with a padded key, split like k; *_square: a whole query x key bias with masked pairs.
     """
     size = dist.get_world_size()
+    groups = {"group": None}
+    if ulysses is not None:  # Ulysses x Ring: (ring, ulysses) mesh, Ulysses groups contiguous
+        mesh = init_device_mesh("cpu", (size // ulysses, ulysses), mesh_dim_names=("ring", "ulysses"))
+        groups = {"group": mesh.get_group("ulysses"), "ring_group": mesh.get_group("ring")}
     errors = {}
     for dtype, seq, causal, case in itertools.product(
         (torch.float64, torch.float32), (7, 2, 3 * size), (False, True), CASES
     ):
-        if causal and case not in CAUSAL_CASES:
+        if causal and (case not in CAUSAL_CASES or ulysses is not None):
             continue
         gen = torch.Generator().manual_seed(seq * 10 + causal)
         joint, text_kv = case.startswith("joint"), case.startswith("cross")
         q_len = TEXT_LEN + seq if joint else seq
         kv_len = TEXT_LEN if text_kv else q_len
-        kv_heads = size if case.endswith("gqa") else HEADS
-        q = torch.randn(2, q_len, HEADS, HEAD_DIM, generator=gen, dtype=dtype, requires_grad=True)
+        kv_heads = (ulysses or size) if case.endswith("gqa") else heads
+        q = torch.randn(2, q_len, heads, HEAD_DIM, generator=gen, dtype=dtype, requires_grad=True)
         k = torch.randn(2, kv_len, kv_heads, HEAD_DIM, generator=gen, dtype=dtype, requires_grad=True)
         v = torch.randn(2, kv_len, kv_heads, HEAD_DIM, generator=gen, dtype=dtype, requires_grad=True)
-        weight = torch.randn(2, q_len, HEADS, HEAD_DIM, generator=gen, dtype=dtype)
+        weight = torch.randn(2, q_len, heads, HEAD_DIM, generator=gen, dtype=dtype)
         mask = None
         if case.endswith("mask"):  # per-head additive bias and a padded key in sample 1
-            mask = torch.randn(2, HEADS, 1, kv_len, generator=gen, dtype=dtype)
+            mask = torch.randn(2, heads, 1, kv_len, generator=gen, dtype=dtype)
             mask[1, :, :, -1] = float("-inf")
         if case.endswith("square"):  # per-head bias over every (query, key) pair, every fifth pair masked
-            mask = torch.randn(2, HEADS, q_len, kv_len, generator=gen, dtype=dtype)
+            mask = torch.randn(2, heads, q_len, kv_len, generator=gen, dtype=dtype)
             rows, cols = torch.meshgrid(torch.arange(q_len), torch.arange(kv_len), indexing="ij")
             mask.masked_fill_((rows * 7 + cols) % 5 == 0, float("-inf"))
 
@@ -98,7 +103,7 @@ def ulysses_matches_full_attention() -> dict[str, float]:
             q_local,
             k_local,
             v_local,
-            group=None,
+            **groups,
             causal=causal,
             kv_replicated=replicated,
             seq_len=q_infos,
@@ -253,6 +258,19 @@ def test_ulysses_equals_full_sequence_attention(dist_pool, world_size):
         for name, err in errors.items():
             tolerance = 1e-12 if "float64" in name else 1e-5
             assert err <= tolerance, (world_size, name, err)
+
+
+@pytest.mark.parametrize(
+    "world_size, heads, ulysses",
+    [(2, 3, 1), (3, 3, 1), (4, 3, 1), (4, 4, 2), (4, 6, 2)],  # ring only, then 2 x 2
+)
+def test_ulysses_x_ring_equals_full_sequence_attention(dist_pool, world_size, heads, ulysses):
+    per_rank = dist_pool.run(ulysses_matches_full_attention, heads, ulysses, world_size=world_size)
+    for errors in per_rank:
+        assert len(errors) == 2 * 3 * len(CASES)
+        for name, err in errors.items():
+            tolerance = 1e-12 if "float64" in name else 1e-5
+            assert err <= tolerance, (world_size, heads, ulysses, name, err)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
