@@ -4,13 +4,15 @@
 
 Cases: self, causal, GQA, cross-attention to a split text, cross-attention to a replicated text
 (attended locally: nothing moves), and joint attention (MMDiT: text then image tokens in one call,
-each stream split on its own; with and without a text padding mask). Sequence lengths the group size
-does not divide. Every rank runs ``ulysses_attention`` forward and backward on its slice.
+each stream split on its own; with and without a text padding mask); then ring attention over all
+ranks (self and joint) and, on 4 ranks or more, Ulysses 2 x Ring P/2 (self and joint). Sequence lengths
+the group size does not divide. Every rank runs ``ulysses_attention`` forward and backward on its slice.
 
-Bytes are counted from the tensors handed to ``all_to_all_single`` and ``all_gather_into_tensor``
-(the chunks sent to other ranks; the own chunk stays local) and compared with the Ulysses formula:
-(P-1)/P of each rank's share of q, k, v and o forward and of their gradients backward, each share
-taken at the true (unpadded) length / P, so pad tokens count against us. FLOPs are those of the
+Bytes are counted from the tensors handed to ``all_to_all_single``, ``all_gather_into_tensor`` and
+ring sends (the chunks sent to other ranks; the own chunk stays local) and compared with the Ulysses
+formula: (P-1)/P of each rank's share of q, k, v and o forward and of their gradients backward, each
+share taken at the true (unpadded) length / P, so pad tokens count against us. Ring: forward sends
+each rank's k and v share R-1 times, backward k, v and their gradients R-1 times each. FLOPs are those of the
 local kernel (4 * batch * heads * q_len * kv_len * head_dim) over the whole-sequence attention's / P.
 The error is the max |difference| of the output and of the q/k/v gradients from
 ``F.scaled_dot_product_attention`` on the whole sequence on one rank, in fp32.
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from litegen_sp import SequenceInfo, attention, gather_sequence, split_sequence, ulysses_attention
+from torch.distributed.device_mesh import init_device_mesh
 
 
 @contextlib.contextmanager
@@ -51,9 +54,16 @@ def count_bytes(counter: list[int]) -> Iterator[None]:
         counter[0] += (dist.get_world_size(group) - 1) * input.nbytes
         return real_gather(output, input, group=group, async_op=async_op)
 
+    real_p2p = dist.batch_isend_irecv
+
+    def p2p(ops):
+        counter[0] += sum(op.tensor.nbytes for op in ops if op.op is dist.isend)
+        return real_p2p(ops)
+
     with (
         mock.patch.object(dist, "all_to_all_single", all_to_all),
         mock.patch.object(dist, "all_gather_into_tensor", all_gather),
+        mock.patch.object(dist, "batch_isend_irecv", p2p),
     ):
         yield
 
@@ -69,10 +79,17 @@ def gather_streams(x_local: torch.Tensor, infos: list[SequenceInfo]) -> torch.Te
     return torch.cat([gather_sequence(p, None, info) for p, info in zip(parts, infos, strict=True)], 1)
 
 
-def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+def run_case(name: str, args: argparse.Namespace, device: torch.device, ulysses: int | None = None) -> dict:
+    """``ulysses``: Ulysses x Ring with this Ulysses degree (1: ring only); None: Ulysses over the world."""
     size = dist.get_world_size()
-    joint, causal, gqa = name.startswith("joint"), name == "causal", name == "gqa"
-    text_kv, replicated = name.startswith("cross"), name == "cross_replicated"
+    groups: dict = {"group": None}
+    if ulysses is not None:
+        mesh = init_device_mesh(device.type, (size // ulysses, ulysses), mesh_dim_names=("ring", "ulysses"))
+        groups = {"group": mesh.get_group("ulysses"), "ring_group": mesh.get_group("ring")}
+    ring = 1 if ulysses is None else size // ulysses
+    base = name.split(":")[-1]
+    joint, causal, gqa = base.startswith("joint"), base == "causal", base == "gqa"
+    text_kv, replicated = base.startswith("cross"), base == "cross_replicated"
     kv_heads = args.heads // 4 if gqa else args.heads
     q_lengths = [args.text_len, args.seq] if joint else [args.seq]
     kv_lengths = [args.text_len] if text_kv else q_lengths
@@ -87,7 +104,7 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     v = randn(args.batch, kv_len, kv_heads, args.head_dim).requires_grad_()
     weight = randn(args.batch, q_len, args.heads, args.head_dim)
     mask = None
-    if name == "joint_mask":  # the second half of the samples have 10% of their text padded
+    if base == "joint_mask":  # the second half of the samples have 10% of their text padded
         mask = torch.ones(args.batch, 1, 1, kv_len, dtype=torch.bool, device=device)
         mask[args.batch // 2 :, ..., args.text_len - args.text_len // 10 : args.text_len] = False
 
@@ -127,13 +144,13 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
                 q_local,
                 k_local,
                 v_local,
-                group=None,
+                **groups,
                 causal=causal,
                 kv_replicated=replicated,
                 seq_len=q_infos,
                 kv_seq_len=kv_infos,
                 attn_mask=mask_local,
-                attn_fn=counting_attention,
+                attn_fn=counting_attention if ring == 1 else None,
             )
         w_local = split_streams(weight, q_lengths)[0]
         with count_bytes(bwd):
@@ -145,8 +162,16 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     def share(length: int, heads: int) -> float:  # bytes of one rank's true share of a tensor
         return args.batch * length / size * heads * args.head_dim * 4
 
-    moved = [] if replicated else [share(q_len, args.heads), share(kv_len, kv_heads), share(kv_len, kv_heads)]
-    theory = (size - 1) / size * (sum(moved) + (0 if replicated else share(q_len, args.heads)))
+    if ring > 1:  # ring: k and v shares R - 1 times (backward: their gradients too); Ulysses: U - 1 of U
+        u = size // ring
+        kv = share(kv_len, kv_heads) * 2
+        exchange = (u - 1) / u * (2 * share(q_len, args.heads) + kv)
+        theory, theory_bwd = (ring - 1) * kv + exchange, 2 * (ring - 1) * kv + exchange
+    elif replicated:
+        theory = theory_bwd = 0.0
+    else:
+        moved = [share(q_len, args.heads), share(kv_len, kv_heads), share(kv_len, kv_heads)]
+        theory = theory_bwd = (size - 1) / size * (sum(moved) + share(q_len, args.heads))
     ideal_flops = 4 * args.batch * args.heads * q_len * kv_len * args.head_dim / size
 
     out = gather_streams(out_local.detach(), q_infos)
@@ -159,10 +184,12 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     err = max([err] + [(g - e).abs().max().item() for g, e in zip(full_grads, ref_grads, strict=True)])
     return {
         "case": name,
+        "ring": ring,
         "fwd_bytes": fwd[0],
         "bwd_bytes": bwd[0],
         "theory": theory,
-        "flops": flops[0] / ideal_flops,
+        "theory_bwd": theory_bwd,
+        "flops": flops[0] / ideal_flops if ring == 1 else 1.0,
         "err": err,
         "ms": 1e3 * statistics.median(times),
     }
@@ -190,6 +217,9 @@ def main() -> None:
 
     cases = ("self", "causal", "gqa", "cross_split", "cross_replicated", "joint", "joint_mask")
     rows = [run_case(name, args, device) for name in cases]
+    rows += [run_case(f"ring:{name}", args, device, ulysses=1) for name in ("self", "joint")]
+    if size >= 4 and size % 2 == 0 and args.heads % 2 == 0:
+        rows += [run_case(f"usp:{name}", args, device, ulysses=2) for name in ("self", "joint")]
     everyone = [None] * size
     dist.all_gather_object(everyone, rows)
     if rank == 0:
@@ -198,17 +228,18 @@ def main() -> None:
             f"{args.text_len}), heads {args.heads}, head_dim {args.head_dim}, fp32; per rank per attention call"
         )
         print(
-            f"{'rank':>4} {'case':>16} {'fwd bytes':>12} {'bwd bytes':>12} {'theory':>12} {'fwd/th':>7} "
+            f"{'rank':>4} {'case':>16} {'fwd bytes':>12} {'bwd bytes':>12} {'fwd theory':>12} {'fwd/th':>7} "
             f"{'bwd/th':>7} {'flops/id':>8} {'max err':>9} {'ms':>8}"
         )
         worst: dict[str, float] = {}
         for r, per_rank in enumerate(everyone):
             for row in per_rank:
                 if row["theory"]:
-                    f, b = row["fwd_bytes"] / row["theory"], row["bwd_bytes"] / row["theory"]
+                    f, b = row["fwd_bytes"] / row["theory"], row["bwd_bytes"] / row["theory_bwd"]
                 else:  # replicated k/v: nothing may move
                     f, b = float(row["fwd_bytes"] > 0), float(row["bwd_bytes"] > 0)
-                group = "joint" if row["case"].startswith("joint") else "ulysses"
+                group = row["case"].split(":")[0] if ":" in row["case"] else "ulysses"
+                group = "joint" if row["case"].startswith("joint") else group
                 for key, value in (
                     (f"{group}_bytes", max(f, b)),
                     (f"{group}_flops", row["flops"]),
@@ -225,6 +256,9 @@ def main() -> None:
         print(f"RESULT joint_bytes_over_theory={worst['joint_bytes']:.4f}")
         print(f"RESULT joint_attn_flops_over_ideal={worst['joint_flops']:.4f}")
         print(f"RESULT joint_max_abs_err_fp32={worst['joint_err']:.3e}")
+        print(f"RESULT ring_bytes_over_theory={worst['ring_bytes']:.4f}")
+        if "usp_err" in worst:
+            print(f"RESULT usp_max_abs_err_fp32={worst['usp_err']:.3e}")
     dist.destroy_process_group()
 
 
