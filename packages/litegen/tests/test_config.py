@@ -24,6 +24,7 @@ BAD_CONFIGS = [
     ({"group_zero": 0, "zero_degree": 3}, ValueError, "group_zero=0"),
     ({"group_zero": "node", "zero_degree": 3}, TypeError, "'group_zero' must be bool or int"),
     ({"sp_size": 0}, ValueError, "sp_size=0"),
+    ({"sp_size": 4, "sp_ring": 3}, ValueError, "sp_ring=3 is not allowed; null (chosen per attention call"),
     ({"cpu_offload": True, "zero_degree": 2}, ValueError, "offload needs zero_degree: 3"),
     ({"precision": "bf32"}, ValueError, "precision='bf32'"),
     ({"grad_precision": "int8"}, ValueError, "grad_precision='int8'"),
