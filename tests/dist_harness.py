@@ -127,12 +127,21 @@ def _worker_main(index: int, conn: Connection, log_path: str, extra_sys_path: li
                     _clear_dtensor_caches()
                 host, port = rendezvous.rsplit(":", 1)
                 os.environ.update(
-                    RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(world_size),
-                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR=host, MASTER_PORT=port,
-                    GROUP_RANK="0", ROLE_RANK=str(index), ROLE_WORLD_SIZE=str(world_size),
+                    RANK=str(index),
+                    LOCAL_RANK=str(index),
+                    WORLD_SIZE=str(world_size),
+                    LOCAL_WORLD_SIZE=str(world_size),
+                    MASTER_ADDR=host,
+                    MASTER_PORT=port,
+                    GROUP_RANK="0",
+                    ROLE_RANK=str(index),
+                    ROLE_WORLD_SIZE=str(world_size),
                 )
                 dist.init_process_group(
-                    "gloo", init_method=f"tcp://{rendezvous}", rank=index, world_size=world_size,
+                    "gloo",
+                    init_method=f"tcp://{rendezvous}",
+                    rank=index,
+                    world_size=world_size,
                     timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S),
                 )
                 world = (world_size, rendezvous)
@@ -177,7 +186,9 @@ class DistPool:
             parent, child = ctx.Pipe()
             log_path = os.path.join(self._log_dir, f"rank{index}.log")
             proc = ctx.Process(
-                target=_worker_main, args=(index, child, log_path, extra), daemon=True,
+                target=_worker_main,
+                args=(index, child, log_path, extra),
+                daemon=True,
                 name=f"litegen-harness-{index}",
             )
             proc.start()
@@ -216,8 +227,12 @@ class DistPool:
         return "\n".join(tail)
 
     def run(
-        self, fn: Callable[..., Any], *args: Any, world_size: int,
-        timeout: float = DEFAULT_CALL_TIMEOUT_S, **kwargs: Any,
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        world_size: int,
+        timeout: float = DEFAULT_CALL_TIMEOUT_S,
+        **kwargs: Any,
     ) -> list[Any]:
         """Call ``fn(*args, **kwargs)`` on ranks 0..world_size-1; return their results in rank order."""
         if not 1 <= world_size <= self.max_workers:
@@ -235,7 +250,9 @@ class DistPool:
         payload = pickle.dumps((args, kwargs))
         active = self.workers[:world_size]
         for w in active:
-            w.conn.send(("call", world_size, self._world[1], fn.__module__, mod_path, fn.__qualname__, payload))
+            w.conn.send(
+                ("call", world_size, self._world[1], fn.__module__, mod_path, fn.__qualname__, payload)
+            )
         return self._collect(active, timeout)
 
     def _collect(self, active: list[_Worker], timeout: float) -> list[Any]:

@@ -64,7 +64,9 @@ def test_micro_package_declares_only_allowed_dependencies(package):
 
 def test_the_checker_catches_a_forbidden_import(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("import os\nfrom litegen_sp.ulysses import x\nimport importlib\nimportlib.import_module('litegen')\n")
+    bad.write_text(
+        "import os\nfrom litegen_sp.ulysses import x\nimport importlib\nimportlib.import_module('litegen')\n"
+    )
     names = {n for n, _ in imported_top_level_names(bad)}
     assert {"litegen_sp", "litegen"} <= names
 
@@ -72,5 +74,11 @@ def test_the_checker_catches_a_forbidden_import(tmp_path):
 def test_every_package_has_the_required_layout():
     for package in [*MICRO, "litegen"]:
         root = ROOT / "packages" / package.replace("_", "-")
-        for part in ["pyproject.toml", "README.md", f"src/{package}/__init__.py", f"src/{package}/py.typed", "tests"]:
+        for part in [
+            "pyproject.toml",
+            "README.md",
+            f"src/{package}/__init__.py",
+            f"src/{package}/py.typed",
+            "tests",
+        ]:
             assert (root / part).exists(), f"{root.name} lacks {part}"

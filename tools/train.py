@@ -107,15 +107,22 @@ def save_outputs(out: Path, cfg: TrainConfig, images: torch.Tensor, labels: torc
     if images.dim() == 4:  # (10 n, 1, H, W) -> grid of 10 rows
         h, w = images.shape[-2:]
         grid = images.view(10, n, h, w).permute(0, 2, 1, 3).reshape(10 * h, n * w)
-        Image.fromarray(to_uint8(grid).numpy()).resize((n * w * 3, 10 * h * 3), Image.NEAREST).save(out / "samples.png")
+        Image.fromarray(to_uint8(grid).numpy()).resize((n * w * 3, 10 * h * 3), Image.NEAREST).save(
+            out / "samples.png"
+        )
     else:  # (10 n, 1, T, H, W): one row per clip of the first sample of each digit, frames left to right
         first = images[::n, 0]  # (10, T, H, W)
         t, h, w = first.shape[1:]
         strip = first.permute(0, 2, 1, 3).reshape(10 * h, t * w)
         Image.fromarray(to_uint8(strip).numpy()).resize((t * w * 3, 10 * h * 3), Image.NEAREST).save(
-            out / "samples_strip.png")
-        frames = [Image.fromarray(to_uint8(first[:, i].permute(1, 0, 2).reshape(h, 10 * w)).numpy())
-                  .resize((10 * w * 3, h * 3), Image.NEAREST) for i in range(t)]
+            out / "samples_strip.png"
+        )
+        frames = [
+            Image.fromarray(to_uint8(first[:, i].permute(1, 0, 2).reshape(h, 10 * w)).numpy()).resize(
+                (10 * w * 3, h * 3), Image.NEAREST
+            )
+            for i in range(t)
+        ]
         frames[0].save(out / "samples.gif", save_all=True, append_images=frames[1:], duration=150, loop=0)
     rows = list(csv.DictReader((out / "loss.csv").open()))
     if rows:
@@ -128,7 +135,9 @@ def save_outputs(out: Path, cfg: TrainConfig, images: torch.Tensor, labels: torc
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default=str(Path(__file__).parent / "configs" / "default.yaml"))
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("overrides", nargs="*", help="train.<key>=<value> overrides, e.g. steps=200")
@@ -145,12 +154,21 @@ def main() -> None:
     dataset = DigitsDataset(cfg.image_size, cfg.num_frames if video else 0)
     text_encoder, tokenize = load_text_encoder()
     vae = load_vae(cfg.vae).to(gen.device)
-    model = DiT(in_channels=4, input_size=cfg.image_size // 4, num_frames=cfg.num_frames if video else 1,
-                patch_size=cfg.patch_size, dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, text_dim=384)
+    model = DiT(
+        in_channels=4,
+        input_size=cfg.image_size // 4,
+        num_frames=cfg.num_frames if video else 1,
+        patch_size=cfg.patch_size,
+        dim=cfg.dim,
+        depth=cfg.depth,
+        heads=cfg.heads,
+        text_dim=384,
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
 
     model, optimizer, text_encoder, loader, encode = gen.initialize(
-        model, optimizer, text_encoder, dataset, lambda x: vae_encode(vae, x))
+        model, optimizer, text_encoder, dataset, lambda x: vae_encode(vae, x)
+    )
 
     prompts = PromptCache(text_encoder, tokenize, [*dataset.prompts, ""], device=gen.device)
     latents_of = encode_dataset(encode, dataset, gen.device)  # (n, 4, [T,] h, w)
@@ -176,7 +194,9 @@ def main() -> None:
         for group in optimizer.param_groups:  # stateless warm-up: resumes exactly
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
         text, mask = prompts(list(batch["prompt"]))
-        drop = torch.rand(text.shape[0], device=gen.device) < cfg.text_drop  # same on the ranks of an SP group
+        drop = (
+            torch.rand(text.shape[0], device=gen.device) < cfg.text_drop
+        )  # same on the ranks of an SP group
         text = torch.where(drop[:, None, None], null_text, text)
         mask = torch.where(drop[:, None], null_mask, mask)
         loss = rectified_flow_loss(model, latents, text, mask)
@@ -213,7 +233,9 @@ def main() -> None:
     null_t, null_m = null_text.expand(len(labels), -1, -1), null_mask.expand(len(labels), -1)
     model.eval()
     with gen.ema.swapped(model) if gen.ema is not None else torch.no_grad():
-        latents = sample(model, noise, text, mask, null_t, null_m, steps=cfg.sample_steps, guidance=cfg.guidance)
+        latents = sample(
+            model, noise, text, mask, null_t, null_m, steps=cfg.sample_steps, guidance=cfg.guidance
+        )
     images = vae_decode(vae, latents).cpu()
     gen.close()
     if gen.is_main:
@@ -223,8 +245,10 @@ def main() -> None:
 
         classifier, held_out = fit_classifier(video=video)
         accuracy = prompt_accuracy(classifier, images, labels)
-        print(f"classifier held-out accuracy {held_out:.3f}; digits asked for: "
-              f"{', '.join(DIGIT_NAMES)}; pictures in {out}/")
+        print(
+            f"classifier held-out accuracy {held_out:.3f}; digits asked for: "
+            f"{', '.join(DIGIT_NAMES)}; pictures in {out}/"
+        )
         print(f"RESULT prompt_accuracy={accuracy:.3f}")
 
 

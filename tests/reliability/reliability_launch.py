@@ -79,7 +79,9 @@ def wait_for(predicate, timeout: float, what: str, launch: Launch) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if launch.process.poll() is not None:
-            pytest.fail(f"torchrun exited ({launch.process.returncode}) before {what}; log tail:\n{launch.tail()}")
+            pytest.fail(
+                f"torchrun exited ({launch.process.returncode}) before {what}; log tail:\n{launch.tail()}"
+            )
         if time.monotonic() > deadline:
             pytest.fail(f"{what} did not happen within {timeout:.0f} s; log tail:\n{launch.tail()}")
         time.sleep(0.1)
@@ -92,27 +94,50 @@ class Launcher:
     def __init__(self) -> None:
         self.started: list[Launch] = []
 
-    def __call__(self, run_dir: Path, *trainer_args: str, nproc: int = 2, nnodes: int = 1, node_rank: int = 0,
-                 port: int | None = None, max_restarts: int = 0, env: dict | None = None,
-                 log_name: str = "torchrun.log") -> Launch:
+    def __call__(
+        self,
+        run_dir: Path,
+        *trainer_args: str,
+        nproc: int = 2,
+        nnodes: int = 1,
+        node_rank: int = 0,
+        port: int | None = None,
+        max_restarts: int = 0,
+        env: dict | None = None,
+        log_name: str = "torchrun.log",
+    ) -> Launch:
         run_dir.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
         command = [
-            sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--max-restarts={max_restarts}",
-            "--monitor-interval=0.2", f"--rdzv-id=reliability-{port}",
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={nnodes}",
+            f"--nproc-per-node={nproc}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            f"--max-restarts={max_restarts}",
+            "--monitor-interval=0.2",
+            f"--rdzv-id=reliability-{port}",
         ]
         if nnodes > 1:  # two launchers on one machine: say which one hosts the rendezvous store
             command += [f"--node-rank={node_rank}", f"--rdzv-conf=is_host={int(node_rank == 0)}"]
         command += [str(TRAINER), "--run-dir", str(run_dir), *trainer_args]
         # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: torchrun's shared rendezvous store keeps the previous attempt's
         # keys, so without it a restarted group can fail to connect (pytorch#135712; LiteGen warns about it)
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1",
-                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **(env or {})}
+        full_env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "GLOO_SOCKET_IFNAME": "lo",
+            "PYTHONUNBUFFERED": "1",
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+            **(env or {}),
+        }
         log = run_dir / log_name
         with open(log, "w") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=full_env,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+            )
         self.started.append(Launch(process, log, run_dir))
         return self.started[-1]
 

@@ -113,8 +113,12 @@ def main() -> None:
     args = parser.parse_args()
 
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    config = {"global_batch_size": 4, "checkpoint_dir": str(args.run_dir / "ckpt"), "log_level": "WARNING",
-              **json.loads(args.config)}
+    config = {
+        "global_batch_size": 4,
+        "checkpoint_dir": str(args.run_dir / "ckpt"),
+        "log_level": "WARNING",
+        **json.loads(args.config),
+    }
     rank = int(os.environ.get("RANK", "0"))
     progress = args.run_dir / "progress"
     progress.mkdir(parents=True, exist_ok=True)
@@ -131,7 +135,12 @@ def train(args: argparse.Namespace, config: dict, rank: int, progress: Path, fir
         model = Denoiser()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
         model, optimizer, _ = gen.initialize(model, optimizer, Samples())
-        record: dict = {"pid": os.getpid(), "started_at": gen.start_step, "step": gen.start_step, "losses": {}}
+        record: dict = {
+            "pid": os.getpid(),
+            "started_at": gen.start_step,
+            "step": gen.start_step,
+            "losses": {},
+        }
         if gen.runtime.zero_mesh is not None:
             record["shard_group"] = dist.get_process_group_ranks(gen.runtime.zero_mesh.get_group("shard"))
         batches = gen.batches()

@@ -26,13 +26,20 @@ from hypothesis import strategies as st
 from small_trainer import Denoiser
 from torch import nn
 
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=list(HealthCheck))
+SETTINGS = settings(
+    max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 OUTCOMES: Counter = Counter()  # this pytest process's tally: {"named": n, "valid": n}
 
 
-def probe(outcomes: list[str], names: Sequence[str], call: Callable[[], Any], *, may_be_valid: bool = False,
-          errors: tuple[type[Exception], ...] = (ValueError, TypeError)) -> None:
+def probe(
+    outcomes: list[str],
+    names: Sequence[str],
+    call: Callable[[], Any],
+    *,
+    may_be_valid: bool = False,
+    errors: tuple[type[Exception], ...] = (ValueError, TypeError),
+) -> None:
     """Run ``call`` on one generated input and record what happened (see the module docstring)."""
     try:
         call()
@@ -59,14 +66,19 @@ def check(outcomes: list[str], count: bool = True) -> None:
 def junk(*exclude: type) -> st.SearchStrategy:
     """Values of many types (minus ``exclude``) for arguments that expect something else."""
     options = {
-        type(None): st.none(), bool: st.booleans(), int: st.integers(-10**20, 10**20),
-        float: st.floats(allow_nan=True, allow_infinity=True), str: st.text(max_size=8),
-        list: st.lists(st.integers(), max_size=3), dict: st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+        type(None): st.none(),
+        bool: st.booleans(),
+        int: st.integers(-(10**20), 10**20),
+        float: st.floats(allow_nan=True, allow_infinity=True),
+        str: st.text(max_size=8),
+        list: st.lists(st.integers(), max_size=3),
+        dict: st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
     }
     return st.one_of(*(s for t, s in options.items() if t not in exclude))
 
 
 # ------------------------------------------------------------------------------------------------ litegen config
+
 
 def ints(bad_below: int, optional: bool = False, above: int | None = None) -> st.SearchStrategy:
     out = [st.integers(max_value=bad_below - 1), junk(int, *([type(None)] if optional else []))]
@@ -75,9 +87,14 @@ def ints(bad_below: int, optional: bool = False, above: int | None = None) -> st
     return st.one_of(*out)
 
 
-def floats(lo: float, hi: float | None = None, lo_valid: bool = False, optional: bool = False) -> st.SearchStrategy:
-    out = [st.floats(max_value=lo, exclude_max=lo_valid), st.sampled_from([math.nan, math.inf, -math.inf]),
-           junk(int, float, *([type(None)] if optional else []))]
+def floats(
+    lo: float, hi: float | None = None, lo_valid: bool = False, optional: bool = False
+) -> st.SearchStrategy:
+    out = [
+        st.floats(max_value=lo, exclude_max=lo_valid),
+        st.sampled_from([math.nan, math.inf, -math.inf]),
+        junk(int, float, *([type(None)] if optional else [])),
+    ]
     if hi is not None:
         out.append(st.floats(min_value=hi, exclude_min=True))
     return st.one_of(*out)
@@ -89,24 +106,48 @@ PATH = st.one_of(junk(str, type(None)), st.text(max_size=5).map(lambda s: f"runs
 BAD_VALUES: dict[str, st.SearchStrategy] = {
     "zero_degree": st.one_of(ints(0), st.integers(min_value=4)),
     "group_zero": st.one_of(st.just(True), st.integers(), junk(bool, int)),  # needs zero_degree 3 (default 0)
-    "sp_size": ints(1), "cpu_offload": st.one_of(st.just(True), BOOL),  # offload needs zero_degree 3
+    "sp_size": ints(1),
+    "cpu_offload": st.one_of(st.just(True), BOOL),  # offload needs zero_degree 3
     "sp_ring": st.one_of(ints(1, optional=True), st.integers(2, 9)),  # the default sp_size 1 has no ring
     "precision": st.one_of(st.sampled_from(["bf16", "fp16", "float32", "FP32", ""]), junk(str)),
     "grad_precision": st.one_of(st.sampled_from(["half", "bfloat", ""]), junk(str, type(None))),
-    "allow_tf32": BOOL, "selective_ratio": floats(0.0, 1.0, lo_valid=True), "ac_offload": BOOL, "compile": BOOL,
-    "global_batch_size": ints(1, optional=True), "num_workers": ints(0), "pin_memory": BOOL, "shuffle": BOOL,
-    "drop_last": BOOL, "global_seed": ints(0, above=2**62), "lr": floats(0.0, optional=True),
-    "weight_decay": floats(0.0, lo_valid=True, optional=True), "max_steps": ints(1, optional=True),
-    "checkpoint_dir": st.one_of(PATH, st.just("")), "checkpoint_every": st.one_of(ints(0), st.integers(1)),
-    "checkpoint_keep": ints(1), "checkpoint_async": BOOL, "auto_resume": st.one_of(st.just(True), BOOL),
+    "allow_tf32": BOOL,
+    "selective_ratio": floats(0.0, 1.0, lo_valid=True),
+    "ac_offload": BOOL,
+    "compile": BOOL,
+    "global_batch_size": ints(1, optional=True),
+    "num_workers": ints(0),
+    "pin_memory": BOOL,
+    "shuffle": BOOL,
+    "drop_last": BOOL,
+    "global_seed": ints(0, above=2**62),
+    "lr": floats(0.0, optional=True),
+    "weight_decay": floats(0.0, lo_valid=True, optional=True),
+    "max_steps": ints(1, optional=True),
+    "checkpoint_dir": st.one_of(PATH, st.just("")),
+    "checkpoint_every": st.one_of(ints(0), st.integers(1)),
+    "checkpoint_keep": ints(1),
+    "checkpoint_async": BOOL,
+    "auto_resume": st.one_of(st.just(True), BOOL),
     "resume_from": st.one_of(PATH, st.sampled_from(["last", "step_x", "-1", "runs/step_"])),
     "init_from": st.one_of(PATH, st.sampled_from(["w.pt", "w.bin", "w.safetensors.pkl"])),
-    "collective_timeout": floats(0.0), "log_level": st.one_of(st.sampled_from(["info2", "TRACE", ""]), junk(str)),
-    "encoder": junk(dict), "encoder.fsdp": BOOL, "encoder.group": BOOL,
-    "ema": junk(dict), "ema.enable": BOOL, "ema.sharded": BOOL, "ema.decay": floats(0.0, 1.0, lo_valid=True),
-    "ema.warmup": BOOL, "ema.warmup_gamma": floats(0.0), "ema.warmup_power": floats(0.0),
-    "ema.update_after_step": ints(0), "vae": junk(dict), "vae.data_parallel": BOOL,
-    "vae.slice_size": ints(1, optional=True), "vae.compile": BOOL,
+    "collective_timeout": floats(0.0),
+    "log_level": st.one_of(st.sampled_from(["info2", "TRACE", ""]), junk(str)),
+    "encoder": junk(dict),
+    "encoder.fsdp": BOOL,
+    "encoder.group": BOOL,
+    "ema": junk(dict),
+    "ema.enable": BOOL,
+    "ema.sharded": BOOL,
+    "ema.decay": floats(0.0, 1.0, lo_valid=True),
+    "ema.warmup": BOOL,
+    "ema.warmup_gamma": floats(0.0),
+    "ema.warmup_power": floats(0.0),
+    "ema.update_after_step": ints(0),
+    "vae": junk(dict),
+    "vae.data_parallel": BOOL,
+    "vae.slice_size": ints(1, optional=True),
+    "vae.compile": BOOL,
 }
 
 
@@ -144,7 +185,7 @@ def test_config_unknown_keys_are_named_with_the_closest_valid_key():
         section, _, name = key.rpartition(".")
         target = name or key
         position = seed % len(target)
-        wrong = target[:position] + "xq"[seed % 2] + target[position + 1:]  # one letter replaced
+        wrong = target[:position] + "xq"[seed % 2] + target[position + 1 :]  # one letter replaced
         if wrong == target:
             return
         full = f"{section}.{wrong}" if section else wrong
@@ -163,10 +204,18 @@ def flat_keys(data: dict, prefix: str = "") -> list[str]:
     return out
 
 
-CONFIG_KEYS = st.one_of(st.sampled_from([k for k in BAD_VALUES if "." not in k]), st.text(max_size=6), st.integers())
-CONFIG_VALUES = st.recursive(junk(), lambda inner: st.dictionaries(
-    st.one_of(st.sampled_from(["fsdp", "decay", "slice_size", "enable"]), st.text(max_size=4)), inner, max_size=3),
-    max_leaves=4)
+CONFIG_KEYS = st.one_of(
+    st.sampled_from([k for k in BAD_VALUES if "." not in k]), st.text(max_size=6), st.integers()
+)
+CONFIG_VALUES = st.recursive(
+    junk(),
+    lambda inner: st.dictionaries(
+        st.one_of(st.sampled_from(["fsdp", "decay", "slice_size", "enable"]), st.text(max_size=4)),
+        inner,
+        max_size=3,
+    ),
+    max_leaves=4,
+)
 
 
 def test_arbitrary_config_dicts_are_accepted_and_usable_or_refused_by_key():
@@ -201,8 +250,21 @@ def test_yaml_files_of_any_text_load_or_are_refused_naming_the_file_or_key():
         path = Path(folder) / "config.yaml"
 
         @SETTINGS
-        @given(st.one_of(st.text(max_size=40), st.sampled_from(["a: [1", "{", "- 1\n- 2", "lr: .nan", "ema: 3",
-                                                                  "zero_degree: !!python/object:os.system x"])))
+        @given(
+            st.one_of(
+                st.text(max_size=40),
+                st.sampled_from(
+                    [
+                        "a: [1",
+                        "{",
+                        "- 1\n- 2",
+                        "lr: .nan",
+                        "ema: 3",
+                        "zero_degree: !!python/object:os.system x",
+                    ]
+                ),
+            )
+        )
         def any_text(text):
             path.write_text(text)
             probe(outcomes, [str(path), "config:"], lambda: load_config(path), may_be_valid=True)
@@ -212,6 +274,7 @@ def test_yaml_files_of_any_text_load_or_are_refused_naming_the_file_or_key():
 
 
 # ------------------------------------------------------------------------------------------------ litegen facade
+
 
 def facade_properties() -> list[str]:
     """initialize() with junk objects; world-dependent config errors; on 2 ranks (run by the harness)."""
@@ -227,8 +290,16 @@ def facade_properties() -> list[str]:
 
     def materialize(kind: Any) -> Any:
         model = Denoiser()
-        return {"stream": Stream(), "optimizer": torch.optim.SGD(model.parameters(), lr=0.1), "class": Denoiser,
-                "module class": nn.Linear}.get(kind, kind) if isinstance(kind, str) else kind
+        return (
+            {
+                "stream": Stream(),
+                "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+                "class": Denoiser,
+                "module class": nn.Linear,
+            }.get(kind, kind)
+            if isinstance(kind, str)
+            else kind
+        )
 
     with LiteGen({"global_batch_size": 2}) as gen:  # junk is refused before initialize() changes anything
 
@@ -236,8 +307,12 @@ def facade_properties() -> list[str]:
         @given(st.lists(objects, min_size=1, max_size=3))
         def bad_objects(kinds):
             objs = [materialize(k) for k in kinds]
-            probe(outcomes, ["initialize: argument", "initialize: the optimizer", "initialize: at most one"],
-                  lambda: gen.initialize(*objs), may_be_valid=True)
+            probe(
+                outcomes,
+                ["initialize: argument", "initialize: the optimizer", "initialize: at most one"],
+                lambda: gen.initialize(*objs),
+                may_be_valid=True,
+            )
 
         bad_objects()
 
@@ -260,13 +335,16 @@ def test_facade_initialize_and_world_checks(dist_pool):
 
 # ------------------------------------------------------------------------------------------------ litegen_zero
 
+
 def model_and_optimizer() -> tuple[Denoiser, torch.optim.Optimizer]:
     model = Denoiser()
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
 NOT_A_MODULE = st.one_of(junk(), st.just(torch.ones(2)))
-BAD_DTYPE = st.one_of(junk(type(None)), st.sampled_from([torch.int32, torch.float64, torch.uint8, "fp8", "half"]))
+BAD_DTYPE = st.one_of(
+    junk(type(None)), st.sampled_from([torch.int32, torch.float64, torch.uint8, "fp8", "half"])
+)
 
 
 def zero_properties() -> list[str]:
@@ -275,13 +353,17 @@ def zero_properties() -> list[str]:
     outcomes: list[str] = []
     bad_shard_args = st.one_of(
         st.tuples(st.just("degree"), st.one_of(st.integers().filter(lambda d: d not in range(4)), junk(int))),
-        st.tuples(st.just("group_size"), st.one_of(st.integers().filter(lambda g: g not in (1, 2)),
-                                                   junk(int, bool, type(None)))),
+        st.tuples(
+            st.just("group_size"),
+            st.one_of(st.integers().filter(lambda g: g not in (1, 2)), junk(int, bool, type(None))),
+        ),
         st.tuples(st.just("mesh"), junk(type(None))),
         st.tuples(st.just("param_dtype"), BAD_DTYPE),
         st.tuples(st.just("reduce_dtype"), BAD_DTYPE),
         st.tuples(st.just("offload"), junk(bool)),
-        st.tuples(st.just("blocks"), st.one_of(junk(type(None)), st.just([nn.Linear(2, 2)]), st.just(nn.ModuleList))),
+        st.tuples(
+            st.just("blocks"), st.one_of(junk(type(None)), st.just([nn.Linear(2, 2)]), st.just(nn.ModuleList))
+        ),
         st.tuples(st.just("optimizer"), junk()),
         st.tuples(st.just("model"), NOT_A_MODULE),
     )
@@ -302,8 +384,15 @@ def zero_properties() -> list[str]:
     @SETTINGS
     @given(st.sampled_from(["group_size", "mesh", "dtype", "blocks", "model"]), st.data())
     def shard_frozen_one_bad(name, data):
-        value = data.draw({"group_size": st.integers().filter(lambda g: g not in (1, 2)), "mesh": junk(type(None)),
-                           "dtype": BAD_DTYPE, "blocks": st.just([nn.Linear(2, 2)]), "model": NOT_A_MODULE}[name])
+        value = data.draw(
+            {
+                "group_size": st.integers().filter(lambda g: g not in (1, 2)),
+                "mesh": junk(type(None)),
+                "dtype": BAD_DTYPE,
+                "blocks": st.just([nn.Linear(2, 2)]),
+                "model": NOT_A_MODULE,
+            }[name]
+        )
         model = Denoiser().requires_grad_(False)
         kwargs = {name: value}
         model_arg = kwargs.pop("model", model)
@@ -312,15 +401,22 @@ def zero_properties() -> list[str]:
     shard_frozen_one_bad()
 
     @SETTINGS
-    @given(st.sampled_from(["max_norm", "norm_type", "model"]),
-           st.one_of(st.floats(max_value=0.0), st.just(math.nan), junk(int, float)))
+    @given(
+        st.sampled_from(["max_norm", "norm_type", "model"]),
+        st.one_of(st.floats(max_value=0.0), st.just(math.nan), junk(int, float)),
+    )
     def helpers_one_bad(name, value):
         model = Denoiser()
         model(torch.ones(2, 8)).sum().backward()
         if name == "model":
             for helper in (clip_grad_norm_, full_state_dict, find_blocks):
-                probe(outcomes, ["model="], lambda helper=helper: helper(value) if helper is not clip_grad_norm_
-                      else helper(value, 1.0))
+                probe(
+                    outcomes,
+                    ["model="],
+                    lambda helper=helper: (
+                        helper(value) if helper is not clip_grad_norm_ else helper(value, 1.0)
+                    ),
+                )
             probe(outcomes, ["model="], lambda: no_sync(value).__enter__())
             return
         kwargs = {"max_norm": 1.0, "norm_type": 2.0, name: value}
@@ -340,9 +436,14 @@ def test_litegen_zero(dist_pool):
 SHAPES = st.lists(st.integers(0, 4), min_size=0, max_size=5).map(tuple)
 QKV = st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4))
 # q, k, v shapes that usually fit together: (b, s, h, d), (b, s, h_kv, d), (b, s, h_kv, d_v)
-CONSISTENT_QKV = st.tuples(st.integers(1, 2), st.integers(1, 3), st.sampled_from([2, 4]), st.integers(1, 4),
-                           st.sampled_from([2, 4]), st.integers(1, 3)).map(
-    lambda t: ((t[0], t[1], t[2], t[3]), (t[0], t[1], t[4], t[3]), (t[0], t[1], t[4], t[5])))
+CONSISTENT_QKV = st.tuples(
+    st.integers(1, 2),
+    st.integers(1, 3),
+    st.sampled_from([2, 4]),
+    st.integers(1, 4),
+    st.sampled_from([2, 4]),
+    st.integers(1, 3),
+).map(lambda t: ((t[0], t[1], t[2], t[3]), (t[0], t[1], t[4], t[3]), (t[0], t[1], t[4], t[5])))
 
 
 def sp_properties() -> list[str]:
@@ -360,7 +461,11 @@ def sp_properties() -> list[str]:
     rank = dist.get_rank()
 
     @SETTINGS
-    @given(st.one_of(SHAPES, junk()), st.one_of(st.integers(-6, 6), junk(int)), st.one_of(st.none(), junk(type(None))))
+    @given(
+        st.one_of(SHAPES, junk()),
+        st.one_of(st.integers(-6, 6), junk(int)),
+        st.one_of(st.none(), junk(type(None))),
+    )
     def split_and_gather(shape, dim, group):
         x = torch.randn(shape) if isinstance(shape, tuple) else shape
 
@@ -371,8 +476,12 @@ def sp_properties() -> list[str]:
                 raise AssertionError(f"split/gather changed x of shape {tuple(x.shape)}")
 
         torch.manual_seed(0)
-        probe(outcomes, ["x ", "x must", "dim=", "group=", "tokens along dim"], round_trip,
-              may_be_valid=isinstance(shape, tuple) and group is None)
+        probe(
+            outcomes,
+            ["x ", "x must", "dim=", "group=", "tokens along dim"],
+            round_trip,
+            may_be_valid=isinstance(shape, tuple) and group is None,
+        )
 
     split_and_gather()
 
@@ -381,16 +490,30 @@ def sp_properties() -> list[str]:
     def gather_one_bad(name, data):
         x_local, info = split_sequence(torch.randn(2, 6, 3), None, 1)
         args = {"x_local": x_local, "info": info, "dim": None}
-        args[name] = data.draw({"info": junk(), "x_local": st.one_of(SHAPES.map(torch.randn), junk()),
-                                "dim": st.one_of(st.integers(4, 9), junk(int, type(None)))}[name])
-        probe(outcomes, [name, "x_local"], lambda: gather_sequence(args["x_local"], None, args["info"], args["dim"]),
-              may_be_valid=name == "x_local")
+        args[name] = data.draw(
+            {
+                "info": junk(),
+                "x_local": st.one_of(SHAPES.map(torch.randn), junk()),
+                "dim": st.one_of(st.integers(4, 9), junk(int, type(None))),
+            }[name]
+        )
+        probe(
+            outcomes,
+            [name, "x_local"],
+            lambda: gather_sequence(args["x_local"], None, args["info"], args["dim"]),
+            may_be_valid=name == "x_local",
+        )
 
     gather_one_bad()
 
     @SETTINGS
-    @given(st.one_of(CONSISTENT_QKV, st.tuples(QKV, QKV, QKV)), st.booleans(), st.one_of(st.none(), st.integers(0, 8)),
-           st.sampled_from(["ok", "ok", "causal", "scale", "dropout_p", "attn_fn"]), st.data())
+    @given(
+        st.one_of(CONSISTENT_QKV, st.tuples(QKV, QKV, QKV)),
+        st.booleans(),
+        st.one_of(st.none(), st.integers(0, 8)),
+        st.sampled_from(["ok", "ok", "causal", "scale", "dropout_p", "attn_fn"]),
+        st.data(),
+    )
     def ulysses(shapes, kv_replicated, seq_len, bad, data):
         q_shape, k_shape, v_shape = shapes
         torch.manual_seed(rank)  # each rank its own slice of the sequence
@@ -400,13 +523,21 @@ def sp_properties() -> list[str]:
             k, v = torch.randn(k_shape), torch.randn(v_shape)
         options = {"causal": False, "scale": None, "dropout_p": 0.0, "attn_fn": None}
         if bad != "ok":
-            options[bad] = data.draw({
-                "causal": junk(bool), "scale": junk(type(None), int, float), "attn_fn": junk(type(None)),
-                "dropout_p": st.one_of(st.floats(min_value=1.0), st.floats(max_value=-1e-9), junk(int, float)),
-            }[bad])
+            options[bad] = data.draw(
+                {
+                    "causal": junk(bool),
+                    "scale": junk(type(None), int, float),
+                    "attn_fn": junk(type(None)),
+                    "dropout_p": st.one_of(
+                        st.floats(min_value=1.0), st.floats(max_value=-1e-9), junk(int, float)
+                    ),
+                }[bad]
+            )
 
         def attend():
-            out = ulysses_attention(q, k, v, group=None, kv_replicated=kv_replicated, seq_len=seq_len, **options)
+            out = ulysses_attention(
+                q, k, v, group=None, kv_replicated=kv_replicated, seq_len=seq_len, **options
+            )
             expected = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
             if tuple(out.shape) != expected:
                 raise AssertionError(f"output shape {tuple(out.shape)} for q {q_shape}, v {v_shape}")
@@ -415,8 +546,12 @@ def sp_properties() -> list[str]:
                 reference = attention(*full).narrow(1, rank * q.shape[1], q.shape[1])
                 torch.testing.assert_close(out, reference)
 
-        probe(outcomes, ["q ", "q,", "k ", "k and v", "heads", "seq_len", "head_dim", bad], attend,
-              may_be_valid=bad == "ok")
+        probe(
+            outcomes,
+            ["q ", "q,", "k ", "k and v", "heads", "seq_len", "head_dim", bad],
+            attend,
+            may_be_valid=bad == "ok",
+        )
 
     ulysses()
 
@@ -430,15 +565,21 @@ def sp_properties() -> list[str]:
             if tuple(out.shape) != (q.shape[0], q.shape[1], q.shape[2], v.shape[3]):
                 raise AssertionError(f"attention returned {tuple(out.shape)} for q {q_shape}, v {v_shape}")
 
-        probe(outcomes, ["q ", "q,", "k ", "k and v", "heads", "head_dim", "4 dims"], attend, may_be_valid=True)
+        probe(
+            outcomes, ["q ", "q,", "k ", "k and v", "heads", "head_dim", "4 dims"], attend, may_be_valid=True
+        )
 
     local_attention()
 
     plan_fields = st.sampled_from(["streams", "split", "replicate"])
 
     @SETTINGS
-    @given(st.one_of(st.tuples(plan_fields, junk()),
-                     st.tuples(st.sampled_from(["plan", "model", "group", "blocks"]), junk(type(None)))))
+    @given(
+        st.one_of(
+            st.tuples(plan_fields, junk()),
+            st.tuples(st.sampled_from(["plan", "model", "group", "blocks"]), junk(type(None))),
+        )
+    )
     def plan_one_bad(arg):
         name, value = arg
         model, plan, group = Attender(), SPPlan(), None
@@ -502,15 +643,29 @@ def test_litegen_sp(dist_pool):
 
 # ------------------------------------------------------------------------------------------------ litegen_ema
 
+
 def test_litegen_ema():
     from litegen_ema import ShardedEMA
 
     outcomes: list[str] = []
     bad_args = st.one_of(
-        st.tuples(st.just("decay"), st.one_of(st.floats(1.0, exclude_min=True), st.floats(max_value=-1e-9),
-                                              st.just(math.nan), junk(int, float))),
-        st.tuples(st.just("warmup"), st.one_of(junk(type(None)), st.tuples(st.floats(max_value=0.0), st.floats()),
-                                               st.tuples(st.floats(0.1, 2.0), st.floats(max_value=0.0)))),
+        st.tuples(
+            st.just("decay"),
+            st.one_of(
+                st.floats(1.0, exclude_min=True),
+                st.floats(max_value=-1e-9),
+                st.just(math.nan),
+                junk(int, float),
+            ),
+        ),
+        st.tuples(
+            st.just("warmup"),
+            st.one_of(
+                junk(type(None)),
+                st.tuples(st.floats(max_value=0.0), st.floats()),
+                st.tuples(st.floats(0.1, 2.0), st.floats(max_value=0.0)),
+            ),
+        ),
         st.tuples(st.just("update_after_step"), st.one_of(st.integers(max_value=-1), junk(int))),
         st.tuples(st.just("dtype"), st.one_of(junk(), st.sampled_from([torch.int64, torch.bool]))),
         st.tuples(st.just("sharded"), junk(bool)),
@@ -539,10 +694,16 @@ def test_litegen_ema():
             other = data.draw(st.one_of(NOT_A_MODULE, st.just(Denoiser())))
             probe(outcomes, ["model="], lambda: ema.swapped(other).__enter__())
         else:
-            state = data.draw(st.one_of(
-                junk(dict),
-                st.dictionaries(st.one_of(st.sampled_from(names), st.text(max_size=4), st.integers()),
-                                st.one_of(SHAPES.map(torch.randn), junk()), max_size=len(names) + 1)))
+            state = data.draw(
+                st.one_of(
+                    junk(dict),
+                    st.dictionaries(
+                        st.one_of(st.sampled_from(names), st.text(max_size=4), st.integers()),
+                        st.one_of(SHAPES.map(torch.randn), junk()),
+                        max_size=len(names) + 1,
+                    ),
+                )
+            )
             probe(outcomes, ["state_dict"], lambda: ema.load_state_dict(state))
 
     use_one_bad()
@@ -550,6 +711,7 @@ def test_litegen_ema():
 
 
 # ------------------------------------------------------------------------------------------------ litegen_ckpt
+
 
 def test_litegen_ckpt():
     from litegen_ckpt import Checkpointer, export_safetensors, load_safetensors
@@ -566,17 +728,25 @@ def test_litegen_ckpt():
         @SETTINGS
         @given(st.sampled_from(["root", "keep", "async_save", "process_group", "timeout"]), st.data())
         def build_one_bad(name, data):
-            value = data.draw({"root": st.one_of(junk(str), st.just(a_file)),
-                               "keep": st.one_of(st.integers(max_value=0), junk(int, type(None))),
-                               "async_save": junk(bool), "process_group": junk(type(None)),
-                               "timeout": st.one_of(junk(type(None)), st.just(datetime.timedelta(seconds=-1)))}[name])
+            value = data.draw(
+                {
+                    "root": st.one_of(junk(str), st.just(a_file)),
+                    "keep": st.one_of(st.integers(max_value=0), junk(int, type(None))),
+                    "async_save": junk(bool),
+                    "process_group": junk(type(None)),
+                    "timeout": st.one_of(junk(type(None)), st.just(datetime.timedelta(seconds=-1))),
+                }[name]
+            )
             kwargs = {"root": root / "other", name: value}
             probe(outcomes, [f"{name}="], lambda: Checkpointer(kwargs.pop("root"), **kwargs))
 
         build_one_bad()
 
         @SETTINGS
-        @given(st.sampled_from(["save step", "save stateful", "load step", "fall_back", "load stateful"]), st.data())
+        @given(
+            st.sampled_from(["save step", "save stateful", "load step", "fall_back", "load stateful"]),
+            st.data(),
+        )
         def use_one_bad(what, data):
             if what == "save step":
                 step = data.draw(st.one_of(st.integers(max_value=-1), junk(int)))
@@ -600,18 +770,31 @@ def test_litegen_ckpt():
         def safetensors_one_bad(name, data):
             if name in ("source", "path", "name"):
                 args = {"source": model, "path": root / "out.safetensors", "name": "model"}
-                args[name] = data.draw({"source": st.one_of(junk(str), st.just(str(root / "missing"))),
-                                        "path": st.one_of(junk(str), st.just(root)),
-                                        "name": st.one_of(junk(str), st.text(max_size=4).map(lambda s: s + "_"))}[name])
+                args[name] = data.draw(
+                    {
+                        "source": st.one_of(junk(str), st.just(str(root / "missing"))),
+                        "path": st.one_of(junk(str), st.just(root)),
+                        "name": st.one_of(junk(str), st.text(max_size=4).map(lambda s: s + "_")),
+                    }[name]
+                )
                 if name == "name":
                     args["source"] = root / "ckpt"
-                probe(outcomes, [f"{name}=", "source="], lambda: export_safetensors(**args),
-                      errors=(ValueError, TypeError, FileNotFoundError))  # a missing file: named, as Python does
+                probe(
+                    outcomes,
+                    [f"{name}=", "source="],
+                    lambda: export_safetensors(**args),
+                    errors=(ValueError, TypeError, FileNotFoundError),
+                )  # a missing file: named, as Python does
             else:
                 args = {"model": Denoiser(), "path": root / "out.safetensors", "strict": True}
                 export_safetensors(args["model"], args["path"])
-                value = data.draw({"model": NOT_A_MODULE, "strict": junk(bool),
-                                   "file": st.one_of(junk(str), st.binary(max_size=64))}[name])
+                value = data.draw(
+                    {
+                        "model": NOT_A_MODULE,
+                        "strict": junk(bool),
+                        "file": st.one_of(junk(str), st.binary(max_size=64)),
+                    }[name]
+                )
                 if name == "file":
                     args["path"] = value
                     if isinstance(value, bytes):
@@ -619,14 +802,19 @@ def test_litegen_ckpt():
                         args["path"].write_bytes(value)
                 else:
                     args[name] = value
-                probe(outcomes, [f"{name}=", "path="], lambda: load_safetensors(**args),
-                      errors=(ValueError, TypeError, FileNotFoundError))
+                probe(
+                    outcomes,
+                    [f"{name}=", "path="],
+                    lambda: load_safetensors(**args),
+                    errors=(ValueError, TypeError, FileNotFoundError),
+                )
 
         safetensors_one_bad()
     check(outcomes)
 
 
 # ------------------------------------------------------------------------------------------------ litegen_vae
+
 
 def vae_properties() -> list[str]:
     from litegen_vae import compiled, data_parallel, sliced
@@ -639,10 +827,17 @@ def vae_properties() -> list[str]:
     @SETTINGS
     @given(st.sampled_from(["fn", "slice_size", "dim", "group", "compile"]), st.data())
     def wrap_one_bad(name, data):
-        value = data.draw({"fn": junk(), "slice_size": st.one_of(st.integers(max_value=0), junk(int)),
-                           "dim": junk(int), "group": junk(type(None)),
-                           "compile": st.sampled_from([{"mode": "fastest"}, {"dynamic": "yes"}, {"fullgraph": 1},
-                                                       {"backend_name": "inductor"}])}[name])
+        value = data.draw(
+            {
+                "fn": junk(),
+                "slice_size": st.one_of(st.integers(max_value=0), junk(int)),
+                "dim": junk(int),
+                "group": junk(type(None)),
+                "compile": st.sampled_from(
+                    [{"mode": "fastest"}, {"dynamic": "yes"}, {"fullgraph": 1}, {"backend_name": "inductor"}]
+                ),
+            }[name]
+        )
         fn = value if name == "fn" else encode
         if name in ("fn", "slice_size", "dim"):
             kwargs = {"slice_size": 2, "dim": 0, **({name: value} if name != "fn" else {})}
@@ -660,10 +855,13 @@ def vae_properties() -> list[str]:
     @given(st.one_of(SHAPES.map(torch.randn), junk()), st.integers(-6, 6))
     def call_with_any_x(x, dim):
         for wrapper in (sliced(encode, 2, dim=dim), data_parallel(encode, None, dim=dim)):
+
             def call(wrapper=wrapper):
                 out = wrapper(x)
                 if not torch.equal(out, x * 2):  # every rank passed the same x
-                    raise AssertionError(f"{wrapper.__name__} changed the result for x of shape {tuple(x.shape)}")
+                    raise AssertionError(
+                        f"{wrapper.__name__} changed the result for x of shape {tuple(x.shape)}"
+                    )
 
             probe(outcomes, ["x must", "dim="], call, may_be_valid=isinstance(x, torch.Tensor))
 
@@ -678,5 +876,7 @@ def test_litegen_vae(dist_pool):
 
 def test_report_the_count():
     """Run last: how many bad inputs the property tests above refused with a named error (this process)."""
-    print(f"\nproperty tests: {OUTCOMES['named']} bad inputs refused with a named ValueError/TypeError, "
-          f"{OUTCOMES['valid']} generated inputs were valid and gave correct results")
+    print(
+        f"\nproperty tests: {OUTCOMES['named']} bad inputs refused with a named ValueError/TypeError, "
+        f"{OUTCOMES['valid']} generated inputs were valid and gave correct results"
+    )

@@ -87,15 +87,41 @@ def garble(path: Path) -> None:
 # case: (how to corrupt run A's checkpoint root, the file the error names, error type); auto_resume then loads
 # step 2 (step 3 does not verify), or step 3 when only ``latest`` is broken
 CASES = {
-    "truncated shard": (lambda a, b: truncate(a / "step_3" / "__1_0.distcp"), "step_3/__1_0.distcp", "CheckpointError"),
-    "missing metadata": (lambda a, b: (a / "step_3" / ".metadata").unlink(), "step_3/.metadata", "FileNotFoundError"),
-    "garbled metadata": (lambda a, b: garble(a / "step_3" / ".metadata"), "step_3/.metadata", "CheckpointError"),
-    "garbled index": (lambda a, b: garble(a / "step_3" / "litegen.json"), "step_3/litegen.json", "CheckpointError"),
-    "missing index": (lambda a, b: (a / "step_3" / "litegen.json").unlink(), "step_3/litegen.json",
-                      "FileNotFoundError"),
-    "shard from another run": (lambda a, b: shutil.copy(b / "step_3" / "__0_0.distcp", a / "step_3"),
-                               "step_3/__0_0.distcp", "CheckpointError"),
-    "latest points nowhere": (lambda a, b: (a / "latest").write_text("step_9"), "latest", "FileNotFoundError"),
+    "truncated shard": (
+        lambda a, b: truncate(a / "step_3" / "__1_0.distcp"),
+        "step_3/__1_0.distcp",
+        "CheckpointError",
+    ),
+    "missing metadata": (
+        lambda a, b: (a / "step_3" / ".metadata").unlink(),
+        "step_3/.metadata",
+        "FileNotFoundError",
+    ),
+    "garbled metadata": (
+        lambda a, b: garble(a / "step_3" / ".metadata"),
+        "step_3/.metadata",
+        "CheckpointError",
+    ),
+    "garbled index": (
+        lambda a, b: garble(a / "step_3" / "litegen.json"),
+        "step_3/litegen.json",
+        "CheckpointError",
+    ),
+    "missing index": (
+        lambda a, b: (a / "step_3" / "litegen.json").unlink(),
+        "step_3/litegen.json",
+        "FileNotFoundError",
+    ),
+    "shard from another run": (
+        lambda a, b: shutil.copy(b / "step_3" / "__0_0.distcp", a / "step_3"),
+        "step_3/__0_0.distcp",
+        "CheckpointError",
+    ),
+    "latest points nowhere": (
+        lambda a, b: (a / "latest").write_text("step_9"),
+        "latest",
+        "FileNotFoundError",
+    ),
 }
 
 

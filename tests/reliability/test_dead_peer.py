@@ -12,19 +12,35 @@ import json
 from reliability_launch import wait_for
 
 TIMEOUT_S = 10
-RUNS = {"zero3-forward": ({"zero_degree": 3}, "gloo:all_gather on process group 'default_pg'"),
-        "ddp-backward": ({"zero_degree": 0, "checkpoint_async": True}, "gloo:all_reduce on process group 'default_pg'")}
+RUNS = {
+    "zero3-forward": ({"zero_degree": 3}, "gloo:all_gather on process group 'default_pg'"),
+    "ddp-backward": (
+        {"zero_degree": 0, "checkpoint_async": True},
+        "gloo:all_reduce on process group 'default_pg'",
+    ),
+}
 
 
 def test_a_hung_peer_fails_the_others_with_a_named_timeout(tmp_path, launch):
     runs = {}
     for name, (config, _) in RUNS.items():
         config = {**config, "collective_timeout": TIMEOUT_S}
-        runs[name] = launch(tmp_path / name, "--steps", "50", "--save-every", "4", "--config", json.dumps(config),
-                            "--stop", "1:4")  # rank 1 stops calling collectives after step 4 (and its save)
+        runs[name] = launch(
+            tmp_path / name,
+            "--steps",
+            "50",
+            "--save-every",
+            "4",
+            "--config",
+            json.dumps(config),
+            "--stop",
+            "1:4",
+        )  # rank 1 stops calling collectives after step 4 (and its save)
     for name, run in runs.items():
         run_dir = tmp_path / name
-        wait_for(lambda run_dir=run_dir: (run_dir / "stopped").exists(), 180, f"{name}: rank 1 at step 4", run)
+        wait_for(
+            lambda run_dir=run_dir: (run_dir / "stopped").exists(), 180, f"{name}: rank 1 at step 4", run
+        )
         assert run.wait(TIMEOUT_S + 120) != 0
         log = run.log.read_text(errors="replace")
         message = f"litegen.runtime.CollectiveTimeoutError: LiteGen training loop: {RUNS[name][1]}"
@@ -32,5 +48,6 @@ def test_a_hung_peer_fails_the_others_with_a_named_timeout(tmp_path, launch):
         assert f"did not complete within collective_timeout={TIMEOUT_S} s" in log, run.tail()
         stopped = (run_dir / "stopped").stat().st_mtime
         failed = float((run_dir / "progress" / "error_rank0.txt").read_text().split()[0])
-        assert TIMEOUT_S - 1 <= failed - stopped <= TIMEOUT_S + 5, f"{name}: rank 0 failed {failed - stopped:.1f} s " \
-            "after rank 1 stopped"
+        assert TIMEOUT_S - 1 <= failed - stopped <= TIMEOUT_S + 5, (
+            f"{name}: rank 0 failed {failed - stopped:.1f} s after rank 1 stopped"
+        )

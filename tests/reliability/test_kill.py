@@ -28,7 +28,9 @@ CONFIG = {"zero_degree": 3, "auto_resume": True}
 def uninterrupted(tmp_path_factory, module_launch):
     """The reference: the same training run, never interrupted (world 2, ZeRO-3, async saves off)."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    run = module_launch(run_dir, "--steps", str(STEPS), "--save-every", str(EVERY), "--config", json.dumps(CONFIG))
+    run = module_launch(
+        run_dir, "--steps", str(STEPS), "--save-every", str(EVERY), "--config", json.dumps(CONFIG)
+    )
     assert run.wait(240) == 0, run.tail()
     return load_file(run_dir / "final.safetensors")
 
@@ -39,9 +41,21 @@ def assert_same_weights(final: dict, reference: dict) -> None:
         assert torch.equal(final[key], reference[key]), key
 
 
-def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_nothing_happened(tmp_path, launch, uninterrupted):
-    run = launch(tmp_path, "--steps", str(STEPS), "--save-every", str(EVERY), "--config", json.dumps(CONFIG),
-                 "--stop", "1:6", max_restarts=1)
+def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_nothing_happened(
+    tmp_path, launch, uninterrupted
+):
+    run = launch(
+        tmp_path,
+        "--steps",
+        str(STEPS),
+        "--save-every",
+        str(EVERY),
+        "--config",
+        json.dumps(CONFIG),
+        "--stop",
+        "1:6",
+        max_restarts=1,
+    )
     wait_for(lambda: (tmp_path / "stopped").exists(), 180, "rank 1 reaching step 6", run)
     os.kill(int((tmp_path / "stopped").read_text()), signal.SIGKILL)  # after step 6; the last save is step 4
     assert run.wait(240) == 0, run.tail()
@@ -66,8 +80,18 @@ def test_a_sync_save_killed_midway_leaves_the_previous_checkpoint_latest(tmp_pat
 def test_an_async_save_killed_midway_is_resumed_from_the_previous_checkpoint(tmp_path, launch, uninterrupted):
     """The background writer of step 8 hangs, a worker is killed; the restarted group finds step 4 latest."""
     config = {**CONFIG, "checkpoint_async": True}
-    run = launch(tmp_path, "--steps", str(STEPS), "--save-every", str(EVERY), "--config", json.dumps(config),
-                 "--hang-in-save", "8", max_restarts=1)
+    run = launch(
+        tmp_path,
+        "--steps",
+        str(STEPS),
+        "--save-every",
+        str(EVERY),
+        "--config",
+        json.dumps(config),
+        "--hang-in-save",
+        "8",
+        max_restarts=1,
+    )
     wait_for(lambda: (tmp_path / "saving").exists(), 180, "the async save of step 8 writing its shards", run)
     os.kill(progress(tmp_path)[1]["pid"], signal.SIGKILL)
     assert run.wait(240) == 0, run.tail()

@@ -16,8 +16,18 @@ CONFIG = {"zero_degree": 3, "checkpoint_async": True, "checkpoint_keep": 2}
 
 @pytest.mark.slow
 def test_2000_steps_keep_memory_threads_and_processes_flat(tmp_path, launch):
-    run = launch(tmp_path, "--steps", "2000", "--save-every", "200", "--report", "--rss-at", "200",
-                 "--config", json.dumps(CONFIG))
+    run = launch(
+        tmp_path,
+        "--steps",
+        "2000",
+        "--save-every",
+        "200",
+        "--report",
+        "--rss-at",
+        "200",
+        "--config",
+        json.dumps(CONFIG),
+    )
     assert run.wait(400) == 0, run.tail()
     records = progress(tmp_path)
     drift = {rank: (r["end"]["rss"] - r["at"]["rss"]) / r["at"]["rss"] for rank, r in records.items()}
@@ -30,5 +40,9 @@ def test_2000_steps_keep_memory_threads_and_processes_flat(tmp_path, launch):
         assert abs(record["end"]["native_threads"] - record["at"]["native_threads"]) <= 1, record
         assert record["threads"] == ["MainThread"] and record["children"] == [], record
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step_1800", "step_2000"]
-    left = [p.info for p in psutil.process_iter(["pid", "cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    left = [
+        p.info
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if str(tmp_path) in " ".join(p.info["cmdline"] or [])
+    ]
     assert left == [], left

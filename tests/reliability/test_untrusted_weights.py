@@ -28,8 +28,12 @@ class Payload:
 def bad_files(folder: Path) -> dict[str, Path]:
     marker = folder / "unpickled"
     evil = {"weights": Payload(marker), "w": torch.ones(2)}
-    files = {"pickle named .safetensors": folder / "evil.safetensors", "torch.save .pt": folder / "evil.pt",
-             "empty": folder / "empty.safetensors", "truncated": folder / "truncated.safetensors"}
+    files = {
+        "pickle named .safetensors": folder / "evil.safetensors",
+        "torch.save .pt": folder / "evil.pt",
+        "empty": folder / "empty.safetensors",
+        "truncated": folder / "truncated.safetensors",
+    }
     with open(files["pickle named .safetensors"], "wb") as f:
         pickle.dump(evil, f)
     torch.save(evil, files["torch.save .pt"])
@@ -64,8 +68,12 @@ def test_init_from_refuses_anything_but_safetensors(dist_pool, tmp_path):
     for case, per_rank in results.items():
         for message in per_rank:
             if case == "torch.save .pt":  # refused by the config check, before any file is opened
-                assert message.startswith(f"ValueError: config: init_from='{files[case]}' is not allowed"), message
+                assert message.startswith(f"ValueError: config: init_from='{files[case]}' is not allowed"), (
+                    message
+                )
             else:
-                assert message.startswith(f"ValueError: path='{files[case]}' is not a valid safetensors"), message
+                assert message.startswith(f"ValueError: path='{files[case]}' is not a valid safetensors"), (
+                    message
+                )
     assert not (tmp_path / "unpickled").exists()
     assert dist_pool.run(init_from, str(tmp_path / "good.safetensors"), world_size=2) == ["loaded", "loaded"]

@@ -119,7 +119,12 @@ def main() -> None:
         plain_path = os.path.join(work, "plain.safetensors")
         tensors = {f"{i}.weight": torch.randn(s) for i, s in enumerate(shapes)} if rank == 0 else {}
         times: dict[str, list[float]] = {
-            "save": [], "plain_save": [], "load": [], "plain_load": [], "floor": [], "dcp_load": []
+            "save": [],
+            "plain_save": [],
+            "load": [],
+            "plain_load": [],
+            "floor": [],
+            "dcp_load": [],
         }
         shards = [torch.ones_like(p.to_local()) for p in model.parameters()]  # allocated as the model's are
         for step in range(args.repeats):  # interleaved, so a busy machine slows both sides alike
@@ -159,7 +164,9 @@ def main() -> None:
             print(
                 f"Checkpointer.load  {load_s:6.3f} s  {gb / load_s:6.2f} GB/s   plain load_file {plain_load_s:6.3f} s  {gb / plain_load_s:6.2f} GB/s"
             )
-            print(f"the same checkpoint through DCP's FileSystemReader: {dcp_load_s:6.3f} s  {gb / dcp_load_s:6.2f} GB/s")
+            print(
+                f"the same checkpoint through DCP's FileSystemReader: {dcp_load_s:6.3f} s  {gb / dcp_load_s:6.2f} GB/s"
+            )
             print(
                 f"each rank reading its shard file into tensors, no checkpoint logic: {floor_s:6.3f} s  {gb / floor_s:6.2f} GB/s"
             )

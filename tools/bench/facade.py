@@ -99,15 +99,23 @@ def main() -> None:
 
     saved = {}
     for ratio in (1.0, 0.5, 0.0):
-        g = LiteGen({"zero_degree": 0, "selective_ratio": ratio, "global_batch_size": args.batch,
-                     "log_level": "WARNING"})
+        g = LiteGen(
+            {
+                "zero_degree": 0,
+                "selective_ratio": ratio,
+                "global_batch_size": args.batch,
+                "log_level": "WARNING",
+            }
+        )
         model, _ = g.initialize(*make())
         saved[ratio] = saved_activation_bytes(model, data)
         g.close()
 
     if dist.get_rank() == 0:
         facade, by_hand = statistics.median(times["facade"]), statistics.median(times["by_hand"])
-        print(f"world={dist.get_world_size()} step facade={facade * 1e3:.1f} ms by_hand={by_hand * 1e3:.1f} ms")
+        print(
+            f"world={dist.get_world_size()} step facade={facade * 1e3:.1f} ms by_hand={by_hand * 1e3:.1f} ms"
+        )
         for ratio, n in saved.items():
             print(f"selective_ratio={ratio}: saved activations {n / 2**20:.2f} MiB per step")
         print(f"RESULT facade_step_time_over_by_hand={facade / by_hand:.3f}")

@@ -36,8 +36,16 @@ DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # FLOP/s, de
 
 
 def build(args: argparse.Namespace, frames: int, size: int) -> DiT:
-    return DiT(in_channels=CHANNELS, input_size=size, num_frames=frames, patch_size=PATCH, dim=args.dim,
-               depth=args.depth, heads=args.heads, text_dim=TEXT_DIM)
+    return DiT(
+        in_channels=CHANNELS,
+        input_size=size,
+        num_frames=frames,
+        patch_size=PATCH,
+        dim=args.dim,
+        depth=args.depth,
+        heads=args.heads,
+        text_dim=TEXT_DIM,
+    )
 
 
 def set_frames(model: torch.nn.Module, frames: int, size: int) -> None:
@@ -54,8 +62,14 @@ def flops_per_step(params: int, args: argparse.Namespace, tokens: int) -> float:
     return 6 * params * tokens * args.batch + per_sample_attn * args.batch
 
 
-def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, args: argparse.Namespace, frames: int,
-              size: int, device: torch.device) -> Callable[[], float]:
+def make_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    args: argparse.Namespace,
+    frames: int,
+    size: int,
+    device: torch.device,
+) -> Callable[[], float]:
     """One bf16-autocast training step on fresh random latents (never all-zero)."""
     x = torch.randn(args.batch, CHANNELS, frames, size, size, device=device)
     text = torch.randn(args.batch, TEXT_TOKENS, TEXT_DIM, device=device)
@@ -177,8 +191,10 @@ def main() -> None:
     tps = {label: args.batch * tokens / statistics.median(s) for label, s in seconds.items()}
     for label in runs:
         mfu = flops / statistics.median(seconds[label]) / peak if peak else float("nan")
-        print(f"{label:8s} params={params / 1e9:.3f}B tokens/step={args.batch * tokens} "
-              f"step={statistics.median(seconds[label]) * 1e3:.1f} ms tokens/s={tps[label]:.0f} MFU={mfu:.3f}")
+        print(
+            f"{label:8s} params={params / 1e9:.3f}B tokens/step={args.batch * tokens} "
+            f"step={statistics.median(seconds[label]) * 1e3:.1f} ms tokens/s={tps[label]:.0f} MFU={mfu:.3f}"
+        )
 
     # 2. longest sequence per activation strategy
     strategies = {
@@ -193,14 +209,17 @@ def main() -> None:
     step_time = {}
     for label, cfg in strategies.items():
         model, opt, gen = setup(args, cfg, common, args.frame_size)
-        step_time[label] = time_steps(make_step(model, opt, args, common, args.frame_size, device),
-                                      args.warmup, args.iters, device)
+        step_time[label] = time_steps(
+            make_step(model, opt, args, common, args.frame_size, device), args.warmup, args.iters, device
+        )
         del model, opt
         gen.close()
         free(device)
     for label in strategies:
-        print(f"{label:18s} longest={best[label] * frame_tokens} tokens "
-              f"step@{common * frame_tokens}={step_time[label] * 1e3:.1f} ms")
+        print(
+            f"{label:18s} longest={best[label] * frame_tokens} tokens "
+            f"step@{common * frame_tokens}={step_time[label] * 1e3:.1f} ms"
+        )
 
     mfu_litegen = flops / statistics.median(seconds["litegen"]) / peak if peak else float("nan")
     print(f"RESULT mfu_litegen={mfu_litegen:.3f}")

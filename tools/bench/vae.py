@@ -40,16 +40,26 @@ SLICE_SIZE = 4
 
 def small_vae() -> AutoencoderKL:
     torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=4,
-        norm_num_groups=32, sample_size=128,
-    ).eval().requires_grad_(False)
+    return (
+        AutoencoderKL(
+            block_out_channels=(32, 64, 64),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=128,
+        )
+        .eval()
+        .requires_grad_(False)
+    )
 
 
 def encoder_and_batch(args: argparse.Namespace, device: torch.device):
     vae = small_vae().to(device)
-    images = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1)).to(device)
+    images = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1)).to(
+        device
+    )
     return (lambda x: vae.encode(x).latent_dist.mode()), images
 
 
@@ -93,7 +103,10 @@ def measure_time(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo")
     encode, images = encoder_and_batch(args, torch.device("cpu"))
     one_rank = dist.new_group([0])
-    variants = {1: data_parallel(encode, one_rank) if dist.get_rank() == 0 else None, 2: data_parallel(encode)}
+    variants = {
+        1: data_parallel(encode, one_rank) if dist.get_rank() == 0 else None,
+        2: data_parallel(encode),
+    }
     times: dict[int, list[float]] = {1: [], 2: []}
     with torch.no_grad():
         for _ in range(args.repeats + 1):  # the first round warms up
@@ -106,7 +119,9 @@ def measure_time(args: argparse.Namespace) -> None:
                 times[world].append(time.perf_counter() - start)
     if dist.get_rank() == 0:
         ratios = [round(one / two, 2) for one, two in zip(times[1][1:], times[2][1:], strict=True)]
-        print(f"TIME {statistics.median(times[1][1:])} {statistics.median(times[2][1:])} {ratios}", flush=True)
+        print(
+            f"TIME {statistics.median(times[1][1:])} {statistics.median(times[2][1:])} {ratios}", flush=True
+        )
     dist.destroy_process_group()
 
 
@@ -115,12 +130,30 @@ def run_worker(args: argparse.Namespace, role: str, world: int = 1, **extra: str
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, __file__, "--role", role, "--batch", str(args.batch), "--size", str(args.size),
-               "--repeats", str(args.repeats)] + [x for k, v in extra.items() for x in (f"--{k}", v)]
+    command = [
+        sys.executable,
+        __file__,
+        "--role",
+        role,
+        "--batch",
+        str(args.batch),
+        "--size",
+        str(args.size),
+        "--repeats",
+        str(args.repeats),
+    ] + [x for k, v in extra.items() for x in (f"--{k}", v)]
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            GLOO_SOCKET_IFNAME="lo",
+        )
         if role == "memory":
             env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True))
@@ -149,8 +182,10 @@ def main() -> None:
     for variant in ("unsliced", "sliced"):
         line = run_worker(args, "memory", variant=variant)
         peaks[variant] = int(line.split()[1])
-        print(f"{variant:>9}{f'({SLICE_SIZE})' if variant == 'sliced' else '':<4} peak {peaks[variant] / 2**20:8.1f} MiB  "
-              f"latents {line.split(maxsplit=2)[2]}")
+        print(
+            f"{variant:>9}{f'({SLICE_SIZE})' if variant == 'sliced' else '':<4} peak {peaks[variant] / 2**20:8.1f} MiB  "
+            f"latents {line.split(maxsplit=2)[2]}"
+        )
     line = run_worker(args, "time", world=2)
     seconds = {1: float(line.split()[1]), 2: float(line.split()[2])}
     for world in (1, 2):

@@ -74,7 +74,9 @@ def by_hand(model: nn.Module, degree: int, group: int | None, device: str, lr: f
     """The same sharding with plain torch calls, as a user would write it."""
     world = dist.get_world_size()
     if degree <= 1:
-        model = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
+        model = DistributedDataParallel(
+            model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None
+        )
         if degree == 0:
             return model, torch.optim.AdamW(model.parameters(), lr=lr)
         return model, ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=lr)
@@ -84,7 +86,9 @@ def by_hand(model: nn.Module, degree: int, group: int | None, device: str, lr: f
         mesh = init_device_mesh(device, (world // group, group), mesh_dim_names=("replicate", "shard"))
     for block in model.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=degree == 3)
-    fully_shard(model, mesh=mesh, reshard_after_forward=None if degree == 3 else False)  # None: torch's root default
+    fully_shard(
+        model, mesh=mesh, reshard_after_forward=None if degree == 3 else False
+    )  # None: torch's root default
     return model, torch.optim.AdamW(model.parameters(), lr=lr)
 
 
@@ -103,7 +107,9 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) ->
 def theory(degree: int, psi: int, world: int, group: int | None) -> float:
     """The ZeRO paper's per-rank bytes with fp32 parameters and gradients and K = 8 (Adam)."""
     shards = group or world
-    return {0: 16 * psi, 1: 8 * psi + 8 * psi / world, 2: 4 * psi + 12 * psi / world, 3: 16 * psi / shards}[degree]
+    return {0: 16 * psi, 1: 8 * psi + 8 * psi / world, 2: 4 * psi + 12 * psi / world, 3: 16 * psi / shards}[
+        degree
+    ]
 
 
 def main() -> None:
@@ -122,8 +128,13 @@ def main() -> None:
     device = "cuda" if cuda else "cpu"
     world, rank = dist.get_world_size(), dist.get_rank()
     group = max(1, world // 2)
-    configs = [("0 DDP", 0, None), ("1 ZeRO-1", 1, None), ("2 ZeRO-2", 2, None), ("3 ZeRO-3", 3, None),
-               (f"3 grouped {world // group}x{group}", 3, group)]
+    configs = [
+        ("0 DDP", 0, None),
+        ("1 ZeRO-1", 1, None),
+        ("2 ZeRO-2", 2, None),
+        ("3 ZeRO-3", 3, None),
+        (f"3 grouped {world // group}x{group}", 3, group),
+    ]
     lr = 1e-4
     x = torch.randn(args.batch, args.dim, device=device)
     psi = sum(p.numel() for p in Net(args.dim, args.hidden, args.depth).parameters())
@@ -131,9 +142,13 @@ def main() -> None:
     for name, degree, group_size in configs:
         torch.manual_seed(0)
         lite = Net(args.dim, args.hidden, args.depth)
-        lite, lite_opt = shard(lite, torch.optim.AdamW(lite.parameters(), lr=lr), degree=degree, group_size=group_size)
+        lite, lite_opt = shard(
+            lite, torch.optim.AdamW(lite.parameters(), lr=lr), degree=degree, group_size=group_size
+        )
         torch.manual_seed(0)
-        plain, plain_opt = by_hand(Net(args.dim, args.hidden, args.depth).to(device), degree, group_size, device, lr)
+        plain, plain_opt = by_hand(
+            Net(args.dim, args.hidden, args.depth).to(device), degree, group_size, device, lr
+        )
         for _ in range(2):  # warm-up: buckets, lazy init, optimizer state
             step(lite, lite_opt, x), step(plain, plain_opt, x)
         times = {"lite": [], "plain": []}
@@ -148,21 +163,45 @@ def main() -> None:
         lite_opt.zero_grad()
         total, expected = measured.sum().item(), theory(degree, psi, world, group_size)
         lite_t, plain_t = statistics.median(times["lite"]), statistics.median(times["plain"])
-        rows.append((name, *(measured / 2**20).tolist(), total / 2**20, expected / 2**20, total / expected,
-                     lite_t * 1e3, plain_t * 1e3, lite_t / plain_t))
+        rows.append(
+            (
+                name,
+                *(measured / 2**20).tolist(),
+                total / 2**20,
+                expected / 2**20,
+                total / expected,
+                lite_t * 1e3,
+                plain_t * 1e3,
+                lite_t / plain_t,
+            )
+        )
         ratios[name] = (total / expected, lite_t / plain_t)
         del lite, lite_opt, plain, plain_opt
     if rank == 0:
-        print(f"\nZeRO per-rank state after an AdamW step, fp32, psi = {psi / 1e6:.2f} M parameters, "
-              f"world {world} ({device}), batch {args.batch}/rank, median of {args.steps} steps\n")
-        header = ("degree", "params MiB", "grads MiB", "optim MiB", "total MiB", "theory MiB", "meas/theory",
-                  "litegen ms", "plain ms", "time ratio")
+        print(
+            f"\nZeRO per-rank state after an AdamW step, fp32, psi = {psi / 1e6:.2f} M parameters, "
+            f"world {world} ({device}), batch {args.batch}/rank, median of {args.steps} steps\n"
+        )
+        header = (
+            "degree",
+            "params MiB",
+            "grads MiB",
+            "optim MiB",
+            "total MiB",
+            "theory MiB",
+            "meas/theory",
+            "litegen ms",
+            "plain ms",
+            "time ratio",
+        )
         print(("{:<16}" + "{:>12}" * 9).format(*header))
         for row in rows:
             print(("{:<16}" + "{:>12.2f}" * 6 + "{:>12.1f}" * 2 + "{:>12.3f}").format(*row))
-        print("\ntheory: 0: 16psi  1: 8psi + 8psi/N  2: 4psi + 12psi/N  3: 16psi/N  grouped: 16psi/k. "
-              "FSDP2 reshards after backward, so ZeRO-2 parameters are sharded at rest as well "
-              "(gathered from forward to backward only): its measured params are below the formula.")
+        print(
+            "\ntheory: 0: 16psi  1: 8psi + 8psi/N  2: 4psi + 12psi/N  3: 16psi/N  grouped: 16psi/k. "
+            "FSDP2 reshards after backward, so ZeRO-2 parameters are sharded at rest as well "
+            "(gathered from forward to backward only): its measured params are below the formula."
+        )
         print(f"RESULT zero3_state_bytes_over_theory={ratios['3 ZeRO-3'][0]:.4f}")
         print(f"RESULT zero3_step_time_over_plain_fsdp2={ratios['3 ZeRO-3'][1]:.4f}")
         print(f"RESULT ddp_step_time_over_plain_ddp={ratios['0 DDP'][1]:.4f}")

@@ -22,10 +22,19 @@ def run(args: list[str], nproc: int | None = 2, timeout: int = 300) -> subproces
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     launcher = [sys.executable]
     if nproc:
-        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-                     "--rdzv-endpoint", f"127.0.0.1:{_port()}"]
-    return subprocess.run([*launcher, str(TOOLS / "train.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+        launcher += [
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{_port()}",
+        ]
+    return subprocess.run(
+        [*launcher, str(TOOLS / "train.py"), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_default_config_trains_checkpoints_resumes_and_draws(tmp_path):
@@ -33,19 +42,41 @@ def test_default_config_trains_checkpoints_resumes_and_draws(tmp_path):
     first = run(["--config", str(TOOLS / "configs/default.yaml"), "steps=4", f"out_dir={out}", *TINY])
     assert first.returncode == 0, first.stderr[-3000:]
     assert "RESULT prompt_accuracy=" in first.stdout
-    for name in ["loss.csv", "loss.png", "samples.png", "samples.pt", "checkpoints/step_4", "checkpoints/latest"]:
+    for name in [
+        "loss.csv",
+        "loss.png",
+        "samples.png",
+        "samples.pt",
+        "checkpoints/step_4",
+        "checkpoints/latest",
+    ]:
         assert (out / name).exists(), name
-    resumed = run(["--config", str(TOOLS / "configs/default.yaml"), "--resume", "steps=6", f"out_dir={out}", *TINY])
+    resumed = run(
+        ["--config", str(TOOLS / "configs/default.yaml"), "--resume", "steps=6", f"out_dir={out}", *TINY]
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 4" in resumed.stderr and "from step 4" in resumed.stderr
     assert (out / "checkpoints/step_6").exists()
-    assert [line.split(",")[0] for line in (out / "loss.csv").read_text().splitlines()] == ["step", "2", "4", "6"]
+    assert [line.split(",")[0] for line in (out / "loss.csv").read_text().splitlines()] == [
+        "step",
+        "2",
+        "4",
+        "6",
+    ]
 
 
 def test_video_sp2_config_trains_and_writes_clips(tmp_path):
     out = tmp_path / "video"
-    proc = run(["--config", str(TOOLS / "configs/video_sp2.yaml"), "steps=2", "num_frames=4", f"out_dir={out}",
-                *TINY])
+    proc = run(
+        [
+            "--config",
+            str(TOOLS / "configs/video_sp2.yaml"),
+            "steps=2",
+            "num_frames=4",
+            f"out_dir={out}",
+            *TINY,
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "samples.gif").exists() and (out / "samples_strip.png").exists()
     assert "sequence parallel over 2 ranks" in proc.stderr

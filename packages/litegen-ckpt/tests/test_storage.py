@@ -24,7 +24,9 @@ def digest_of(*pieces: torch.Tensor) -> str:
 
 
 def test_the_digest_is_the_same_whatever_the_pieces_and_changes_with_any_corruption():
-    data = torch.randint(0, 256, (5 * BLOCK + 123,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = torch.randint(
+        0, 256, (5 * BLOCK + 123,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     whole = digest_of(data)
     assert digest_of(data[:BLOCK], data[BLOCK : 4 * BLOCK], data[4 * BLOCK :]) == whole
     assert digest_of(torch.cat([torch.zeros(3, dtype=torch.uint8), data])[3:]) == whole  # not 8-byte aligned
@@ -33,7 +35,14 @@ def test_the_digest_is_the_same_whatever_the_pieces_and_changes_with_any_corrupt
     swapped = torch.cat([data[BLOCK : 2 * BLOCK], data[:BLOCK], data[2 * BLOCK :]])
     longer = torch.cat([data, torch.zeros(1, dtype=torch.uint8)])  # the padding is not data
     foreign = torch.randint(0, 256, data.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    digests = {whole, digest_of(flipped), digest_of(swapped), digest_of(longer), digest_of(foreign), digest_of(data[:-1])}
+    digests = {
+        whole,
+        digest_of(flipped),
+        digest_of(swapped),
+        digest_of(longer),
+        digest_of(foreign),
+        digest_of(data[:-1]),
+    }
     assert len(digests) == 6
     with pytest.raises(RuntimeError, match="ended mid-block"):
         Digest().update(data[:100]).update(data[100:])
@@ -84,14 +93,18 @@ def test_a_destination_of_another_dtype_is_filled_through_a_buffer(tmp_path):
     assert torch.equal(half.weight, weights[0].to(torch.bfloat16))
 
 
-def test_without_the_record_offset_the_reader_falls_back_to_torch_load_and_still_checks(tmp_path, monkeypatch):
+def test_without_the_record_offset_the_reader_falls_back_to_torch_load_and_still_checks(
+    tmp_path, monkeypatch
+):
     checkpointer, model, weights = saved_linear(tmp_path, steps=1)
     monkeypatch.setattr(VerifyingReader, "_data_start", lambda *args: None)
     state = {"model": {"weight": torch.zeros(64, 96), "bias": torch.zeros(64)}}
     storage.read_checkpoint(state, tmp_path / "step_1", no_dist=True)
     assert torch.equal(state["model"]["weight"], weights[0])
     corrupt_tensor(tmp_path / "step_1", "model.weight")
-    with pytest.raises(CheckpointError, match=r"__0_0\.distcp does not match the checksum recorded for model\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"__0_0\.distcp does not match the checksum recorded for model\.weight"
+    ):
         storage.read_checkpoint(state, tmp_path / "step_1", no_dist=True)
 
 
@@ -108,7 +121,9 @@ def corrupt_tensor(directory, fqn: str) -> None:
 def test_a_modified_shard_is_named_at_load_and_fall_back_loads_the_previous_checkpoint(tmp_path, caplog):
     checkpointer, model, weights = saved_linear(tmp_path)
     corrupt_tensor(tmp_path / "step_2", "model.weight")
-    with pytest.raises(CheckpointError, match=r"step_2/__0_0\.distcp does not match the checksum recorded for model\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"step_2/__0_0\.distcp does not match the checksum recorded for model\.weight"
+    ):
         checkpointer.load(model=model)
     with caplog.at_level("WARNING", logger="litegen_ckpt"):
         assert checkpointer.load(fall_back=True, model=model) == 1
@@ -133,4 +148,3 @@ def test_the_writer_records_every_item_it_wrote(tmp_path):
     stored = {(i.fqn, None if i.offset is None else tuple(i.offset)) for i in metadata.storage_data}
     assert recorded == stored
     assert {kind for _, _, kind, _ in records} == {"digest", "crc32"}  # tensors, and pickled values (rng)
-

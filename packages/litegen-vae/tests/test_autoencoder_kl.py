@@ -13,9 +13,13 @@ diffusers = pytest.importorskip("diffusers")
 def tiny_vae():
     torch.manual_seed(0)  # the same weights on every rank
     return diffusers.AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-        norm_num_groups=8, sample_size=16,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
     ).eval()
 
 
@@ -28,7 +32,10 @@ def test_sliced_mode_and_the_raw_encode_output_with_sampling_outside():
     x = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
         mode = sliced(lambda x: vae.encode(x).latent_dist.mode(), 2)(x)
-        out, ref = sliced(vae.encode, 2)(x), vae.encode(x)  # AutoencoderKLOutput(latent_dist=DiagonalGaussian...)
+        out, ref = (
+            sliced(vae.encode, 2)(x),
+            vae.encode(x),
+        )  # AutoencoderKLOutput(latent_dist=DiagonalGaussian...)
     assert close(mode, ref.latent_dist.mode())
     assert type(out) is type(ref) and type(out.latent_dist) is type(ref.latent_dist)
     for name in ("parameters", "mean", "logvar", "std"):

@@ -51,10 +51,13 @@ def tree_fn(x: torch.Tensor) -> dict:
 def assert_trees_equal(out, ref) -> None:
     assert out["scale"] == ref["scale"] and out["latents"].name == ref["latents"].name
     pairs = [
-        (out["double"], ref["double"]), (out["pair"].first, ref["pair"].first),
-        (out["pair"].second[0], ref["pair"].second[0]), (out["latents"].mean, ref["latents"].mean),
+        (out["double"], ref["double"]),
+        (out["pair"].first, ref["pair"].first),
+        (out["pair"].second[0], ref["pair"].second[0]),
+        (out["latents"].mean, ref["latents"].mean),
         (out["latents"].extras["neg"], ref["latents"].extras["neg"]),
-        (out["gaussian"].parameters, ref["gaussian"].parameters), (out["gaussian"].logvar, ref["gaussian"].logvar),
+        (out["gaussian"].parameters, ref["gaussian"].parameters),
+        (out["gaussian"].logvar, ref["gaussian"].logvar),
     ]
     assert isinstance(out["pair"], Pair) and out["latents"].extras["none"] is None
     for got, want in pairs:
@@ -63,7 +66,9 @@ def assert_trees_equal(out, ref) -> None:
 
 def small_encoder() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+    )
 
 
 @pytest.mark.parametrize("batch", [1, 4, 7])
@@ -114,7 +119,11 @@ def test_data_parallel_without_a_process_group_is_the_plain_function():
         (lambda: sliced(tree_fn, True), TypeError, r"slice_size=True"),
         (lambda: sliced(tree_fn, 2, dim="0"), TypeError, r"dim='0'"),
         (lambda: sliced("encode", 2), TypeError, r"fn must be callable"),
-        (lambda: data_parallel(tree_fn, group="sp"), TypeError, r"group='sp' \(str\); allowed: a torch.distributed.ProcessGroup"),
+        (
+            lambda: data_parallel(tree_fn, group="sp"),
+            TypeError,
+            r"group='sp' \(str\); allowed: a torch.distributed.ProcessGroup",
+        ),
         (lambda: data_parallel(tree_fn, group=dist.GroupMember.NON_GROUP_MEMBER), ValueError, r"not in it"),
         (lambda: compiled(3), TypeError, r"compiled: fn must be callable"),
     ],
@@ -126,7 +135,9 @@ def test_bad_arguments_are_refused_when_wrapping(make, error, match):
 
 @pytest.mark.parametrize("wrap", [lambda f: sliced(f, 2, dim=4), lambda f: data_parallel(f, dim=-5)])
 def test_a_dim_out_of_range_is_refused_at_the_call(wrap):
-    with pytest.raises(ValueError, match=r"dim=-?\d is out of range for x of shape \(3, 2, 4, 4\); allowed: -4..3"):
+    with pytest.raises(
+        ValueError, match=r"dim=-?\d is out of range for x of shape \(3, 2, 4, 4\); allowed: -4..3"
+    ):
         wrap(tree_fn)(torch.randn(3, 2, 4, 4))
     with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
         wrap(tree_fn)([1, 2, 3])
@@ -136,7 +147,9 @@ def test_bad_outputs_are_explained():
     x = torch.randn(5, 2)
     with pytest.raises(ValueError, match=r"non-tensor output 0 differs between slices \(\[2, 2, 1\]\)"):
         sliced(lambda x: (x.size(0), x), 2)(x)
-    with pytest.raises(ValueError, match=r"output tensor 1 has shape \(\): it cannot be concatenated on dim=0"):
+    with pytest.raises(
+        ValueError, match=r"output tensor 1 has shape \(\): it cannot be concatenated on dim=0"
+    ):
         sliced(lambda x: (x, x.sum()), 2)(x)
     with pytest.raises(TypeError, match="fn returned a set"):
         sliced(lambda x: {1, 2}, 2)(x)
@@ -182,7 +195,9 @@ def test_compiled_compiles_the_innermost_function_and_keeps_wrappers_eager():
         return gm.forward
 
     encode = compiled(sliced(data_parallel(lambda x: x.sin() * 2), 2), backend=recording_backend)
-    assert encode.__wrapped__.__wrapped__.__wrapped__.__name__ == "<lambda>"  # sliced(data_parallel(compiled(fn)))
+    assert (
+        encode.__wrapped__.__wrapped__.__wrapped__.__name__ == "<lambda>"
+    )  # sliced(data_parallel(compiled(fn)))
     x = torch.randn(5, 3)
     torch.testing.assert_close(encode(x), x.sin() * 2, rtol=0, atol=0)
     assert graphs and all(torch.cat not in graph for graph in graphs), graphs  # the slices' concat is eager
@@ -252,7 +267,9 @@ def errors_on_every_rank(world: int) -> dict[str, str]:
     except ValueError as error:
         messages["batch"] = str(error)
     try:
-        data_parallel(lambda x: (x, x.size(0)))(torch.randn(world + 1, 2))  # a constant that depends on the batch
+        data_parallel(lambda x: (x, x.size(0)))(
+            torch.randn(world + 1, 2)
+        )  # a constant that depends on the batch
     except ValueError as error:
         messages["constant"] = str(error)
     dist.barrier()

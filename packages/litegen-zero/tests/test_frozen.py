@@ -16,7 +16,8 @@ class Encoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(50, 32)
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True, dropout=0.0) for _ in range(2)
+            nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True, dropout=0.0)
+            for _ in range(2)
         )
         self.norm = nn.LayerNorm(32)
 
@@ -53,12 +54,14 @@ def run_frozen(configs: list[dict]) -> list[dict]:
         with torch.no_grad():
             got = model(tokens)
             again = model(tokens)
-        out.append({
-            "max_error": max((got - expected).abs().max().item(), (again - expected).abs().max().item()),
-            "bytes_over_full": local_bytes(model) / full_bytes,  # measured after two forwards: at rest
-            "trainable": sum(p.requires_grad for p in model.parameters()),
-            "dtype": got.dtype,
-        })
+        out.append(
+            {
+                "max_error": max((got - expected).abs().max().item(), (again - expected).abs().max().item()),
+                "bytes_over_full": local_bytes(model) / full_bytes,  # measured after two forwards: at rest
+                "trainable": sum(p.requires_grad for p in model.parameters()),
+                "dtype": got.dtype,
+            }
+        )
     return out
 
 

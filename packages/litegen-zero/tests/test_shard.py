@@ -57,7 +57,8 @@ def make_optimizer(model: nn.Module, kind: str = "adamw") -> torch.optim.Optimiz
     if kind == "adafactor":
         return torch.optim.Adafactor([{"params": matrices}, {"params": vectors, "lr": 0.003}], lr=0.01)
     return torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0, "lr": 0.003}], lr=0.01
+        [{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0, "lr": 0.003}],
+        lr=0.01,
     )
 
 
@@ -94,20 +95,25 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def run_configs(configs: list[dict], micro: int = 1, clip: bool = False, optimizer: str = "adamw") -> list[dict]:
+def run_configs(
+    configs: list[dict], micro: int = 1, clip: bool = False, optimizer: str = "adamw"
+) -> list[dict]:
     """Per config: max relative error of losses, clip norms and final weights against a one-process reference."""
     rank, world = dist.get_rank(), dist.get_world_size()
     data = batches(world)
     reference = make_model()
-    ref_losses, ref_norms = train(reference, make_optimizer(reference, optimizer), data, micro=1, clip=clip,
-                                  rank=0, world=1)
+    ref_losses, ref_norms = train(
+        reference, make_optimizer(reference, optimizer), data, micro=1, clip=clip, rank=0, world=1
+    )
     results = []
     for config in configs:
         model = make_model()
         kwargs = dict(config)
         if "mesh" in kwargs:  # a caller-made mesh: its shape travels, the mesh is built here
             shape = kwargs["mesh"]
-            kwargs["mesh"] = init_device_mesh("cpu", shape, mesh_dim_names=MESH_DIMS if len(shape) == 2 else None)
+            kwargs["mesh"] = init_device_mesh(
+                "cpu", shape, mesh_dim_names=MESH_DIMS if len(shape) == 2 else None
+            )
         model, opt = shard(model, make_optimizer(model, optimizer), **kwargs)
         losses, norms = train(model, opt, data, micro=micro, clip=clip, rank=rank, world=world)
         state = full_state_dict(model)
@@ -136,12 +142,24 @@ def check(results: list[list[dict]], tol: float = 1e-5) -> None:
 DEGREES = [{"degree": d} for d in range(4)] + [{"degree": 3, "offload": True}]
 
 
-@pytest.mark.parametrize("world, grouped", [
-    (2, [{"degree": 3, "group_size": 1}]),
-    (3, [{"degree": 3, "group_size": 3}]),
-    (4, [{"degree": 3, "group_size": 2}, {"degree": 3, "group_size": True}, {"degree": 0, "mesh": (2, 2)},
-         {"degree": 1, "mesh": (2, 2)}, {"degree": 2, "mesh": (4,)}, {"degree": 3, "mesh": (2, 2)}]),
-])
+@pytest.mark.parametrize(
+    "world, grouped",
+    [
+        (2, [{"degree": 3, "group_size": 1}]),
+        (3, [{"degree": 3, "group_size": 3}]),
+        (
+            4,
+            [
+                {"degree": 3, "group_size": 2},
+                {"degree": 3, "group_size": True},
+                {"degree": 0, "mesh": (2, 2)},
+                {"degree": 1, "mesh": (2, 2)},
+                {"degree": 2, "mesh": (4,)},
+                {"degree": 3, "mesh": (2, 2)},
+            ],
+        ),
+    ],
+)
 def test_every_degree_matches_one_process(dist_pool, world, grouped):
     results = dist_pool.run(run_configs, DEGREES + grouped, world_size=world, timeout=120)
     check(results)
@@ -171,8 +189,15 @@ def run_factory() -> list[dict]:
     rank, world = dist.get_rank(), dist.get_world_size()
     data = batches(world)
     reference = make_model()
-    ref_losses, _ = train(reference, torch.optim.Adam(reference.parameters(), lr=0.01), data, micro=1, clip=False,
-                          rank=0, world=1)
+    ref_losses, _ = train(
+        reference,
+        torch.optim.Adam(reference.parameters(), lr=0.01),
+        data,
+        micro=1,
+        clip=False,
+        rank=0,
+        world=1,
+    )
     out = []
     for degree in range(4):
         model, opt = shard(make_model(), lambda params: torch.optim.Adam(params, lr=0.01), degree=degree)
@@ -200,11 +225,15 @@ def run_mixed_precision() -> list[dict]:
         losses, _ = train(model, opt, data, micro=1, clip=False, rank=rank, world=world)
         state = full_state_dict(model)
         weights = max(rel(state[k], v) for k, v in reference.state_dict().items()) if rank == 0 else 0.0
-        out.append({
-            "config": config, "out_dtype": out_dtype, "weights": weights,
-            "loss": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)),
-            "param_dtype": {str(v.dtype) for v in state.values()},
-        })
+        out.append(
+            {
+                "config": config,
+                "out_dtype": out_dtype,
+                "weights": weights,
+                "loss": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)),
+                "param_dtype": {str(v.dtype) for v in state.values()},
+            }
+        )
     return out
 
 

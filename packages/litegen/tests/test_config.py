@@ -28,7 +28,11 @@ BAD_CONFIGS = [
     ({"cpu_offload": True, "zero_degree": 2}, ValueError, "offload needs zero_degree: 3"),
     ({"precision": "bf32"}, ValueError, "precision='bf32'"),
     ({"grad_precision": "int8"}, ValueError, "grad_precision='int8'"),
-    ({"precision": "bf16", "zero_degree": 0}, ValueError, "mixed precision (bf16/fp16) needs zero_degree 2 or 3"),
+    (
+        {"precision": "bf16", "zero_degree": 0},
+        ValueError,
+        "mixed precision (bf16/fp16) needs zero_degree 2 or 3",
+    ),
     ({"selective_ratio": 1.5}, ValueError, "selective_ratio=1.5"),
     ({"selective_ratio": -0.1}, ValueError, "selective_ratio=-0.1"),
     ({"selective_ratio": "half"}, TypeError, "'selective_ratio' must be float"),
@@ -84,7 +88,11 @@ def test_the_bad_config_table_is_large_and_every_message_is_its_own():
         ({"sp_size": 3}, 4, "sp_size=3 is not allowed; a divisor of the world size 4"),
         ({"zero_degree": 3, "group_zero": 3}, 4, "group_zero=3 is not allowed; a group size that divides"),
         ({"zero_degree": 3, "group_zero": 2, "sp_size": 4}, 4, "a multiple of sp_size=4"),
-        ({"global_batch_size": 3}, 2, "global_batch_size=3 is not allowed; a multiple of the data-parallel size 2"),
+        (
+            {"global_batch_size": 3},
+            2,
+            "global_batch_size=3 is not allowed; a multiple of the data-parallel size 2",
+        ),
     ],
 )
 def test_world_dependent_checks(config, world, text):
@@ -101,12 +109,29 @@ def test_checkpoint_dir_that_is_a_file_is_refused(tmp_path):
 
 
 def test_yaml_dict_and_dataclass_give_the_same_config(tmp_path):
-    data = {"zero_degree": 3, "group_zero": True, "sp_size": 2, "precision": "bf16", "grad_precision": "fp32",
-            "selective_ratio": 0.5, "ac_offload": True, "encoder": {"fsdp": True, "group": True},
-            "ema": {"enable": True, "sharded": True}, "global_batch_size": 64, "num_workers": 2,
-            "pin_memory": True, "global_seed": 7, "checkpoint_dir": "ckpt", "auto_resume": True,
-            "resume_from": None, "init_from": None, "allow_tf32": True, "max_steps": 10, "lr": 1e-4,
-            "weight_decay": 0}
+    data = {
+        "zero_degree": 3,
+        "group_zero": True,
+        "sp_size": 2,
+        "precision": "bf16",
+        "grad_precision": "fp32",
+        "selective_ratio": 0.5,
+        "ac_offload": True,
+        "encoder": {"fsdp": True, "group": True},
+        "ema": {"enable": True, "sharded": True},
+        "global_batch_size": 64,
+        "num_workers": 2,
+        "pin_memory": True,
+        "global_seed": 7,
+        "checkpoint_dir": "ckpt",
+        "auto_resume": True,
+        "resume_from": None,
+        "init_from": None,
+        "allow_tf32": True,
+        "max_steps": 10,
+        "lr": 1e-4,
+        "weight_decay": 0,
+    }
     path = tmp_path / "c.yaml"
     import yaml
 

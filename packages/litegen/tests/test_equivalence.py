@@ -17,10 +17,19 @@ from litegen import LiteGen
 from tiny_dit import make_batch, make_model_and_optimizer, reference, train_steps
 
 STEPS, GLOBAL_BATCH = 3, 4
-ZERO = {"zero0": {"zero_degree": 0}, "zero1": {"zero_degree": 1}, "zero2": {"zero_degree": 2},
-        "zero3": {"zero_degree": 3}, "zero3_grouped": {"zero_degree": 3, "group_zero": 2}}
+ZERO = {
+    "zero0": {"zero_degree": 0},
+    "zero1": {"zero_degree": 1},
+    "zero2": {"zero_degree": 2},
+    "zero3": {"zero_degree": 3},
+    "zero3_grouped": {"zero_degree": 3, "group_zero": 2},
+}
 SP = {"sp1": {"sp_size": 1}, "sp2": {"sp_size": 2}}
-AC = {"ac_off": {"selective_ratio": 1.0}, "ac_half": {"selective_ratio": 0.5}, "ac_full": {"selective_ratio": 0.0}}
+AC = {
+    "ac_off": {"selective_ratio": 1.0},
+    "ac_half": {"selective_ratio": 0.5},
+    "ac_full": {"selective_ratio": 0.0},
+}
 WORLD4 = [(z, s, a) for z, s, a in itertools.product(ZERO, SP, AC)]
 WORLD2 = [(z, s, "ac_off") for z in ("zero0", "zero1", "zero2", "zero3") for s in SP]
 
@@ -36,8 +45,13 @@ def train_through_facade(cfg: dict) -> dict:
     model, opt = gen.initialize(*make_model_and_optimizer(seed=0))
     rt = gen.runtime
     per = GLOBAL_BATCH // rt.dp_size
-    batches = [{k: v[rt.dp_rank * per:(rt.dp_rank + 1) * per] for k, v in make_batch(GLOBAL_BATCH, 100 + s).items()}
-               for s in range(STEPS)]
+    batches = [
+        {
+            k: v[rt.dp_rank * per : (rt.dp_rank + 1) * per]
+            for k, v in make_batch(GLOBAL_BATCH, 100 + s).items()
+        }
+        for s in range(STEPS)
+    ]
     losses, norms = train_steps(model, opt, batches, lambda m: gen.clip_grad_norm_(1e9))
     state = gen.full_state_dict()
     gen.close()
@@ -76,7 +90,9 @@ def check(per_rank: list[dict], names, truth) -> None:
     losses = torch.tensor([res[names]["losses"] for res in per_rank]).mean(0)  # mean over ranks = global mean
     torch.testing.assert_close(losses, torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
     for res in per_rank:  # the global gradient norm, identical on every rank
-        torch.testing.assert_close(torch.tensor(res[names]["norms"]), torch.tensor(ref_norms), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            torch.tensor(res[names]["norms"]), torch.tensor(ref_norms), rtol=1e-5, atol=1e-7
+        )
     state = per_rank[0][names]["state"]
     assert set(state) == set(ref_state)
     for key, ref in ref_state.items():

@@ -23,8 +23,12 @@ class Samples(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(i)
-        return {"index": torch.tensor(i), "x": torch.randn(TOKENS, 4, generator=g),
-                "text": torch.randn(TEXT, 8, generator=g), "target": torch.randn(TOKENS, 4, generator=g)}
+        return {
+            "index": torch.tensor(i),
+            "x": torch.randn(TOKENS, 4, generator=g),
+            "text": torch.randn(TEXT, 8, generator=g),
+            "target": torch.randn(TOKENS, 4, generator=g),
+        }
 
 
 def encode(x: torch.Tensor) -> torch.Tensor:
@@ -37,16 +41,23 @@ def check_every_order() -> list[str]:
     for order in itertools.permutations(KINDS):
         gen = LiteGen({"global_batch_size": 2})
         model, opt = make_model_and_optimizer()
-        objs = {"model": model, "optimizer": opt, "encoder": nn.Linear(3, 3).requires_grad_(False),
-                "dataset": Samples(), "encode": encode}
+        objs = {
+            "model": model,
+            "optimizer": opt,
+            "encoder": nn.Linear(3, 3).requires_grad_(False),
+            "dataset": Samples(),
+            "encode": encode,
+        }
         out = gen.initialize(*(objs[k] for k in order))
         got = dict(zip(order, out, strict=True))
         ok = (
-            isinstance(got["model"], nn.Module) and any(p.requires_grad for p in got["model"].parameters())
+            isinstance(got["model"], nn.Module)
+            and any(p.requires_grad for p in got["model"].parameters())
             and isinstance(got["optimizer"], torch.optim.Optimizer)
             and {id(p) for g in got["optimizer"].param_groups for p in g["params"]}
             <= {id(p) for p in got["model"].parameters()}
-            and isinstance(got["encoder"], nn.Linear) and not got["encoder"].training
+            and isinstance(got["encoder"], nn.Linear)
+            and not got["encoder"].training
             and isinstance(got["dataset"], ResumableLoader)
             and torch.equal(got["encode"](torch.ones(2)), torch.full((2,), 2.0))
         )
@@ -99,7 +110,10 @@ def initialize_error(case: str) -> str:
 @pytest.mark.parametrize(
     ("case", "text"),
     [
-        ("two_models", "exactly one trainable nn.Module is allowed, got argument 0 (TinyDiT), argument 1 (Linear)"),
+        (
+            "two_models",
+            "exactly one trainable nn.Module is allowed, got argument 0 (TinyDiT), argument 1 (Linear)",
+        ),
         ("iterable", "TypeError: initialize: argument 1 is an IterableDataset (Stream)"),
         ("bad_type", "TypeError: initialize: argument 1 has type int"),
         ("optimizer_alone", "the optimizer (argument 0) needs its trainable model"),
@@ -148,8 +162,11 @@ def train_with_resume(root: str, cfg: dict, stop_at: int | None, total: int) -> 
     return {"seen": seen, "state": state, "ema": ema}
 
 
-@pytest.mark.parametrize("cfg", [{"zero_degree": 3, "ema": {"enable": True}}, {"zero_degree": 1, "sp_size": 2}],
-                         ids=["zero3-ema", "zero1-sp2"])
+@pytest.mark.parametrize(
+    "cfg",
+    [{"zero_degree": 3, "ema": {"enable": True}}, {"zero_degree": 1, "sp_size": 2}],
+    ids=["zero3-ema", "zero1-sp2"],
+)
 def test_resume_mid_epoch_equals_uninterrupted(dist_pool, tmp_path, cfg):
     straight = dist_pool.run(train_with_resume, str(tmp_path / "a"), cfg, None, 7, world_size=2, timeout=180)
     resumed = dist_pool.run(train_with_resume, str(tmp_path / "b"), cfg, 3, 7, world_size=2, timeout=180)

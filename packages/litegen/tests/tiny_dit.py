@@ -71,8 +71,10 @@ def make_model_and_optimizer(seed: int = 0) -> tuple[TinyDiT, torch.optim.Optimi
     model = TinyDiT()
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     no_decay = [p for n, p in model.named_parameters() if not n.endswith("weight")]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0,
-                                                                       "lr": 2e-3}], lr=1e-3)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0, "lr": 2e-3}],
+        lr=1e-3,
+    )
     return model, opt
 
 
@@ -86,7 +88,9 @@ def make_batch(global_batch: int, seed: int = 123) -> dict[str, torch.Tensor]:
     }
 
 
-def train_steps(model, opt, batches: list[dict[str, torch.Tensor]], grad_norm=None) -> tuple[list[float], list[float]]:
+def train_steps(
+    model, opt, batches: list[dict[str, torch.Tensor]], grad_norm=None
+) -> tuple[list[float], list[float]]:
     """Losses and global gradient norms of each step. Adam ignores a gradient's scale, so the norms are
     what catches a wrong averaging factor. ``grad_norm(model)``: the (distributed) global norm."""
     losses, norms = [], []
@@ -100,9 +104,13 @@ def train_steps(model, opt, batches: list[dict[str, torch.Tensor]], grad_norm=No
     return losses, norms
 
 
-def reference(steps: int, global_batch: int, seed: int = 0) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+def reference(
+    steps: int, global_batch: int, seed: int = 0
+) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
     """Single-process, full-batch training: the truth every strategy must match."""
     model, opt = make_model_and_optimizer(seed)
     batches = [make_batch(global_batch, seed=100 + s) for s in range(steps)]
-    losses, norms = train_steps(model, opt, batches, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1e9))
+    losses, norms = train_steps(
+        model, opt, batches, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1e9)
+    )
     return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}

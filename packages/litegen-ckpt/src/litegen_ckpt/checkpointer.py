@@ -66,6 +66,7 @@ LATEST_FILE = "latest"
 STEP_DIR = re.compile(r"step_(\d+)")
 METADATA_FILE = ".metadata"  # DCP's
 
+
 class Checkpointer:
     """Save and load training state under ``root`` (see the module docstring for the layout).
 
@@ -111,9 +112,13 @@ class Checkpointer:
             raise ValueError(f"timeout={timeout!r}; expected a positive duration")
         self._distributed = dist.is_available() and dist.is_initialized()
         if process_group is not None and not self._distributed:
-            raise ValueError(f"process_group={process_group!r} was given but torch.distributed is not initialized")
+            raise ValueError(
+                f"process_group={process_group!r} was given but torch.distributed is not initialized"
+            )
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(f"process_group={process_group!r}; expected a torch.distributed ProcessGroup or None")
+            raise TypeError(
+                f"process_group={process_group!r}; expected a torch.distributed ProcessGroup or None"
+            )
         self.keep, self.async_save = keep, async_save
         self._group = process_group
         self._rank = dist.get_rank(process_group) if self._distributed else 0
@@ -178,7 +183,9 @@ class Checkpointer:
         if step != "latest" and not _is_step(step):
             raise ValueError(f'step={step!r}; expected an int >= 0 or "latest"')
         if not isinstance(fall_back, bool) or (fall_back and step != "latest"):
-            raise ValueError(f'fall_back={fall_back!r} with step={step!r}; allowed: False, or True with "latest"')
+            raise ValueError(
+                f'fall_back={fall_back!r} with step={step!r}; allowed: False, or True with "latest"'
+            )
         adapters = _adapters(statefuls, self._rank)
         self.wait()
         if fall_back:
@@ -196,8 +203,11 @@ class Checkpointer:
                 problems.append(str(error))
                 continue
             if problems:
-                self._log(f"loaded {directory} instead of newer checkpoints that do not verify: "
-                          + "; ".join(problems), logging.WARNING)
+                self._log(
+                    f"loaded {directory} instead of newer checkpoints that do not verify: "
+                    + "; ".join(problems),
+                    logging.WARNING,
+                )
             else:
                 self._log(f"step {info['step']}: loaded from {directory}")
             return info["step"]
@@ -218,7 +228,9 @@ class Checkpointer:
         saved = dcp.FileSystemReader(directory).read_metadata()
         state = {name: adapter.template(saved, name) for name, adapter in adapters.items()}
         _check_compatible(state, saved, directory)
-        read_checkpoint(state, directory, metadata=saved, process_group=self._group, no_dist=not self._distributed)
+        read_checkpoint(
+            state, directory, metadata=saved, process_group=self._group, no_dist=not self._distributed
+        )
         for name, adapter in adapters.items():
             adapter.load(state[name])
 
@@ -379,10 +391,14 @@ def _read_info(directory: Path) -> dict[str, Any]:
     try:
         info = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}): the checkpoint's index is garbled") from error
+        raise CheckpointError(
+            f"{path} is not valid JSON ({error}): the checkpoint's index is garbled"
+        ) from error
     fields = {"step": int, "world_size": int, "files": dict}
     if not isinstance(info, dict) or any(not isinstance(info.get(k), t) for k, t in fields.items()):
-        raise CheckpointError(f"{path} lacks valid {sorted(fields)} fields: the checkpoint's index is garbled")
+        raise CheckpointError(
+            f"{path} lacks valid {sorted(fields)} fields: the checkpoint's index is garbled"
+        )
     return info
 
 

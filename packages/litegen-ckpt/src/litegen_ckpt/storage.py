@@ -119,7 +119,9 @@ class DigestingWriter(dcp.FileSystemWriter):
             else:
                 self.records.append(_record(item.index, "digest", tensor_digest(planner.resolve_data(item))))
         written = super().write_data(plan, _Contiguous(planner))
-        per_file: dict[str, list[WriteResult]] = {}  # torch.save's bytes of a python object vary (an id): read back
+        per_file: dict[
+            str, list[WriteResult]
+        ] = {}  # torch.save's bytes of a python object vary (an id): read back
         for result in written.wait():
             if result.index in pickled:
                 per_file.setdefault(result.storage_data.relative_path, []).append(result)
@@ -174,7 +176,9 @@ class VerifyingReader(dcp.FileSystemReader):
         self._metadata.storage_meta.load_id = self.load_id
         return self._metadata
 
-    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
         super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
         self._chunks = {
             MetadataIndex(fqn, chunk.offsets): (chunk.sizes, entry.properties.dtype)
@@ -297,9 +301,12 @@ class VerifyingReader(dcp.FileSystemReader):
             try:
                 records = json.loads(digest_file.read_bytes())["items"]
             except FileNotFoundError as error:
-                raise FileNotFoundError(f"{digest_file} is missing: the checksums of {path} are unknown") from error
+                raise FileNotFoundError(
+                    f"{digest_file} is missing: the checksums of {path} are unknown"
+                ) from error
             self._expected[writer] = {
-                (fqn, None if offset is None else tuple(offset)): (kind, value) for fqn, offset, kind, value in records
+                (fqn, None if offset is None else tuple(offset)): (kind, value)
+                for fqn, offset, kind, value in records
             }
         key = (index.fqn, None if index.offset is None else tuple(index.offset))
         if key not in self._expected[writer]:

@@ -324,7 +324,9 @@ class ShardedEMA:
 
     def _same_parameters(self, model: nn.Module) -> bool:
         current = tuple(model.parameters())
-        return len(current) == len(self._params) and all(a is b for a, b in zip(current, self._params, strict=True))
+        return len(current) == len(self._params) and all(
+            a is b for a, b in zip(current, self._params, strict=True)
+        )
 
     def _check_parameters(self, model: nn.Module, where: str) -> None:
         if self._same_parameters(model):

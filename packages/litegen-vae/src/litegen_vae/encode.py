@@ -51,15 +51,19 @@ def sliced(fn: Encode, slice_size: int, dim: int = 0) -> Encode:
         rebuild = parts[0][1]
         columns = list(zip(*(leaves for leaves, _ in parts), strict=False))
         if any(len(leaves) != len(columns) for leaves, _ in parts):
-            raise ValueError(f"sliced: fn returned outputs of different structures for the slices of x of shape "
-                             f"{tuple(x.shape)}; it must return the same structure for every batch")
+            raise ValueError(
+                f"sliced: fn returned outputs of different structures for the slices of x of shape "
+                f"{tuple(x.shape)}; it must return the same structure for every batch"
+            )
         combined = []
         for index, column in enumerate(columns):
             if isinstance(column[0], torch.Tensor):
                 combined.append(torch.cat(column, _output_dim(column[0], dim, index, "sliced")))
             elif any(value != column[0] for value in column):
-                raise ValueError(f"sliced: fn's non-tensor output {index} differs between slices "
-                                 f"({list(column)}); non-tensor outputs must not depend on the batch")
+                raise ValueError(
+                    f"sliced: fn's non-tensor output {index} differs between slices "
+                    f"({list(column)}); non-tensor outputs must not depend on the batch"
+                )
             else:
                 combined.append(column[0])
         return rebuild(combined)
@@ -94,8 +98,11 @@ def data_parallel(fn: Encode, group: dist.ProcessGroup | None = None, dim: int =
         mine = counts[rank]
         part = x.narrow(batch_dim, sum(counts[:rank]), mine) if mine else x.narrow(batch_dim, 0, 1)
         leaves, rebuild = _flatten(fn(part, *args, **kwargs))
-        tensors = {i: _output_dim(leaf, dim, i, "data_parallel")
-                   for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)}
+        tensors = {
+            i: _output_dim(leaf, dim, i, "data_parallel")
+            for i, leaf in enumerate(leaves)
+            if isinstance(leaf, torch.Tensor)
+        }
         constants = [leaf for i, leaf in enumerate(leaves) if i not in tensors]
         lengths = [leaves[i].size(d) if mine else 0 for i, d in tensors.items()]
         device = leaves[next(iter(tensors))].device if tensors else x.device
@@ -103,11 +110,15 @@ def data_parallel(fn: Encode, group: dist.ProcessGroup | None = None, dim: int =
         meta = torch.tensor([total, zlib.crc32(repr(constants).encode()), *lengths], device=device)
         rows = _all_gather_rows(meta, pg).tolist()
         if any(row[0] != total for row in rows):
-            raise ValueError(f"data_parallel: the ranks of the group passed batches of {[row[0] for row in rows]} "
-                             f"items on dim {dim}; every rank must pass the same full batch")
+            raise ValueError(
+                f"data_parallel: the ranks of the group passed batches of {[row[0] for row in rows]} "
+                f"items on dim {dim}; every rank must pass the same full batch"
+            )
         if any(row[1] != rows[0][1] for row in rows):
-            raise ValueError(f"data_parallel: fn's non-tensor outputs {constants!r} differ between ranks; "
-                             "non-tensor outputs must not depend on the batch")
+            raise ValueError(
+                f"data_parallel: fn's non-tensor outputs {constants!r} differ between ranks; "
+                "non-tensor outputs must not depend on the batch"
+            )
         for column, (i, d) in enumerate(tensors.items()):
             local = leaves[i].detach() if mine else leaves[i].detach().narrow(d, 0, 0)
             leaves[i] = _all_gather_cat(local, [row[2 + column] for row in rows], d, pg)
@@ -169,8 +180,12 @@ def _compile_or_eager(fn: Encode, options: dict[str, Any]) -> Encode:
 
 def _log_fallback(fn: Encode, reason: str) -> None:
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    logger.log(logging.WARNING if rank == 0 else logging.DEBUG,
-               "compiled: %s; running %s eagerly", reason, getattr(fn, "__qualname__", type(fn).__name__))
+    logger.log(
+        logging.WARNING if rank == 0 else logging.DEBUG,
+        "compiled: %s; running %s eagerly",
+        reason,
+        getattr(fn, "__qualname__", type(fn).__name__),
+    )
 
 
 def _all_gather_rows(row: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -180,7 +195,9 @@ def _all_gather_rows(row: torch.Tensor, group: dist.ProcessGroup) -> torch.Tenso
     return rows.view(-1, row.numel())
 
 
-def _all_gather_cat(local: torch.Tensor, lengths: list[int], dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+def _all_gather_cat(
+    local: torch.Tensor, lengths: list[int], dim: int, group: dist.ProcessGroup
+) -> torch.Tensor:
     """Concatenate every rank's ``local`` on ``dim``; rank r's has ``lengths[r]`` items there."""
     longest = max(lengths)
     if longest == 0:
@@ -191,7 +208,9 @@ def _all_gather_cat(local: torch.Tensor, lengths: list[int], dim: int, group: di
     gathered = front.new_empty((len(lengths) * longest, *front.shape[1:]))
     dist.all_gather_into_tensor(gathered, front.contiguous(), group=group)
     if min(lengths) < longest:
-        gathered = torch.cat([part[:length] for part, length in zip(gathered.split(longest), lengths, strict=True)])
+        gathered = torch.cat(
+            [part[:length] for part, length in zip(gathered.split(longest), lengths, strict=True)]
+        )
     return gathered.movedim(0, dim).contiguous()
 
 
@@ -211,15 +230,17 @@ def _flatten(output: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
             children, rebuild_attributes = _flatten(dict(vars(node)))
             rebuild = functools.partial(_replace_attributes, node, rebuild_attributes)
         else:
-            raise TypeError(f"fn returned a {type(node).__name__}, which is neither a tensor, a container of "
-                            f"tensors, an object with tensor attributes nor one of {[t.__name__ for t in _CONSTANT_TYPES]}")
+            raise TypeError(
+                f"fn returned a {type(node).__name__}, which is neither a tensor, a container of "
+                f"tensors, an object with tensor attributes nor one of {[t.__name__ for t in _CONSTANT_TYPES]}"
+            )
         leaves += children
         rebuilders.append((len(children), rebuild))
 
     def rebuild_output(new_leaves: list[Any]) -> Any:
         new_nodes, start = [], 0
         for count, rebuild in rebuilders:
-            chunk = new_leaves[start:start + count]
+            chunk = new_leaves[start : start + count]
             new_nodes.append(chunk[0] if rebuild is None else rebuild(chunk))
             start += count
         return tree_unflatten(new_nodes, spec)
@@ -231,7 +252,9 @@ def _replace_fields(obj: Any, rebuild_fields: Callable[[list[Any]], dict], new_l
     return dataclasses.replace(obj, **rebuild_fields(new_leaves))
 
 
-def _replace_attributes(obj: Any, rebuild_attributes: Callable[[list[Any]], dict], new_leaves: list[Any]) -> Any:
+def _replace_attributes(
+    obj: Any, rebuild_attributes: Callable[[list[Any]], dict], new_leaves: list[Any]
+) -> Any:
     new = copy.copy(obj)
     vars(new).update(rebuild_attributes(new_leaves))
     return new
@@ -245,13 +268,17 @@ def _check_compile_options(options: dict[str, Any]) -> None:
             raise TypeError(f"compiled: {name}={value!r} is not a torch.compile option; allowed: {allowed}")
     for name, kinds in (("fullgraph", (bool,)), ("dynamic", (bool, type(None))), ("mode", (str, type(None)))):
         if name in options and not isinstance(options[name], kinds):
-            raise TypeError(f"compiled: {name}={options[name]!r}; allowed: {' or '.join(k.__name__ for k in kinds)}")
+            raise TypeError(
+                f"compiled: {name}={options[name]!r}; allowed: {' or '.join(k.__name__ for k in kinds)}"
+            )
 
 
 def _check_callable(fn: Any, wrapper: str) -> None:
     if not callable(fn):
-        raise TypeError(f"{wrapper}: fn must be callable (e.g. lambda x: vae.encode(x).latent_dist.mode()), "
-                        f"got {type(fn).__name__}")
+        raise TypeError(
+            f"{wrapper}: fn must be callable (e.g. lambda x: vae.encode(x).latent_dist.mode()), "
+            f"got {type(fn).__name__}"
+        )
 
 
 def _check_int(value: Any, wrapper: str, name: str, minimum: int | None = None) -> None:
@@ -265,11 +292,15 @@ def _check_group(group: Any) -> None:
     if group is None:
         return
     if dist.is_available() and group is dist.GroupMember.NON_GROUP_MEMBER:
-        raise ValueError(f"data_parallel: group={group!r} is what new_group returns to ranks outside the "
-                         "new group: this process is not in it; pass a group that holds this rank, or None")
+        raise ValueError(
+            f"data_parallel: group={group!r} is what new_group returns to ranks outside the "
+            "new group: this process is not in it; pass a group that holds this rank, or None"
+        )
     if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"data_parallel: group={group!r} ({type(group).__name__}); allowed: a "
-                        "torch.distributed.ProcessGroup or None (the default world)")
+        raise TypeError(
+            f"data_parallel: group={group!r} ({type(group).__name__}); allowed: a "
+            "torch.distributed.ProcessGroup or None (the default world)"
+        )
     if not dist.is_initialized():
         raise ValueError("data_parallel: a group was given but torch.distributed is not initialized")
 
@@ -278,13 +309,17 @@ def _batch_dim(x: Any, dim: int, wrapper: str) -> int:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{wrapper}: x must be a torch.Tensor, got {type(x).__name__}")
     if not -x.dim() <= dim < x.dim():
-        raise ValueError(f"{wrapper}: dim={dim} is out of range for x of shape {tuple(x.shape)}; "
-                         f"allowed: {-x.dim()}..{x.dim() - 1}")
+        raise ValueError(
+            f"{wrapper}: dim={dim} is out of range for x of shape {tuple(x.shape)}; "
+            f"allowed: {-x.dim()}..{x.dim() - 1}"
+        )
     return dim % x.dim()
 
 
 def _output_dim(leaf: torch.Tensor, dim: int, index: int, wrapper: str) -> int:
     if not -leaf.dim() <= dim < leaf.dim():
-        raise ValueError(f"{wrapper}: fn's output tensor {index} has shape {tuple(leaf.shape)}: it cannot be "
-                         f"concatenated on dim={dim}; every output tensor must hold the batch on dim {dim}")
+        raise ValueError(
+            f"{wrapper}: fn's output tensor {index} has shape {tuple(leaf.shape)}: it cannot be "
+            f"concatenated on dim={dim}; every output tensor must hold the batch on dim {dim}"
+        )
     return dim % leaf.dim()

@@ -28,15 +28,27 @@ Blocks = Sequence[type[nn.Module] | nn.Module]
 OptimizerFactory = Callable[[list[nn.Parameter]], Optimizer]
 DtypeLike = torch.dtype | str | None
 
-_DTYPES = MappingProxyType({
-    "fp32": torch.float32, "float32": torch.float32, torch.float32: torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, torch.bfloat16: torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, torch.float16: torch.float16,
-})
-_DEGREES = MappingProxyType({
-    0: "DDP", 1: "DDP + ZeroRedundancyOptimizer (ZeRO-1)",
-    2: "FSDP2 without reshard after forward (ZeRO-2)", 3: "FSDP2 full sharding (ZeRO-3)",
-})
+_DTYPES = MappingProxyType(
+    {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        torch.float32: torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        torch.bfloat16: torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        torch.float16: torch.float16,
+    }
+)
+_DEGREES = MappingProxyType(
+    {
+        0: "DDP",
+        1: "DDP + ZeroRedundancyOptimizer (ZeRO-1)",
+        2: "FSDP2 without reshard after forward (ZeRO-2)",
+        3: "FSDP2 full sharding (ZeRO-3)",
+    }
+)
 _MESH_DIMS = ("replicate", "shard")
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 
@@ -116,19 +128,39 @@ def shard(
     else:
         mesh = mesh if mesh is not None else _default_mesh(world, group_size)
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-        offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
+        offload_policy = (
+            CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
+        )
         for unit in reversed(units):  # reverse pre-order: nested units before the modules holding them
-            fully_shard(unit, mesh=mesh, reshard_after_forward=degree == 3, mp_policy=policy,
-                        offload_policy=offload_policy)
-        fully_shard(model, mesh=mesh, reshard_after_forward=None if degree == 3 else False, mp_policy=policy,
-                    offload_policy=offload_policy)
+            fully_shard(
+                unit,
+                mesh=mesh,
+                reshard_after_forward=degree == 3,
+                mp_policy=policy,
+                offload_policy=offload_policy,
+            )
+        fully_shard(
+            model,
+            mesh=mesh,
+            reshard_after_forward=None if degree == 3 else False,
+            mp_policy=policy,
+            offload_policy=offload_policy,
+        )
         inner = model
     new_params = dict(inner.named_parameters())
     optimizer = _rebuild_optimizer(optimizer, groups, new_params, model, degree)
     if dist.get_rank() == 0:
-        logger.info("shard: degree %d = %s over %d ranks, %d block units + root, param_dtype=%s, "
-                    "reduce_dtype=%s, offload=%s", degree, _DEGREES[degree], world,
-                    len(units) if degree >= 2 else 0, param_dtype, reduce_dtype, offload)
+        logger.info(
+            "shard: degree %d = %s over %d ranks, %d block units + root, param_dtype=%s, "
+            "reduce_dtype=%s, offload=%s",
+            degree,
+            _DEGREES[degree],
+            world,
+            len(units) if degree >= 2 else 0,
+            param_dtype,
+            reduce_dtype,
+            offload,
+        )
     return model, optimizer
 
 
@@ -178,7 +210,7 @@ def _world_size() -> int:
 
 
 def _device_type() -> str:
-    """"cuda" when CUDA exists and the default backend is NCCL, else "cpu"."""
+    """ "cuda" when CUDA exists and the default backend is NCCL, else "cpu"."""
     return "cuda" if torch.cuda.is_available() and "nccl" in str(dist.get_backend()) else "cpu"
 
 
@@ -218,7 +250,9 @@ def _check_dtype(name: str, value: DtypeLike) -> torch.dtype | None:
         return None
     if isinstance(value, (str, torch.dtype)) and value in _DTYPES:
         return _DTYPES[value]
-    raise ValueError(f"{name}={value!r}; allowed: None, torch.float32 / bfloat16 / float16 or 'fp32' / 'bf16' / 'fp16'")
+    raise ValueError(
+        f"{name}={value!r}; allowed: None, torch.float32 / bfloat16 / float16 or 'fp32' / 'bf16' / 'fp16'"
+    )
 
 
 def _resolve_blocks(model: nn.Module, blocks: Blocks | None) -> list[nn.Module]:
@@ -246,7 +280,9 @@ def _groups_by_name(optimizer: Optimizer | OptimizerFactory, names: dict[int, st
     if not isinstance(optimizer, Optimizer):
         if callable(optimizer):
             return None
-        raise TypeError(f"optimizer={optimizer!r}; allowed: a torch.optim.Optimizer or a factory params -> Optimizer")
+        raise TypeError(
+            f"optimizer={optimizer!r}; allowed: a torch.optim.Optimizer or a factory params -> Optimizer"
+        )
     if optimizer.state:
         raise ValueError(
             f"optimizer {type(optimizer).__name__} already holds state for {len(optimizer.state)} parameters; "
@@ -265,14 +301,19 @@ def _groups_by_name(optimizer: Optimizer | OptimizerFactory, names: dict[int, st
 
 
 def _rebuild_optimizer(
-    optimizer: Optimizer | OptimizerFactory, groups: list[dict] | None, new_params: dict[str, nn.Parameter],
-    model: nn.Module, degree: int,
+    optimizer: Optimizer | OptimizerFactory,
+    groups: list[dict] | None,
+    new_params: dict[str, nn.Parameter],
+    model: nn.Module,
+    degree: int,
 ) -> Optimizer:
     """Build the optimizer class on the new parameters with the same groups; ZeRO-1 partitions its state."""
     if groups is None:
         optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
         if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"the optimizer factory returned {type(optimizer).__name__}; allowed: a torch.optim.Optimizer")
+            raise TypeError(
+                f"the optimizer factory returned {type(optimizer).__name__}; allowed: a torch.optim.Optimizer"
+            )
         _check_optimizer_class(type(optimizer), degree)
         if degree != 1:
             return optimizer
@@ -296,7 +337,9 @@ def _check_optimizer_class(cls: type[Optimizer], degree: int) -> None:
         )
 
 
-def _wrap_ddp(model: nn.Module, mesh: DeviceMesh | None, reduce_dtype: torch.dtype | None) -> DistributedDataParallel:
+def _wrap_ddp(
+    model: nn.Module, mesh: DeviceMesh | None, reduce_dtype: torch.dtype | None
+) -> DistributedDataParallel:
     """DDP over the default group or all ranks of ``mesh``; ``reduce_dtype`` bf16/fp16 compresses all-reduces."""
     if mesh is None:
         group = None
@@ -307,8 +350,13 @@ def _wrap_ddp(model: nn.Module, mesh: DeviceMesh | None, reduce_dtype: torch.dty
         device = torch.cuda.current_device()
         model.to(device)
         device_ids = [device]
-    ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=group, gradient_as_bucket_view=True)
-    hooks = {torch.bfloat16: default_hooks.bf16_compress_hook, torch.float16: default_hooks.fp16_compress_hook}
+    ddp = DistributedDataParallel(
+        model, device_ids=device_ids, process_group=group, gradient_as_bucket_view=True
+    )
+    hooks = {
+        torch.bfloat16: default_hooks.bf16_compress_hook,
+        torch.float16: default_hooks.fp16_compress_hook,
+    }
     if reduce_dtype in hooks:
         ddp.register_comm_hook(group, hooks[reduce_dtype])
     return ddp

@@ -1,9 +1,9 @@
 """LiteGen: fast, memory-lean diffusion training in two calls.
 
-    from litegen import LiteGen
-    gen = LiteGen("config.yaml")
-    model, optimizer, text_encoder, dataloader, vae_encode = gen.initialize(
-        model, optimizer, text_encoder, dataset, vae.encode)
+from litegen import LiteGen
+gen = LiteGen("config.yaml")
+model, optimizer, text_encoder, dataloader, vae_encode = gen.initialize(
+    model, optimizer, text_encoder, dataset, vae.encode)
 """
 
 from .config import EMAConfig, EncoderConfig, LiteGenConfig, VAEConfig, load_config

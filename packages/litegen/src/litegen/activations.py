@@ -41,8 +41,11 @@ def apply_activation_checkpointing(blocks: list[nn.Module], selective_ratio: flo
     chosen = set(checkpointed_indices(len(blocks), selective_ratio))
     out = []
     for i, block in enumerate(blocks):
-        out.append(_replace(block, checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT))
-                   if i in chosen else block)
+        out.append(
+            _replace(block, checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+            if i in chosen
+            else block
+        )
     return out
 
 
@@ -78,8 +81,9 @@ class ActivationOffload:
         self.device = device
         self.enabled = device.type == "cuda"
         if not self.enabled:
-            logger.warning("ac_offload: activation offload is a no-op on %s (no device memory to free)",
-                           device.type)
+            logger.warning(
+                "ac_offload: activation offload is a no-op on %s (no device memory to free)", device.type
+            )
             return
         self.d2h = torch.cuda.Stream(device)
         self.h2d = torch.cuda.Stream(device)
@@ -137,7 +141,9 @@ class ActivationOffload:
             self.fetched.clear()
 
 
-def apply_activation_offload(model: nn.Module, blocks: list[nn.Module], device: torch.device) -> ActivationOffload:
+def apply_activation_offload(
+    model: nn.Module, blocks: list[nn.Module], device: torch.device
+) -> ActivationOffload:
     """Run each block call inside ``ActivationOffload.block()``; the model's forward starts a new step."""
     offload = ActivationOffload(device)
     if not offload.enabled:

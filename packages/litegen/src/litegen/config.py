@@ -59,7 +59,9 @@ class LiteGenConfig:
     zero_degree: int = 0  # 0 DDP, 1 ZeRO-1, 2 ZeRO-2, 3 ZeRO-3
     group_zero: bool | int = False  # ZeRO-3 sharded within groups (True: a node) and replicated across
     sp_size: int = 1  # sequence-parallel degree (contiguous ranks): Ulysses x Ring
-    sp_ring: int | None = None  # the ring part of sp_size; null: per attention call, the most Ulysses the heads allow
+    sp_ring: int | None = (
+        None  # the ring part of sp_size; null: per attention call, the most Ulysses the heads allow
+    )
     cpu_offload: bool = False  # ZeRO-3 parameters and optimizer state on CPU
     # precision
     precision: str = "fp32"  # parameters / compute
@@ -117,7 +119,9 @@ def load_config(source: str | os.PathLike | dict | LiteGenConfig | None) -> Lite
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
-            raise ValueError(f"config: {str(path)!r} is not a file; pass a YAML path, a dict or a LiteGenConfig")
+            raise ValueError(
+                f"config: {str(path)!r} is not a file; pass a YAML path, a dict or a LiteGenConfig"
+            )
         import yaml
 
         try:
@@ -127,7 +131,9 @@ def load_config(source: str | os.PathLike | dict | LiteGenConfig | None) -> Lite
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ValueError(f"config: {str(path)!r} holds a {type(data).__name__}; a mapping of keys is required")
+            raise ValueError(
+                f"config: {str(path)!r} holds a {type(data).__name__}; a mapping of keys is required"
+            )
         source = data
     if dataclasses.is_dataclass(source) and not isinstance(source, type):
         source = dataclasses.asdict(source)
@@ -157,8 +163,10 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
             if isinstance(value, nested):
                 value = dataclasses.asdict(value)
             if not isinstance(value, dict):
-                raise TypeError(f"config: {where!r} must be a mapping of {sorted(f.name for f in fields(nested))}, "
-                                f"got {value!r}")
+                raise TypeError(
+                    f"config: {where!r} must be a mapping of {sorted(f.name for f in fields(nested))}, "
+                    f"got {value!r}"
+                )
             value = _build(nested, value, prefix=f"{where}.")
         else:
             value = _coerce(where, value, typing.get_type_hints(cls)[key])
@@ -200,67 +208,131 @@ def _validate(c: LiteGenConfig) -> None:
     """Range and consistency checks that do not need the world size (see ``check_world``)."""
     for f in fields(c):  # direct construction, e.g. LiteGenConfig(zero_degree="3"), is type-checked too
         if not dataclasses.is_dataclass(getattr(c, f.name)):
-            setattr(c, f.name, _coerce(f.name, getattr(c, f.name), typing.get_type_hints(LiteGenConfig)[f.name]))
-    _check(c.zero_degree in (0, 1, 2, 3), "zero_degree", c.zero_degree,
-           "0 (DDP), 1 (ZeRO-1), 2 (ZeRO-2) or 3 (ZeRO-3)")
+            setattr(
+                c, f.name, _coerce(f.name, getattr(c, f.name), typing.get_type_hints(LiteGenConfig)[f.name])
+            )
+    _check(
+        c.zero_degree in (0, 1, 2, 3),
+        "zero_degree",
+        c.zero_degree,
+        "0 (DDP), 1 (ZeRO-1), 2 (ZeRO-2) or 3 (ZeRO-3)",
+    )
     if c.group_zero is not False:
         _check(c.zero_degree == 3, "group_zero", c.group_zero, "grouped sharding needs zero_degree: 3")
-        _check(c.group_zero is True or c.group_zero >= 1, "group_zero", c.group_zero,
-               "true (a node) or a group size >= 1")
+        _check(
+            c.group_zero is True or c.group_zero >= 1,
+            "group_zero",
+            c.group_zero,
+            "true (a node) or a group size >= 1",
+        )
     _check(c.sp_size >= 1, "sp_size", c.sp_size, "an integer >= 1")
-    _check(c.sp_ring is None or (c.sp_ring >= 1 and c.sp_size % c.sp_ring == 0), "sp_ring", c.sp_ring,
-           f"null (chosen per attention call from its heads) or a divisor of sp_size={c.sp_size}")
-    _check(not c.cpu_offload or c.zero_degree == 3, "cpu_offload", c.cpu_offload, "offload needs zero_degree: 3")
+    _check(
+        c.sp_ring is None or (c.sp_ring >= 1 and c.sp_size % c.sp_ring == 0),
+        "sp_ring",
+        c.sp_ring,
+        f"null (chosen per attention call from its heads) or a divisor of sp_size={c.sp_size}",
+    )
+    _check(
+        not c.cpu_offload or c.zero_degree == 3, "cpu_offload", c.cpu_offload, "offload needs zero_degree: 3"
+    )
     _check(c.precision in PRECISIONS, "precision", c.precision, f"one of {list(PRECISIONS)}")
-    _check(c.grad_precision is None or c.grad_precision in PRECISIONS, "grad_precision", c.grad_precision,
-           f"one of {list(PRECISIONS)} or null (same as precision)")
-    _check(c.precision == "fp32" or c.zero_degree >= 2, "precision", c.precision,
-           "mixed precision (bf16/fp16) needs zero_degree 2 or 3 (FSDP2's MixedPrecisionPolicy); "
-           "grad_precision alone works with every degree")
-    _check(0.0 <= c.selective_ratio <= 1.0, "selective_ratio", c.selective_ratio,
-           "a fraction in [0, 1] of blocks NOT checkpointed (1.0: no checkpointing, 0.0: every block)")
-    _check(c.global_batch_size is None or c.global_batch_size >= 1, "global_batch_size", c.global_batch_size,
-           "an integer >= 1 (or null when no Dataset goes through initialize)")
+    _check(
+        c.grad_precision is None or c.grad_precision in PRECISIONS,
+        "grad_precision",
+        c.grad_precision,
+        f"one of {list(PRECISIONS)} or null (same as precision)",
+    )
+    _check(
+        c.precision == "fp32" or c.zero_degree >= 2,
+        "precision",
+        c.precision,
+        "mixed precision (bf16/fp16) needs zero_degree 2 or 3 (FSDP2's MixedPrecisionPolicy); "
+        "grad_precision alone works with every degree",
+    )
+    _check(
+        0.0 <= c.selective_ratio <= 1.0,
+        "selective_ratio",
+        c.selective_ratio,
+        "a fraction in [0, 1] of blocks NOT checkpointed (1.0: no checkpointing, 0.0: every block)",
+    )
+    _check(
+        c.global_batch_size is None or c.global_batch_size >= 1,
+        "global_batch_size",
+        c.global_batch_size,
+        "an integer >= 1 (or null when no Dataset goes through initialize)",
+    )
     _check(c.num_workers >= 0, "num_workers", c.num_workers, "an integer >= 0")
     _check(0 <= c.global_seed < 2**62, "global_seed", c.global_seed, "an integer in [0, 2**62)")
     _check(c.lr is None or c.lr > 0, "lr", c.lr, "a number > 0 or null (keep the optimizer's)")
-    _check(c.weight_decay is None or c.weight_decay >= 0, "weight_decay", c.weight_decay,
-           "a number >= 0 or null (keep the optimizer's)")
+    _check(
+        c.weight_decay is None or c.weight_decay >= 0,
+        "weight_decay",
+        c.weight_decay,
+        "a number >= 0 or null (keep the optimizer's)",
+    )
     _check(c.max_steps is None or c.max_steps >= 1, "max_steps", c.max_steps, "an integer >= 1 or null")
     _check(c.checkpoint_every >= 0, "checkpoint_every", c.checkpoint_every, "an integer >= 0 (0: never)")
     _check(c.checkpoint_keep >= 1, "checkpoint_keep", c.checkpoint_keep, "an integer >= 1")
     for key in ("checkpoint_dir", "resume_from", "init_from"):
         _check("\x00" not in (getattr(c, key) or ""), key, getattr(c, key), "a path without NUL characters")
-    needs_dir = {"auto_resume": c.auto_resume, "resume_from": c.resume_from, "checkpoint_every": c.checkpoint_every}
+    needs_dir = {
+        "auto_resume": c.auto_resume,
+        "resume_from": c.resume_from,
+        "checkpoint_every": c.checkpoint_every,
+    }
     for key, value in needs_dir.items():
         _check(not value or c.checkpoint_dir is not None, key, value, "it needs checkpoint_dir to be set")
     if c.checkpoint_dir is not None:
-        _check(c.checkpoint_dir != "" and not Path(c.checkpoint_dir).is_file(), "checkpoint_dir", c.checkpoint_dir,
-               "a directory path (it is created when missing), not a file")
+        _check(
+            c.checkpoint_dir != "" and not Path(c.checkpoint_dir).is_file(),
+            "checkpoint_dir",
+            c.checkpoint_dir,
+            "a directory path (it is created when missing), not a file",
+        )
     if c.resume_from is not None:
-        _check(c.resume_from.isdigit() or c.resume_from == "latest"
-               or re.fullmatch(r"step_\d+", Path(c.resume_from).name) is not None, "resume_from", c.resume_from,
-               'a step number, "latest", or a step directory (checkpoint_dir/step_<N>)')
+        _check(
+            c.resume_from.isdigit()
+            or c.resume_from == "latest"
+            or re.fullmatch(r"step_\d+", Path(c.resume_from).name) is not None,
+            "resume_from",
+            c.resume_from,
+            'a step number, "latest", or a step directory (checkpoint_dir/step_<N>)',
+        )
     if c.init_from is not None:
-        _check(c.init_from.endswith(".safetensors"), "init_from", c.init_from,
-               "a .safetensors file (weights are never unpickled)")
+        _check(
+            c.init_from.endswith(".safetensors"),
+            "init_from",
+            c.init_from,
+            "a .safetensors file (weights are never unpickled)",
+        )
     _check(c.collective_timeout > 0, "collective_timeout", c.collective_timeout, "a number of seconds > 0")
-    _check(c.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", c.log_level,
-           "DEBUG, INFO, WARNING or ERROR")
+    _check(
+        c.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+        "log_level",
+        c.log_level,
+        "DEBUG, INFO, WARNING or ERROR",
+    )
     for key, value in [("encoder", c.encoder), ("ema", c.ema), ("vae", c.vae)]:
         expected = typing.get_type_hints(LiteGenConfig)[key]
         if not isinstance(value, expected):
             raise TypeError(f"config: {key!r} must be a {expected.__name__} or a mapping, got {value!r}")
         for f in fields(value):
-            setattr(value, f.name, _coerce(f"{key}.{f.name}", getattr(value, f.name),
-                                           typing.get_type_hints(expected)[f.name]))
+            setattr(
+                value,
+                f.name,
+                _coerce(f"{key}.{f.name}", getattr(value, f.name), typing.get_type_hints(expected)[f.name]),
+            )
     e = c.ema
     _check(0.0 <= e.decay <= 1.0, "ema.decay", e.decay, "a number in [0, 1]")
     _check(e.warmup_gamma > 0, "ema.warmup_gamma", e.warmup_gamma, "a number > 0")
     _check(e.warmup_power > 0, "ema.warmup_power", e.warmup_power, "a number > 0")
     _check(e.update_after_step >= 0, "ema.update_after_step", e.update_after_step, "an integer >= 0")
-    _check(c.vae.slice_size is None or c.vae.slice_size >= 1, "vae.slice_size", c.vae.slice_size,
-           "an integer >= 1 or null (no slicing)")
+    _check(
+        c.vae.slice_size is None or c.vae.slice_size >= 1,
+        "vae.slice_size",
+        c.vae.slice_size,
+        "an integer >= 1 or null (no slicing)",
+    )
 
 
 def check_world(c: LiteGenConfig, world_size: int) -> None:
@@ -269,10 +341,21 @@ def check_world(c: LiteGenConfig, world_size: int) -> None:
     dp_size = world_size // c.sp_size
     group = c.group_size
     if group is not None:
-        _check(world_size % group == 0, "group_zero", c.group_zero,
-               f"a group size that divides the world size {world_size}")
-        _check(group % c.sp_size == 0, "group_zero", c.group_zero,
-               f"a group size that is a multiple of sp_size={c.sp_size} (SP groups live inside a shard group)")
-    _check(c.global_batch_size is None or c.global_batch_size % dp_size == 0, "global_batch_size",
-           c.global_batch_size,
-           f"a multiple of the data-parallel size {dp_size} (world {world_size} / sp_size {c.sp_size})")
+        _check(
+            world_size % group == 0,
+            "group_zero",
+            c.group_zero,
+            f"a group size that divides the world size {world_size}",
+        )
+        _check(
+            group % c.sp_size == 0,
+            "group_zero",
+            c.group_zero,
+            f"a group size that is a multiple of sp_size={c.sp_size} (SP groups live inside a shard group)",
+        )
+    _check(
+        c.global_batch_size is None or c.global_batch_size % dp_size == 0,
+        "global_batch_size",
+        c.global_batch_size,
+        f"a multiple of the data-parallel size {dp_size} (world {world_size} / sp_size {c.sp_size})",
+    )

@@ -20,8 +20,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 class ResumableSampler(Sampler[int]):
     """Shuffled (or ordered) indices for one data-parallel rank, starting ``start`` samples into the epoch."""
 
-    def __init__(self, size: int, *, dp_rank: int, dp_size: int, seed: int, shuffle: bool = True,
-                 drop_last: bool = True) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ) -> None:
         self.size, self.dp_rank, self.dp_size = size, dp_rank, dp_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.epoch = 0
@@ -61,7 +69,9 @@ class ResumableLoader:
 
     def __len__(self) -> int:
         n = len(self.sampler)
-        return n // self.batch_size if self._loader_kwargs.get("drop_last", False) else -(-n // self.batch_size)
+        return (
+            n // self.batch_size if self._loader_kwargs.get("drop_last", False) else -(-n // self.batch_size)
+        )
 
     def __iter__(self) -> Iterator[Any]:
         if len(self) == 0:  # the epoch was consumed: the next iteration starts a new one

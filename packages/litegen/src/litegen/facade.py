@@ -51,8 +51,13 @@ class LiteGen:
         self.runtime: Runtime = start(self.config)
         if self.is_main:
             logger.info("LiteGen config: %s", config_as_dict(self.config))
-            logger.info("world %d = dp %d x sp %d on %s", self.runtime.world_size, self.runtime.dp_size,
-                        self.runtime.sp_size, self.device)
+            logger.info(
+                "world %d = dp %d x sp %d on %s",
+                self.runtime.world_size,
+                self.runtime.dp_size,
+                self.runtime.sp_size,
+                self.device,
+            )
         seed_everything(self.config.global_seed)
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -94,8 +99,9 @@ class LiteGen:
         with self._naming_timeouts("initialize()"):
             return self._initialize(objs, kinds, sp_plan, blocks)
 
-    def _initialize(self, objs: Sequence[Any], kinds: list[str], sp_plan: Any,
-                    blocks: Sequence[nn.Module] | None) -> Any:
+    def _initialize(
+        self, objs: Sequence[Any], kinds: list[str], sp_plan: Any, blocks: Sequence[nn.Module] | None
+    ) -> Any:
         out: list[Any] = list(objs)
         trainable = [i for i, k in enumerate(kinds) if k == "model"]
         optimizers = [i for i, k in enumerate(kinds) if k == "optimizer"]
@@ -126,42 +132,64 @@ class LiteGen:
             elif isinstance(obj, torch.optim.Optimizer):
                 kinds.append("optimizer")
             elif isinstance(obj, IterableDataset):
-                raise TypeError(f"initialize: argument {i} is an IterableDataset ({type(obj).__name__}); "
-                                "pass a map-style Dataset (with __len__ and __getitem__)")
-            elif isinstance(obj, Dataset) or (hasattr(obj, "__getitem__") and hasattr(obj, "__len__")
-                                              and not callable(obj) and not isinstance(obj, (str, bytes, dict))):
+                raise TypeError(
+                    f"initialize: argument {i} is an IterableDataset ({type(obj).__name__}); "
+                    "pass a map-style Dataset (with __len__ and __getitem__)"
+                )
+            elif isinstance(obj, Dataset) or (
+                hasattr(obj, "__getitem__")
+                and hasattr(obj, "__len__")
+                and not callable(obj)
+                and not isinstance(obj, (str, bytes, dict))
+            ):
                 kinds.append("dataset")
             elif callable(obj) and not isinstance(obj, type):
                 kinds.append("encode")
             else:
-                raise TypeError(f"initialize: argument {i} has type {type(obj).__name__}; expected a trainable "
-                                "nn.Module, an Optimizer, a frozen nn.Module, a map-style Dataset or a callable")
+                raise TypeError(
+                    f"initialize: argument {i} has type {type(obj).__name__}; expected a trainable "
+                    "nn.Module, an Optimizer, a frozen nn.Module, a map-style Dataset or a callable"
+                )
         models = [i for i, k in enumerate(kinds) if k == "model"]
         if len(models) > 1:
             names = ", ".join(f"argument {i} ({type(objs[i]).__name__})" for i in models)
-            raise ValueError(f"initialize: exactly one trainable nn.Module is allowed, got {names}; freeze the "
-                             "others (requires_grad_(False)) to have them treated as encoders")
+            raise ValueError(
+                f"initialize: exactly one trainable nn.Module is allowed, got {names}; freeze the "
+                "others (requires_grad_(False)) to have them treated as encoders"
+            )
         if "dataset" in kinds and self.config.global_batch_size is None:
-            raise ValueError(f"config: global_batch_size is null, but argument {kinds.index('dataset')} is a "
-                             "Dataset; set global_batch_size (samples per step over the whole world)")
+            raise ValueError(
+                f"config: global_batch_size is null, but argument {kinds.index('dataset')} is a "
+                "Dataset; set global_batch_size (samples per step over the whole world)"
+            )
         optimizers = [i for i, k in enumerate(kinds) if k == "optimizer"]
         if len(optimizers) > 1:
             raise ValueError(f"initialize: at most one optimizer is allowed, got arguments {optimizers}")
         if optimizers and not models:
-            raise ValueError(f"initialize: the optimizer (argument {optimizers[0]}) needs its trainable model "
-                             "in the same call")
+            raise ValueError(
+                f"initialize: the optimizer (argument {optimizers[0]}) needs its trainable model "
+                "in the same call"
+            )
         if models and self.model is not None:
             raise ValueError("initialize: a trainable model was already initialized by this LiteGen")
         return kinds
 
-    def _prepare_model(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, sp_plan: Any,
-                       blocks: Sequence[nn.Module] | None) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+    def _prepare_model(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        sp_plan: Any,
+        blocks: Sequence[nn.Module] | None,
+    ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
         c, rt = self.config, self.runtime
         model.to(self.device)
         block_list = list(blocks) if blocks is not None else litegen_zero.find_blocks(model)
         done = []
         if c.sp_size > 1:
-            litegen_sp.sequence_parallel(model, rt.sp_group, plan=sp_plan, blocks=block_list, splits=rt.sp_splits)
+            litegen_sp.sequence_parallel(
+                model, rt.sp_group, plan=sp_plan, blocks=block_list, splits=rt.sp_splits
+            )
             split = "per attention call" if c.sp_ring is None else f"{c.sp_size // c.sp_ring} x {c.sp_ring}"
             done.append(f"sequence parallel over {c.sp_size} ranks (Ulysses x Ring {split})")
         if c.selective_ratio < 1.0 or c.ac_offload or c.compile:
@@ -181,8 +209,14 @@ class LiteGen:
         param_dtype = DTYPES[c.precision] if c.precision != "fp32" else None
         reduce_dtype = DTYPES[c.grad_precision] if c.grad_precision not in (None, c.precision) else None
         model, optimizer = litegen_zero.shard(
-            model, optimizer, degree=c.zero_degree, mesh=rt.zero_mesh, param_dtype=param_dtype,
-            reduce_dtype=reduce_dtype, offload=c.cpu_offload, blocks=block_list,
+            model,
+            optimizer,
+            degree=c.zero_degree,
+            mesh=rt.zero_mesh,
+            param_dtype=param_dtype,
+            reduce_dtype=reduce_dtype,
+            offload=c.cpu_offload,
+            blocks=block_list,
         )
         done.append(f"ZeRO degree {c.zero_degree}" + (f", grouped by {c.group_size}" if c.group_size else ""))
         if c.init_from is not None:
@@ -191,8 +225,11 @@ class LiteGen:
         if c.ema.enable:
             e = c.ema
             self.ema = litegen_ema.ShardedEMA(
-                model, decay=e.decay, warmup=(e.warmup_gamma, e.warmup_power) if e.warmup else None,
-                update_after_step=e.update_after_step, sharded=e.sharded,
+                model,
+                decay=e.decay,
+                warmup=(e.warmup_gamma, e.warmup_power) if e.warmup else None,
+                update_after_step=e.update_after_step,
+                sharded=e.sharded,
             )
             done.append("EMA (sharded)" if e.sharded else "EMA (replicated)")
         self.model, self.optimizer = model, optimizer
@@ -213,32 +250,53 @@ class LiteGen:
         module.requires_grad_(False)
         module.to(self.device)
         if c.encoder.fsdp:
-            group = int(os.environ.get("LOCAL_WORLD_SIZE", self.runtime.world_size)) if c.encoder.group else None
+            group = (
+                int(os.environ.get("LOCAL_WORLD_SIZE", self.runtime.world_size)) if c.encoder.group else None
+            )
             if group is not None and self.runtime.world_size % group:
-                raise ValueError(f"config: encoder.group=True needs LOCAL_WORLD_SIZE={group} to divide the world "
-                                 f"size {self.runtime.world_size}")
+                raise ValueError(
+                    f"config: encoder.group=True needs LOCAL_WORLD_SIZE={group} to divide the world "
+                    f"size {self.runtime.world_size}"
+                )
             dtype = DTYPES[c.precision] if c.precision != "fp32" else None
             mesh = None if group is None else grouped_mesh(self.device.type, group, self._timeout)
             module = litegen_zero.shard_frozen(module, mesh=mesh, dtype=dtype)
         module.eval()
         if self.is_main:
-            logger.info("initialize: frozen %s -> %s, eval mode", type(module).__name__,
-                        "sharded" if c.encoder.fsdp else f"on {self.device}")
+            logger.info(
+                "initialize: frozen %s -> %s, eval mode",
+                type(module).__name__,
+                "sharded" if c.encoder.fsdp else f"on {self.device}",
+            )
         return module
 
     def _prepare_dataset(self, dataset: Dataset) -> ResumableLoader:
         c, rt = self.config, self.runtime
-        sampler = ResumableSampler(len(dataset), dp_rank=rt.dp_rank, dp_size=rt.dp_size, seed=c.global_seed,
-                                   shuffle=c.shuffle, drop_last=c.drop_last)
+        sampler = ResumableSampler(
+            len(dataset),
+            dp_rank=rt.dp_rank,
+            dp_size=rt.dp_size,
+            seed=c.global_seed,
+            shuffle=c.shuffle,
+            drop_last=c.drop_last,
+        )
         loader = ResumableLoader(
-            dataset, sampler, batch_size=c.global_batch_size // rt.dp_size, num_workers=c.num_workers,
-            pin_memory=c.pin_memory and self.device.type == "cuda", drop_last=True,
+            dataset,
+            sampler,
+            batch_size=c.global_batch_size // rt.dp_size,
+            num_workers=c.num_workers,
+            pin_memory=c.pin_memory and self.device.type == "cuda",
+            drop_last=True,
             collate_fn=getattr(dataset, "collate_fn", None),
         )
         self.dataloader = loader
         if self.is_main:
-            logger.info("initialize: dataset %s -> DataLoader, %d samples per rank per step, %d steps per epoch",
-                        type(dataset).__name__, loader.batch_size, len(loader))
+            logger.info(
+                "initialize: dataset %s -> DataLoader, %d samples per rank per step, %d steps per epoch",
+                type(dataset).__name__,
+                loader.batch_size,
+                len(loader),
+            )
         return loader
 
     def _prepare_encode(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -270,7 +328,9 @@ class LiteGen:
             raise ValueError("config: checkpoint_dir is not set; saving and resuming need it")
         if self._checkpointer is None:
             self._checkpointer = litegen_ckpt.Checkpointer(
-                self.config.checkpoint_dir, keep=self.config.checkpoint_keep, async_save=self.config.checkpoint_async,
+                self.config.checkpoint_dir,
+                keep=self.config.checkpoint_keep,
+                async_save=self.config.checkpoint_async,
                 timeout=self._timeout,
             )
         return self._checkpointer
@@ -305,12 +365,16 @@ class LiteGen:
         path = Path(target)
         if STEP_DIR.fullmatch(path.name):
             if path.parent.resolve() != Path(self.config.checkpoint_dir).resolve():
-                raise ValueError(f"config: resume_from={target!r} is not in checkpoint_dir="
-                                 f"{self.config.checkpoint_dir!r}; give a step of checkpoint_dir")
-            target = path.name[len("step_"):]
+                raise ValueError(
+                    f"config: resume_from={target!r} is not in checkpoint_dir="
+                    f"{self.config.checkpoint_dir!r}; give a step of checkpoint_dir"
+                )
+            target = path.name[len("step_") :]
         if self._resume(int(target) if target.isdigit() else target, fall_back=False) is None:
-            raise ValueError(f"config: resume_from={self.config.resume_from!r} found no checkpoint under "
-                             f"{self.config.checkpoint_dir!r}")
+            raise ValueError(
+                f"config: resume_from={self.config.resume_from!r} found no checkpoint under "
+                f"{self.config.checkpoint_dir!r}"
+            )
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the trainable model's gradients; returns the global norm (any degree)."""

@@ -66,7 +66,9 @@ class CollectiveTimeoutError(RuntimeError):
 _TIMEOUT_MARKERS = ("timed out", "collective operation timeout", "failed to pass monitoredbarrier")
 
 
-def name_collective_timeout(error: BaseException, timeout: float, during: str) -> CollectiveTimeoutError | None:
+def name_collective_timeout(
+    error: BaseException, timeout: float, during: str
+) -> CollectiveTimeoutError | None:
     """For a backend timeout ``error``, a ``CollectiveTimeoutError`` naming what hung; None for other errors."""
     if not isinstance(error, RuntimeError) or isinstance(error, CollectiveTimeoutError):
         return None
@@ -90,26 +92,34 @@ def overdue_collective() -> str | None:
     except (RuntimeError, ValueError):
         return None
     now = time.time_ns()
-    overdue = [e for e in entries if now - e.get("time_created_ns", now) >= e.get("timeout_ms", 0) * 1_000_000]
+    overdue = [
+        e for e in entries if now - e.get("time_created_ns", now) >= e.get("timeout_ms", 0) * 1_000_000
+    ]
     if not overdue:
         return None
     mine = [e for e in overdue if e.get("thread_id") == str(threading.get_ident())]
     entry = (mine or overdue)[-1]
     group = (entry.get("process_group") or ["?"])[-1]
-    return (f"{entry.get('profiling_name', 'a collective')} on process group {group!r} "
-            f"(its collective #{entry.get('collective_seq_id')}, input sizes {entry.get('input_sizes')})")
+    return (
+        f"{entry.get('profiling_name', 'a collective')} on process group {group!r} "
+        f"(its collective #{entry.get('collective_seq_id')}, input sizes {entry.get('input_sizes')})"
+    )
 
 
 def _warn_about_shared_rendezvous_store() -> None:
     """torchrun's c10d rendezvous shares one store with every attempt's workers and keeps the previous
     attempt's keys, so a restarted group can read its peers' old addresses and fail to connect."""
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
-    if (restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            and os.environ.get("RANK") == "0"):
+    if (
+        restarts > 0
+        and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and os.environ.get("RANK") == "0"
+    ):
         logger.warning(
             "torchrun --max-restarts %d with the shared rendezvous store: a restarted group may fail to connect "
             "(the store keeps the last attempt's keys, pytorch#135712); launch torchrun with "
-            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so restarts resume reliably", restarts,
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so restarts resume reliably",
+            restarts,
         )
 
 
@@ -156,8 +166,16 @@ def start(config: LiteGenConfig) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Runtime(
-        device=device, rank=rank, world_size=world, dp_rank=rank // sp, dp_size=world // sp,
-        sp_rank=rank % sp, sp_size=sp, mesh=mesh, zero_mesh=zero_mesh, owns_process_group=owns,
+        device=device,
+        rank=rank,
+        world_size=world,
+        dp_rank=rank // sp,
+        dp_size=world // sp,
+        sp_rank=rank % sp,
+        sp_size=sp,
+        mesh=mesh,
+        zero_mesh=zero_mesh,
+        owns_process_group=owns,
         sp_splits=splits,
     )
 
@@ -182,7 +200,9 @@ def grouped_mesh(device_type: str, group_size: int, timeout: datetime.timedelta)
     return _mesh(device_type, (world // group_size, group_size), ("replicate", "shard"), timeout)
 
 
-def _mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...], timeout: datetime.timedelta) -> DeviceMesh:
+def _mesh(
+    device_type: str, shape: tuple[int, ...], names: tuple[str, ...], timeout: datetime.timedelta
+) -> DeviceMesh:
     """A named mesh whose new groups time out after ``timeout`` (torch gives new groups 30 minutes)."""
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
     for name in names:
