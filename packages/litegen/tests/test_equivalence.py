@@ -12,9 +12,14 @@ import itertools
 import traceback
 
 import pytest
-import torch
 from litegen import LiteGen
-from tiny_dit import make_batch, make_model_and_optimizer, reference, train_steps
+from tiny_dit import (
+    assert_trains_like_one_process,
+    make_batch,
+    make_model_and_optimizer,
+    reference,
+    train_steps,
+)
 
 STEPS, GLOBAL_BATCH = 3, 4
 ZERO = {
@@ -83,27 +88,11 @@ def world2(dist_pool):
     return dist_pool.run(run_matrix, WORLD2, world_size=2, timeout=300)
 
 
-def check(per_rank: list[dict], names, truth) -> None:
-    for rank, res in enumerate(per_rank):
-        assert isinstance(res[names], dict), f"rank {rank} failed:\n{res[names]}"
-    ref_losses, ref_norms, ref_state = truth
-    losses = torch.tensor([res[names]["losses"] for res in per_rank]).mean(0)  # mean over ranks = global mean
-    torch.testing.assert_close(losses, torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
-    for res in per_rank:  # the global gradient norm, identical on every rank
-        torch.testing.assert_close(
-            torch.tensor(res[names]["norms"]), torch.tensor(ref_norms), rtol=1e-5, atol=1e-7
-        )
-    state = per_rank[0][names]["state"]
-    assert set(state) == set(ref_state)
-    for key, ref in ref_state.items():
-        torch.testing.assert_close(state[key], ref, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
-
-
 @pytest.mark.parametrize("names", WORLD4, ids=["-".join(n) for n in WORLD4])
 def test_world4_matches_single_process(world4, names, truth):
-    check(world4, names, truth)
+    assert_trains_like_one_process(world4, names, truth)
 
 
 @pytest.mark.parametrize("names", WORLD2, ids=["-".join(n) for n in WORLD2])
 def test_world2_matches_single_process(world2, names, truth):
-    check(world2, names, truth)
+    assert_trains_like_one_process(world2, names, truth)

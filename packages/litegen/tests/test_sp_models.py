@@ -16,9 +16,9 @@ from __future__ import annotations
 import traceback
 
 import pytest
-import torch
 from diffusers_models import MODELS, make_batches, make_model_and_optimizer, reference, rows, train_steps
 from litegen import LiteGen
+from tiny_dit import assert_trains_like_one_process
 
 STEPS, GLOBAL_BATCH = 3, 4
 Combo = tuple[str, dict, dict]  # model name, LiteGen config, model constructor overrides
@@ -73,20 +73,8 @@ def world4(dist_pool):
 
 
 def check(per_rank: list[dict], combo: Combo) -> None:
-    key = combo_id(combo)
-    for rank, res in enumerate(per_rank):
-        assert isinstance(res[key], dict), f"rank {rank} failed:\n{res[key]}"
-    ref_losses, ref_norms, ref_state = reference(combo[0], STEPS, GLOBAL_BATCH, **combo[2])
-    losses = torch.tensor([res[key]["losses"] for res in per_rank]).mean(0)  # SP peers hold the same loss
-    torch.testing.assert_close(losses, torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
-    for res in per_rank:
-        torch.testing.assert_close(
-            torch.tensor(res[key]["norms"]), torch.tensor(ref_norms), rtol=1e-5, atol=1e-7
-        )
-    state = per_rank[0][key]["state"]
-    assert set(state) == set(ref_state)
-    for k, ref in ref_state.items():
-        torch.testing.assert_close(state[k], ref, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    truth = reference(combo[0], STEPS, GLOBAL_BATCH, **combo[2])
+    assert_trains_like_one_process(per_rank, combo_id(combo), truth)
 
 
 @pytest.mark.parametrize("combo", WORLD2, ids=combo_id)

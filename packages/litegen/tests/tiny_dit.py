@@ -114,3 +114,21 @@ def reference(
         model, opt, batches, lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1e9)
     )
     return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_trains_like_one_process(per_rank: list[dict], key: object, truth: tuple) -> None:
+    """Each rank's ``{key: {"losses", "norms", "state"}}`` (or a traceback) against one process's
+    ``(losses, norms, state)``: losses averaged over ranks, every rank's global norms, rank 0's weights."""
+    for rank, res in enumerate(per_rank):
+        assert isinstance(res[key], dict), f"rank {rank} failed:\n{res[key]}"
+    ref_losses, ref_norms, ref_state = truth
+    losses = torch.tensor([res[key]["losses"] for res in per_rank]).mean(0)  # mean over ranks = global mean
+    torch.testing.assert_close(losses, torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    for res in per_rank:  # the global gradient norm, identical on every rank
+        torch.testing.assert_close(
+            torch.tensor(res[key]["norms"]), torch.tensor(ref_norms), rtol=1e-5, atol=1e-7
+        )
+    state = per_rank[0][key]["state"]
+    assert set(state) == set(ref_state)
+    for name, ref in ref_state.items():
+        torch.testing.assert_close(state[name], ref, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
