@@ -1,10 +1,14 @@
-"""Scenario 5: untrusted weights. ``init_from`` and ``load_safetensors`` read safetensors only: a pickle (under
-any name), a truncated or empty file is refused with a ValueError naming it, and nothing is ever unpickled
-(the pickles here create a marker file when unpickled)."""
+"""Scenario 5: untrusted weights and checkpoints. ``init_from`` and ``load_safetensors`` read safetensors only:
+a pickle (under any name), a truncated or empty file is refused with a ValueError naming it, and nothing is ever
+unpickled. A checkpoint directory whose ``.metadata`` or stored python values are crafted pickles (with sizes,
+digests and CRCs made consistent, as an attacker would) is refused by ``Checkpointer.load`` and
+``export_safetensors`` before any code runs (the pickles here create a marker file when unpickled)."""
 
 from __future__ import annotations
 
+import json
 import pickle
+import zlib
 from pathlib import Path
 
 import pytest
@@ -77,3 +81,55 @@ def test_init_from_refuses_anything_but_safetensors(dist_pool, tmp_path):
                 )
     assert not (tmp_path / "unpickled").exists()
     assert dist_pool.run(init_from, str(tmp_path / "good.safetensors"), world_size=2) == ["loaded", "loaded"]
+
+
+class PayloadState:
+    """A stateful whose saved python value unpickles into ``Payload`` (DCP stores python values with torch.save)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.value: object = Payload(marker)
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def crafted_checkpoint(root: Path, kind: str) -> Path:
+    """A checkpoint an attacker built: consistent sizes, digests and CRCs, and a pickle that runs code."""
+    from litegen_ckpt import Checkpointer
+
+    marker = root / "unpickled"
+    model = Denoiser()
+    if kind == "python value":  # the normal save path writes the payload and records its checksums
+        Checkpointer(root).save(1, model=model, extra=PayloadState(marker))
+        return marker
+    Checkpointer(root).save(1, model=model)
+    directory = root / "step_1"
+    (directory / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    info = json.loads((directory / "litegen.json").read_text())  # the attacker rewrites the recorded CRC too
+    info["files"][".metadata"] = (directory / ".metadata").stat().st_size
+    info["crc32"][".metadata"] = f"{zlib.crc32((directory / '.metadata').read_bytes()):08x}"
+    (directory / "litegen.json").write_text(json.dumps(info))
+    return marker
+
+
+@pytest.mark.parametrize("kind", [".metadata", "python value"])
+@pytest.mark.parametrize("reader", ["Checkpointer.load", "export_safetensors"])
+def test_a_crafted_checkpoint_runs_no_code(tmp_path, kind, reader):
+    """Loading refuses both; exporting reads only tensors, so a crafted python value is never even read."""
+    from litegen_ckpt import Checkpointer, CheckpointError, export_safetensors
+
+    marker = crafted_checkpoint(tmp_path / "ckpt", kind)
+    if reader == "export_safetensors" and kind == "python value":
+        export_safetensors(tmp_path / "ckpt", tmp_path / "out.safetensors")
+    else:
+        with pytest.raises(
+            CheckpointError, match="not DCP metadata LiteGen can read safely|not a plain python value"
+        ):
+            if reader == "Checkpointer.load":
+                Checkpointer(tmp_path / "ckpt").load(model=Denoiser(), extra=PayloadState(tmp_path / "other"))
+            else:
+                export_safetensors(tmp_path / "ckpt", tmp_path / "out.safetensors")
+    assert not marker.exists()

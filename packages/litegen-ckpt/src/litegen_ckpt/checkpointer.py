@@ -55,6 +55,7 @@ from .storage import (
     CheckpointError,
     DigestingWriter,
     read_checkpoint,
+    read_metadata,
     single_process_quiet,
     write_durably,
 )
@@ -225,7 +226,7 @@ class Checkpointer:
                     logging.WARNING,
                 )
             adapters = {name: adapter for name, adapter in adapters.items() if name not in rng}
-        saved = dcp.FileSystemReader(directory).read_metadata()
+        saved = read_metadata(directory)
         state = {name: adapter.template(saved, name) for name, adapter in adapters.items()}
         _check_compatible(state, saved, directory)
         read_checkpoint(

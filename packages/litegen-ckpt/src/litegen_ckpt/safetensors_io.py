@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -23,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .checkpointer import INFO_FILE, latest_directory, verify_checkpoint
-from .storage import read_checkpoint
+from .storage import read_checkpoint, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +148,7 @@ def _checkpoint_entry(source: Path, name: str) -> tuple[Path, dict[str, str]]:
                 f"source={str(source)!r} is neither a checkpoint directory nor a root with a latest"
             )
     verify_checkpoint(directory)
-    saved = dcp.FileSystemReader(directory).read_metadata()
+    saved = read_metadata(directory)
 
     def tensors_under(entry: str) -> dict[str, str]:
         return {
@@ -170,7 +169,7 @@ def _checkpoint_entry(source: Path, name: str) -> tuple[Path, dict[str, str]]:
 
 def _read_checkpoint(directory: Path, names: dict[str, str]) -> dict[str, torch.Tensor]:
     """Read whole tensors from a DCP checkpoint in this process: ``{exported name: tensor}``."""
-    saved = dcp.FileSystemReader(directory).read_metadata()
+    saved = read_metadata(directory)
     state = {}
     for key in names:
         meta = saved.state_dict_metadata[key]

@@ -4,11 +4,16 @@ Writing is DCP's ``FileSystemWriter``. Before writing, each rank takes a ``Diges
 where the tensor lives and at memory speed. After writing, it takes the CRC-32 of every pickled (non-tensor) item.
 It keeps both in ``digests_<rank>.json``.
 
-Reading is DCP's ``FileSystemReader`` with ``read_data`` replaced. Each tensor chunk is read with one ``readinto``:
-into its destination when the layouts allow (a load at the saving world size and degree), else into a CPU buffer
-that is then narrowed and copied. The data is never unpickled. Each piece is digested while it is still in cache,
-so a modified or foreign shard raises a ``CheckpointError`` naming the file and the tensor, with no extra pass over
-the checkpoint.
+Reading is DCP's ``FileSystemReader`` with ``read_metadata`` and ``read_data`` replaced. Each tensor chunk is read
+with one ``readinto``: into its destination when the layouts allow (a load at the saving world size and degree),
+else into a CPU buffer that is then narrowed and copied. Each piece is digested while it is still in cache, so a
+modified or foreign shard raises a ``CheckpointError`` naming the file and the tensor, with no extra pass over the
+checkpoint.
+
+Nothing read runs code. DCP unpickles ``.metadata`` and loads python values with ``torch.load(weights_only=False)``;
+here ``.metadata`` goes through an unpickler that only builds DCP's own metadata classes, torch dtypes, sizes and
+paths (``read_metadata``), and python values (optimizer hyper-parameters, RNG and loader states) through
+``torch.load(weights_only=True)`` (``SafeLoadPlanner``): a crafted checkpoint fails with a ``CheckpointError``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import ctypes
 import io
 import json
 import os
+import pathlib
+import pickle
 import re
 import warnings
 import zlib
@@ -28,6 +35,10 @@ from typing import IO, Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import (
     LoadItemType,
@@ -155,6 +166,72 @@ class _Contiguous:
         return getattr(self._planner, name)
 
 
+# What ``.metadata`` may build: DCP's metadata classes and the plain torch / pathlib values inside them.
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name): getattr(dcp_metadata, name)
+    for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    ("torch", "Size"): torch.Size,
+    ("pathlib", "PosixPath"): pathlib.PosixPath,
+    ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
+    ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,
+    ("pathlib", "PureWindowsPath"): pathlib.PureWindowsPath,
+    ("collections", "OrderedDict"): dict,
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only ``_METADATA_CLASSES`` and torch dtypes; anything else is refused before it is created."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_CLASSES:
+            return _METADATA_CLASSES[module, name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def read_metadata(directory: str | os.PathLike) -> Metadata:
+    """The DCP metadata of the checkpoint in ``directory``, unpickled with an allow-list (no code runs)."""
+    path = Path(directory) / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # pickle raises many kinds on a garbled or crafted file
+        raise CheckpointError(
+            f"checkpoint file {path} is not DCP metadata LiteGen can read safely ({type(error).__name__}: "
+            f"{error}); it was not loaded"
+        ) from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"checkpoint file {path} holds a {type(metadata).__name__}, not DCP metadata")
+    return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, but python values are loaded with ``torch.load(weights_only=True)``."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as error:  # weights_only refuses every type it does not know, each its own way
+            raise CheckpointError(
+                f"checkpoint item {fqn} is not a plain python value ({type(error).__name__}: {error}); it was "
+                "not loaded"
+            ) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
 class VerifyingReader(dcp.FileSystemReader):
     """DCP's file reader that reads tensors with one copy and checks every item against ``digests_<rank>.json``.
 
@@ -170,7 +247,7 @@ class VerifyingReader(dcp.FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self._metadata is None:
-            return super().read_metadata(*args, **kwargs)
+            self._metadata = read_metadata(self.path)
         if self._metadata.storage_meta is None:
             self._metadata.storage_meta = StorageMeta()
         self._metadata.storage_meta.load_id = self.load_id
@@ -329,7 +406,13 @@ def read_checkpoint(
     reader = VerifyingReader(directory, metadata)
     try:
         with single_process_quiet():
-            dcp.load(state, storage_reader=reader, process_group=process_group, no_dist=no_dist)
+            dcp.load(
+                state,
+                storage_reader=reader,
+                planner=SafeLoadPlanner(),
+                process_group=process_group,
+                no_dist=no_dist,
+            )
     except dcp.CheckpointException as error:
         for _, (failure, _) in sorted(error.failures.items()):
             if isinstance(failure, (CheckpointError, FileNotFoundError)):
