@@ -49,6 +49,11 @@ BAD_CONFIGS = [
     ({"auto_resume": True}, ValueError, "auto_resume=True is not allowed; it needs checkpoint_dir"),
     ({"resume_from": "latest"}, ValueError, "resume_from='latest' is not allowed; it needs checkpoint_dir"),
     ({"checkpoint_every": 100}, ValueError, "checkpoint_every=100 is not allowed; it needs checkpoint_dir"),
+    (
+        {"resume_from": "²", "checkpoint_dir": "ck"},
+        ValueError,
+        "resume_from='²' is not allowed; a step number",
+    ),
     ({"init_from": "weights.pt"}, ValueError, "init_from='weights.pt'"),
     ({"collective_timeout": 0}, ValueError, "collective_timeout=0.0"),
     ({"log_level": "LOUD"}, ValueError, "log_level='LOUD'"),

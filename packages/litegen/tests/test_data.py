@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 from litegen.data import ResumableLoader, ResumableSampler
 from torch.utils.data import Dataset
@@ -63,7 +64,41 @@ def test_resume_mid_epoch_gives_exactly_the_rest():
 def test_len_and_epoch_rollover():
     loader = make(n=10, batch=3)
     assert len(loader) == 3
-    assert len(list(loader)) == 3 and loader.state_dict() == {"epoch": 1, "start": 0}
+    assert len(list(loader)) == 3 and loader.state_dict() == {"epoch": 1, "position": 0, "size": 10}
+
+
+def steps_in_global_order(loaders, steps):
+    """``steps`` batches from each simulated dp rank, merged back into the order the epoch hands them out."""
+    batches = [take(loader, steps) for loader in loaders]
+    return [
+        sample
+        for step in zip(*batches, strict=True)
+        for column in zip(*step, strict=True)  # sample j of every rank, rank order
+        for sample in column
+    ]
+
+
+@pytest.mark.parametrize("new_dp", [1, 4])
+def test_resume_under_another_dp_size_continues_the_epoch_exactly(new_dp):
+    """Consume 2 steps at dp 2 (global batch 8 of 40), resume at ``new_dp``: the rest of the epoch, in order."""
+    epoch = list(ResumableSampler(40, dp_rank=0, dp_size=1, seed=5))
+    before = [make(n=40, dp_rank=r, dp_size=2, batch=4) for r in range(2)]
+    assert steps_in_global_order(before, 2) == epoch[:16]
+    (state,) = {tuple(loader.state_dict().items()) for loader in before}  # the same on every rank
+    after = [make(n=40, dp_rank=r, dp_size=new_dp, batch=8 // new_dp) for r in range(new_dp)]
+    for loader in after:
+        loader.load_state_dict(dict(state))
+    assert {len(loader) for loader in after} == {3}
+    assert steps_in_global_order(after, 3) == epoch[16:]
+    next_epoch = ResumableSampler(40, dp_rank=0, dp_size=1, seed=5)
+    next_epoch.epoch = 1
+    assert steps_in_global_order(after, 1) == list(next_epoch)[:8]
+
+
+def test_a_position_from_another_dataset_size_is_refused():
+    state = make(n=40).state_dict()
+    with pytest.raises(ValueError, match="dataset of size 40, the current dataset has size 41"):
+        make(n=41).load_state_dict(state)
 
 
 def test_iterating_never_draws_from_the_global_rng():

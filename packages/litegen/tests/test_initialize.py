@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
-from litegen import LiteGen, ResumableLoader
+from litegen import LiteGen, ResumableLoader, ResumableSampler
 from tiny_dit import TEXT, TOKENS, make_model_and_optimizer
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
@@ -176,3 +177,74 @@ def test_resume_mid_epoch_equals_uninterrupted(dist_pool, tmp_path, cfg):
         assert torch.equal(straight[0]["state"][key], resumed[0]["state"][key]), key
     for key in straight[0]["ema"]:
         assert torch.equal(straight[0]["ema"][key], resumed[0]["ema"][key]), key
+
+
+def too_small_dataset() -> str:
+    gen = LiteGen({"global_batch_size": 32})
+    try:
+        gen.initialize(Samples())  # 24 samples: 12 per dp rank, less than its batch of 16
+    except ValueError as exc:
+        return str(exc)
+    finally:
+        gen.close()
+    return "no error"
+
+
+def test_a_dataset_that_gives_a_rank_no_batch_is_refused_on_every_rank(dist_pool):
+    for message in dist_pool.run(too_small_dataset, world_size=2):
+        assert "has 24 samples" in message and "dp_size=2" in message and "its batch of 16" in message
+
+
+class Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def draws_around_a_resume(root: str, resume_sp: int) -> dict:
+    """Two steps at dp 2 x sp 1 (one draw each), save, two more draws; then resume at sp ``resume_sp``
+    and draw again. Returns the draws, the indices of the first batch after the resume, and the log."""
+    config = {"checkpoint_dir": root, "global_batch_size": 4}
+    gen = LiteGen(config)
+    loader = gen.initialize(Samples())
+    batches = gen.batches()
+    for _ in range(2):
+        next(batches)
+        torch.rand(1)
+    gen.save(2)
+    uninterrupted = torch.rand(4)
+    gen.close()
+    messages = Messages()
+    logging.getLogger("litegen").addHandler(messages)
+    try:
+        gen = LiteGen({**config, "sp_size": resume_sp, "auto_resume": True})
+        loader = gen.initialize(Samples())
+    finally:
+        logging.getLogger("litegen").removeHandler(messages)
+    assert gen.start_step == 2
+    resumed = torch.rand(4)
+    indices = next(iter(loader))["index"].tolist()
+    gen.close()
+    return {"uninterrupted": uninterrupted, "resumed": resumed, "indices": indices, "log": messages.lines}
+
+
+def test_resume_under_the_same_layout_continues_every_rng_stream(dist_pool, tmp_path):
+    ranks = dist_pool.run(draws_around_a_resume, str(tmp_path), 1, world_size=2, timeout=120)
+    for rank in ranks:
+        assert torch.equal(rank["resumed"], rank["uninterrupted"])
+    assert not torch.equal(ranks[0]["resumed"], ranks[1]["resumed"])  # distinct noise per dp rank
+    assert not any("re-derived" in line for line in ranks[0]["log"])
+
+
+def test_resume_under_another_layout_gives_sp_peers_the_same_noise_and_the_rest_of_the_epoch(
+    dist_pool, tmp_path
+):
+    """Saved at dp 2 x sp 1, resumed at dp 1 x sp 2: the two ranks are SP peers now."""
+    ranks = dist_pool.run(draws_around_a_resume, str(tmp_path), 2, world_size=2, timeout=120)
+    assert torch.equal(ranks[0]["resumed"], ranks[1]["resumed"])
+    epoch = list(ResumableSampler(24, dp_rank=0, dp_size=1, seed=0))
+    assert ranks[0]["indices"] == ranks[1]["indices"] == epoch[8:12]
+    assert any("dp 2 x sp 1 (world 2), resumed at dp 1 x sp 2" in line for line in ranks[0]["log"])

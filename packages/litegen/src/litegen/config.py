@@ -291,9 +291,9 @@ def _validate(c: LiteGenConfig) -> None:
         )
     if c.resume_from is not None:
         _check(
-            c.resume_from.isdigit()
+            re.fullmatch(r"[0-9]+", c.resume_from) is not None  # ASCII: str.isdigit() accepts "²"
             or c.resume_from == "latest"
-            or re.fullmatch(r"step_\d+", Path(c.resume_from).name) is not None,
+            or re.fullmatch(r"step_[0-9]+", Path(c.resume_from).name) is not None,
             "resume_from",
             c.resume_from,
             'a step number, "latest", or a step directory (checkpoint_dir/step_<N>)',

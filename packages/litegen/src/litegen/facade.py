@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import logging
 import os
 import re
@@ -33,8 +34,26 @@ from .runtime import Runtime, grouped_mesh, name_collective_timeout, seed_everyt
 
 logger = logging.getLogger("litegen")
 
-STEP_DIR = re.compile(r"step_\d+")
+STEP_DIR = re.compile(r"step_[0-9]+")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Layout:
+    """The world's layout as a stateful: saved with every checkpoint, ``saved`` holds what a resume read."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.current = {
+            "dp_size": runtime.dp_size,
+            "sp_size": runtime.sp_size,
+            "world_size": runtime.world_size,
+        }
+        self.saved: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.current)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.saved = {key: int(value) for key, value in state.items()}
 
 
 class LiteGen:
@@ -42,7 +61,8 @@ class LiteGen:
 
     ``config``: a YAML path, a dict or a ``LiteGenConfig``. Building it validates the config, joins
     (or creates) the process group, builds the dp × sp meshes and seeds every rank identically, so a
-    model built afterwards starts with the same weights everywhere.
+    model built afterwards starts with the same weights everywhere. ``start_step`` is the number of
+    completed steps: 0, or the step of the checkpoint a resume loaded (save ``step + 1`` after step ``step``).
     """
 
     def __init__(self, config: str | os.PathLike | dict | LiteGenConfig | None = None) -> None:
@@ -63,7 +83,8 @@ class LiteGen:
         self.optimizer: torch.optim.Optimizer | None = None
         self.dataloader: ResumableLoader | None = None
         self.ema: Any = None
-        self.start_step: int = 0
+        self.start_step: int = 0  # completed steps: 0, or the step of the checkpoint resumed
+        self._layout = Layout(self.runtime)
         self._checkpointer: Any = None
 
     # ---- where this process stands -------------------------------------------------------------
@@ -162,6 +183,8 @@ class LiteGen:
                 f"config: global_batch_size is null, but argument {kinds.index('dataset')} is a "
                 "Dataset; set global_batch_size (samples per step over the whole world)"
             )
+        for i in (i for i, k in enumerate(kinds) if k == "dataset"):
+            self._check_dataset_size(i, objs[i])
         optimizers = [i for i, k in enumerate(kinds) if k == "optimizer"]
         if len(optimizers) > 1:
             raise ValueError(f"initialize: at most one optimizer is allowed, got arguments {optimizers}")
@@ -173,6 +196,19 @@ class LiteGen:
         if models and self.model is not None:
             raise ValueError("initialize: a trainable model was already initialized by this LiteGen")
         return kinds
+
+    def _check_dataset_size(self, index: int, dataset: Any) -> None:
+        """An epoch must give every data-parallel rank at least one batch, or ``batches()`` never yields."""
+        c, dp = self.config, self.runtime.dp_size
+        size, batch = len(dataset), c.global_batch_size // dp
+        per_rank = size // dp if c.drop_last else -(-size // dp)
+        if per_rank < batch:
+            raise ValueError(
+                f"initialize: argument {index} ({type(dataset).__name__}) has {size} samples, so an epoch "
+                f"gives each of the dp_size={dp} data-parallel ranks {per_rank}, less than its batch of "
+                f"{batch} (global_batch_size={c.global_batch_size} / dp_size={dp}); allowed: a dataset "
+                f"of at least {batch * dp} samples, or a smaller global_batch_size"
+            )
 
     def _prepare_model(
         self,
@@ -316,7 +352,7 @@ class LiteGen:
 
     # ---- training-state API --------------------------------------------------------------------
     def _statefuls(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"rng": True}  # every rank's torch / CUDA / python / numpy generators
+        out: dict[str, Any] = {"rng": True, "layout": self._layout}  # rng: every rank's generators
         for name in ("model", "optimizer", "ema", "dataloader"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
@@ -336,14 +372,19 @@ class LiteGen:
         return self._checkpointer
 
     def save(self, step: int) -> None:
-        """Save model, optimizer, EMA, data position and RNG as ``checkpoint_dir/step_<step>``."""
+        """Save model, optimizer, EMA, data position, RNG and layout as ``checkpoint_dir/step_<step>``.
+
+        ``step``: the number of completed steps; a resume sets ``start_step`` to it.
+        """
         with self._naming_timeouts(f"save({step!r})"):
             self.checkpointer.save(step, **self._statefuls())
 
     def resume(self, step: int | str = "latest") -> int | None:
-        """Load a checkpoint into the live objects; returns its step, or None when there is none.
+        """Load a checkpoint into the live objects; returns its step (now ``start_step``), or None when there is none.
 
         Every file is verified first; a checkpoint that does not verify raises an error naming the file.
+        Under the layout that saved it, every rank's RNG streams continue exactly; under another
+        (dp_size, sp_size, world_size) they are re-derived from ``(global_seed, step, dp_rank)``.
         """
         return self._resume(step, fall_back=False)
 
@@ -354,7 +395,27 @@ class LiteGen:
             self.start_step = loaded
             if self.is_main:
                 logger.info("resumed from step %d", loaded)
+            if self._layout.saved != self._layout.current:
+                self._reseed_after_layout_change(loaded)
         return loaded
+
+    def _reseed_after_layout_change(self, step: int) -> None:
+        """Saved RNG states belong to other ranks' roles: derive fresh streams, identical within an SP group."""
+        rt, saved = self.runtime, self._layout.saved
+        key = f"{self.config.global_seed}/{step}/{rt.dp_rank}".encode()
+        seed_everything(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") % 2**63)
+        if self.is_main:
+            logger.info(
+                "resume: checkpoint saved at dp %d x sp %d (world %d), resumed at dp %d x sp %d (world %d): "
+                "RNG streams re-derived from (global_seed, step %d, dp_rank)",
+                saved["dp_size"],
+                saved["sp_size"],
+                saved["world_size"],
+                rt.dp_size,
+                rt.sp_size,
+                rt.world_size,
+                step,
+            )
 
     def _resume_at_start(self) -> None:
         """``resume_from`` loads exactly that checkpoint; ``auto_resume`` the newest one that verifies."""
@@ -370,7 +431,8 @@ class LiteGen:
                     f"{self.config.checkpoint_dir!r}; give a step of checkpoint_dir"
                 )
             target = path.name[len("step_") :]
-        if self._resume(int(target) if target.isdigit() else target, fall_back=False) is None:
+        step = int(target) if re.fullmatch(r"[0-9]+", target) else target
+        if self._resume(step, fall_back=False) is None:
             raise ValueError(
                 f"config: resume_from={self.config.resume_from!r} found no checkpoint under "
                 f"{self.config.checkpoint_dir!r}"
