@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -61,17 +62,20 @@ def test_a_save_killed_mid_write_leaves_latest_on_the_previous_complete_checkpoi
         proc.kill()
         proc.wait()
     assert (root / "latest").read_text() == "step_1"
-    assert sorted(os.listdir(root)) == ["latest", "step_1", "step_2.tmp"]  # keep=1 removed nothing
+    names = sorted(os.listdir(root))  # keep=1 removed nothing; the partial save is named by its run
+    assert names[:2] == ["latest", "step_1"] and len(names) == 3 and re.fullmatch(r"step_2\.\w+\.tmp", names[2])
 
     torch.manual_seed(0)
     expected = nn.Linear(64, 64)
     model = nn.Linear(64, 64)
-    assert Checkpointer(root).load(model=model) == 1
+    checkpointer = Checkpointer(root, keep=1)
+    assert checkpointer.load(model=model) == 1  # continuing that run
     assert torch.equal(model.weight, expected.weight) and torch.equal(model.bias, expected.bias)
 
-    Checkpointer(root, keep=1).save(2, model=model)  # the next save clears the partial directory
-    assert "step_2.tmp" not in os.listdir(root)
-    assert sorted(n for n in os.listdir(root) if not n.endswith(".tmp")) == ["latest", "step_2"]
+    checkpointer.save(2, model=model)  # the run's next save clears its partial directory
+    # keep=1, but the step this Checkpointer loaded is never rotated away
+    assert sorted(n for n in os.listdir(root) if not n.endswith(".tmp")) == ["latest", "step_1", "step_2"]
+    assert not [n for n in os.listdir(root) if n.startswith("step_2.") and ".removing-" not in n]
 
 
 def test_a_truncated_or_missing_file_is_named(tmp_path):

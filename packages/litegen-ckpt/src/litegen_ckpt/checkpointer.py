@@ -7,14 +7,21 @@ On disk, under ``root``::
         __<rank>_<i>.distcp     DCP shards (each rank writes its own)
         digests_<rank>.json     a checksum of every item (tensor chunk or python value) that rank wrote
         .metadata               DCP's index of every tensor and python value
-        litegen.json            step, world size, time, versions, entries, every file's size, the CRC-32 of
-                                every file but the shards
-    step_<N>.tmp/           a save in progress; removed by the next save
+        litegen.json            step, run id, world size, time, versions, entries, every file's size, the
+                                CRC-32 of every file but the shards
+    step_<N>.<run>.tmp/     a save in progress; removed by the run's next save
     step_<N>.removing-*.tmp/    an old checkpoint (beyond ``keep``) being deleted in the background
 
-A save writes ``step_<N>.tmp/``, and only once every rank has written its shards, rank 0 adds
+A save writes ``step_<N>.<run>.tmp/``, and only once every rank has written its shards, rank 0 adds
 ``litegen.json``, renames the directory to ``step_<N>/`` and replaces ``latest`` (write, then rename), so a
 crash at any moment leaves ``latest`` naming a complete checkpoint.
+
+A root belongs to one run (a random id in each ``litegen.json``): a ``Checkpointer`` continues the run of the
+checkpoint it loaded, or starts a new one in an empty root; saving into a root that holds another run's
+checkpoints or unfinished saves is refused. Rotation keeps the run's ``keep`` highest steps (and the step it
+loaded), fall-back tries ``latest`` then the run's other steps, highest first: one order. A save after a
+rewind (loaded step 4, saving 5 while 6 and 8 exist) first retires the later steps, so neither ``latest`` nor
+fall-back can return to them.
 
 Before reading anything, a load checks every file's size and the CRC-32 of the small files (each rank checks its
 share), so a truncated file or a garbled index is named before anything is unpickled. Each item's checksum is then
@@ -54,6 +61,9 @@ from .storage import (
     SHARD_FILE,
     CheckpointError,
     DigestingWriter,
+    agree,
+    disk_full,
+    raise_named_failure,
     read_checkpoint,
     read_metadata,
     single_process_quiet,
@@ -66,6 +76,7 @@ INFO_FILE = "litegen.json"
 LATEST_FILE = "latest"
 STEP_DIR = re.compile(r"step_(\d+)")
 METADATA_FILE = ".metadata"  # DCP's
+LEGACY_RUN = "legacy"
 
 
 class Checkpointer:
@@ -121,6 +132,8 @@ class Checkpointer:
                 f"process_group={process_group!r}; expected a torch.distributed ProcessGroup or None"
             )
         self.keep, self.async_save = keep, async_save
+        self._run: str | None = None  # the run this Checkpointer saves for (set by a load or the first save)
+        self._loaded: int | None = None  # the step it loaded: never rotated away
         self._group = process_group
         self._rank = dist.get_rank(process_group) if self._distributed else 0
         self._world_size = dist.get_world_size(process_group) if self._distributed else 1
@@ -140,12 +153,20 @@ class Checkpointer:
             raise ValueError(f"step={step!r}; expected an int >= 0")
         adapters = _adapters(statefuls, self._rank)
         self._finish_pending()  # the barrier below also orders it before this save
-        work_dir = self.root / f"step_{step}.tmp"
+        self._claim()
+        work_dir = self.root / f"step_{step}.{self._run}.tmp"
+        problem = None
         if self._rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob("step_*.tmp"):  # left by a crashed save
-                shutil.rmtree(stale, ignore_errors=True)
-        self._barrier(self._group)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for stale in [
+                    *self.root.glob(f"step_*.{self._run}.tmp"),
+                    *self.root.glob("step_*.removing-*.tmp"),
+                ]:
+                    shutil.rmtree(stale, ignore_errors=True)  # left by a crashed save of this run
+            except OSError as error:
+                problem = error
+        agree(problem, self._group)
         state = {name: adapter.state_dict() for name, adapter in adapters.items()}
         start = time.perf_counter()
         writer = DigestingWriter(work_dir)
@@ -162,12 +183,16 @@ class Checkpointer:
                 f"step {step}: state staged in {time.perf_counter() - start:.2f} s, writing in the background"
             )
             return
-        with single_process_quiet():
-            dcp.save(state, storage_writer=writer, process_group=self._group, no_dist=not self._distributed)
+        try:
+            with single_process_quiet():
+                dcp.save(
+                    state, storage_writer=writer, process_group=self._group, no_dist=not self._distributed
+                )
+        except dcp.CheckpointException as error:
+            raise_named_failure(error)
+            raise
         checksums = self._write_digests(writer, self._group)
-        if self._rank == 0:
-            self._publish(step, work_dir, sorted(state), checksums)
-        self._barrier(self._group)
+        self._publish_everywhere(step, work_dir, sorted(state), checksums, self._group)
         self._log(
             f"step {step}: saved to {self.root / f'step_{step}'} in {time.perf_counter() - start:.2f} s"
         )
@@ -189,11 +214,21 @@ class Checkpointer:
             )
         adapters = _adapters(statefuls, self._rank)
         self.wait()
-        if fall_back:
-            candidates, problems = self._candidates()
-        else:
-            directory = self._directory(step)
-            candidates, problems = ([] if directory is None else [directory]), []
+        choice: tuple[list[str], list[str]] | BaseException | None = None
+        if self._rank == 0:  # one view of the root for every rank, whatever each node's file system shows
+            try:
+                if fall_back:
+                    found, problems = self._candidates()
+                else:
+                    directory = self._directory(step)
+                    found, problems = ([] if directory is None else [directory]), []
+                choice = ([d.name for d in found], problems)
+            except (FileNotFoundError, CheckpointError) as error:
+                choice = error
+        choice = self._broadcast(choice)
+        if isinstance(choice, BaseException):
+            raise type(choice)(str(choice))
+        candidates, problems = [self.root / name for name in choice[0]], choice[1]
         for directory in candidates:
             try:
                 info = verify_checkpoint(directory, self._group)
@@ -211,6 +246,7 @@ class Checkpointer:
                 )
             else:
                 self._log(f"step {info['step']}: loaded from {directory}")
+            self._run, self._loaded = _run_of(info), info["step"]
             return info["step"]
         if problems:
             raise CheckpointError(f"no checkpoint under {self.root} verifies: " + "; ".join(problems))
@@ -255,7 +291,8 @@ class Checkpointer:
                 self._async_group = None
 
     def _candidates(self) -> tuple[list[Path], list[str]]:
-        """The checkpoint ``latest`` names, then the other complete ones, newest first; and what is wrong so far."""
+        """The checkpoint ``latest`` names, then the other complete ones of its run, highest step first; and
+        what is wrong so far. Without a readable ``latest``: every complete checkpoint, highest step first."""
         problems: list[str] = []
         try:
             candidates = [d for d in [latest_directory(self.root)] if d is not None]
@@ -263,10 +300,47 @@ class Checkpointer:
             candidates, problems = [], [str(error)]
         if not candidates and not problems and _complete_dirs(self.root):
             problems.append(f"{self.root / LATEST_FILE} is missing")
+        run = _run_of(_info_or_none(candidates[0])) if candidates else None
+        others = (d for d in _complete_dirs(self.root) if d not in candidates)
         candidates += sorted(
-            (d for d in _complete_dirs(self.root) if d not in candidates), key=_step_of, reverse=True
+            (d for d in others if run is None or _run_of(_info_or_none(d)) == run), key=_step_of, reverse=True
         )
         return candidates, problems
+
+    def _claim(self) -> None:
+        """Before the first save of a Checkpointer that loaded nothing: a new run id, in a root no other run uses."""
+        if self._run is not None:
+            return
+        decision: tuple[str, str] | None = None
+        if self._rank == 0:
+            complete = sorted(_complete_dirs(self.root), key=_step_of)
+            unfinished = (
+                sorted(d.name for d in self.root.glob("step_*.tmp") if ".removing-" not in d.name)
+                if self.root.is_dir()
+                else []
+            )
+            if complete or unfinished:
+                runs = sorted({_run_of(_info_or_none(d)) for d in complete})
+                decision = (
+                    "error",
+                    f"root={str(self.root)!r} holds another run's checkpoints (steps {[_step_of(d) for d in complete]}, "
+                    f"runs {runs}) or unfinished saves {unfinished}; load one first to continue that run (the facade: "
+                    "auto_resume or resume_from), or give this run a root of its own",
+                )
+            else:
+                decision = ("run", uuid.uuid4().hex[:12])
+        kind, value = self._broadcast(decision)
+        if kind == "error":
+            raise ValueError(value)
+        self._run = value
+
+    def _broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank of the group."""
+        if not self._distributed or self._world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, group_src=0, group=self._group)
+        return box[0]
 
     def _directory(self, step: int | str) -> Path | None:
         if step == "latest":
@@ -286,14 +360,39 @@ class Checkpointer:
         return pending is not None
 
     def _finish(self, upload: Future, step: int, writer: DigestingWriter, names: list[str]) -> None:
-        upload.result()
+        try:
+            upload.result()
+        except dcp.CheckpointException as error:
+            raise_named_failure(error)
+            raise
         checksums = self._write_digests(writer, self._async_group)
+        self._publish_everywhere(step, Path(writer.path), names, checksums, self._async_group)
+
+    def _publish_everywhere(
+        self,
+        step: int,
+        work_dir: Path,
+        names: list[str],
+        checksums: dict[str, str],
+        group: dist.ProcessGroup | None,
+    ) -> None:
+        """Rank 0 publishes; a failure there (a full disk) is raised on every rank."""
+        problem = None
         if self._rank == 0:
-            self._publish(step, Path(writer.path), names, checksums)
+            try:
+                self._publish(step, work_dir, names, checksums)
+            except OSError as error:
+                problem = disk_full(error, work_dir) or error
+        agree(problem, group)
 
     def _write_digests(self, writer: DigestingWriter, group: dist.ProcessGroup | None) -> dict[str, str]:
         """Each rank writes the checksums of the items it wrote; return ``{digest file: CRC-32}`` of all ranks."""
-        name, crc = writer.write_digest_file(self._rank)
+        name = crc = problem = None
+        try:
+            name, crc = writer.write_digest_file(self._rank)
+        except OSError as error:
+            problem = disk_full(error, Path(writer.path)) or error
+        agree(problem, group)
         if not self._distributed:
             return {name: crc}
         gathered: list[tuple[str, str] | None] = [None] * self._world_size
@@ -309,6 +408,7 @@ class Checkpointer:
             raise RuntimeError(f"{work_dir}: no CRC-32 for, or no file of, {sorted(unchecked)}")
         info = {
             "step": step,
+            "run": self._run,
             "world_size": self._world_size,
             "time": time.time(),
             "litegen_version": _version(),
@@ -319,16 +419,20 @@ class Checkpointer:
         }
         write_durably(work_dir / INFO_FILE, json.dumps(info, indent=1).encode())
         final = self.root / f"step_{step}"
+        mine = [d for d in _complete_dirs(self.root) if _run_of(_info_or_none(d)) == self._run]
+        retired = [_discard(d) for d in mine if _step_of(d) > step]  # a rewind: later steps are abandoned
         replaced = _discard(final) if final.exists() else None
         os.replace(work_dir, final)
         _fsync_directory(self.root)  # the complete directory is on disk before latest names it
         write_durably(self.root / f"{LATEST_FILE}.tmp", final.name.encode())
         os.replace(self.root / f"{LATEST_FILE}.tmp", self.root / LATEST_FILE)
         _fsync_directory(self.root)
-        old = (
-            sorted(_complete_dirs(self.root), key=_info_time, reverse=True)[self.keep :] if self.keep else []
+        mine = sorted(
+            (d for d in _complete_dirs(self.root) if _run_of(_info_or_none(d)) == self._run), key=_step_of
         )
-        for directory in [replaced, *(_discard(d) for d in old if d != final)]:
+        old = mine[: -self.keep] if self.keep else []
+        old = [d for d in old if d != final and _step_of(d) != self._loaded]
+        for directory in [replaced, *retired, *(_discard(d) for d in old)]:
             if directory is not None:  # deleting GBs takes a while: off the training loop's path
                 threading.Thread(
                     target=shutil.rmtree, args=(directory,), kwargs={"ignore_errors": True}
@@ -491,12 +595,19 @@ def _complete_dirs(root: Path) -> list[Path]:
     return [d for d in root.iterdir() if STEP_DIR.fullmatch(d.name) and (d / INFO_FILE).is_file()]
 
 
-def _info_time(directory: Path) -> float:
-    """When a checkpoint was saved; a garbled index counts as oldest (it is rotated out first)."""
+def _info_or_none(directory: Path) -> dict[str, Any] | None:
+    """A checkpoint's ``litegen.json``, or None when it cannot be read."""
     try:
-        return float(json.loads((directory / INFO_FILE).read_bytes())["time"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return 0.0
+        info = json.loads((directory / INFO_FILE).read_bytes())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _run_of(info: dict[str, Any] | None) -> str:
+    """The run a checkpoint belongs to: checkpoints written before run ids all count as one run, "legacy"."""
+    run = (info or {}).get("run")
+    return run if isinstance(run, str) and re.fullmatch(r"[0-9a-z]{1,32}", run) else LEGACY_RUN
 
 
 def _step_of(directory: Path) -> int:

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import io
 import json
 import os
 import pathlib
 import pickle
 import re
+import shutil
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import metadata as dcp_metadata
@@ -129,7 +132,10 @@ class DigestingWriter(dcp.FileSystemWriter):
                 pickled.add(item.index)
             else:
                 self.records.append(_record(item.index, "digest", tensor_digest(planner.resolve_data(item))))
-        written = super().write_data(plan, _Contiguous(planner))
+        try:
+            written = super().write_data(plan, _Contiguous(planner))
+        except OSError as error:
+            raise disk_full(error, Path(self.path)) or error from error
         per_file: dict[
             str, list[WriteResult]
         ] = {}  # torch.save's bytes of a python object vary (an id): read back
@@ -414,10 +420,49 @@ def read_checkpoint(
                 no_dist=no_dist,
             )
     except dcp.CheckpointException as error:
-        for _, (failure, _) in sorted(error.failures.items()):
-            if isinstance(failure, (CheckpointError, FileNotFoundError)):
-                raise type(failure)(str(failure)) from None
+        raise_named_failure(error)
         raise
+
+
+def raise_named_failure(error: dcp.CheckpointException) -> None:
+    """DCP gathers every rank's failure into one exception: raise the lowest rank's named one, the same everywhere."""
+    for _, (failure, _) in sorted(error.failures.items()):
+        if isinstance(failure, (CheckpointError, FileNotFoundError)):
+            raise type(failure)(str(failure)) from None
+
+
+def disk_full(error: OSError, path: Path) -> CheckpointError | None:
+    """A ``CheckpointError`` naming ``path`` and the free space for a full disk; None for other errors."""
+    if error.errno != errno.ENOSPC:
+        return None
+    folder = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(folder).free
+    return CheckpointError(
+        f"no space left on the device writing {path} ({free} bytes free in {folder}): the save was abandoned and "
+        "the previous checkpoint stays latest; free space or choose another checkpoint_dir"
+    )
+
+
+def agree(problem: BaseException | None, group: Any = None) -> None:
+    """Every rank passes its own problem (or None); every rank raises the lowest rank's, as the same error.
+
+    One ``all_gather_object`` over ``group``: it replaces the barrier after a step one rank may fail alone,
+    so the others learn why instead of waiting for the collective timeout.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        problems: list[tuple[str, str] | None] = [None] * dist.get_world_size(group)
+        mine = None if problem is None else (type(problem).__name__, str(problem))
+        dist.all_gather_object(problems, mine, group=group)
+        first = next((p for p in problems if p is not None), None)
+    else:
+        first = None if problem is None else (type(problem).__name__, str(problem))
+    if first is not None:
+        kinds = {
+            k.__name__: k
+            for k in (CheckpointError, FileNotFoundError, PermissionError, OSError, TypeError, ValueError)
+        }
+        kind = kinds.get(first[0])
+        raise (kind or RuntimeError)(first[1] if kind else f"{first[0]}: {first[1]}")
 
 
 @contextlib.contextmanager
