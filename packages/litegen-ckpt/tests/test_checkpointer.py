@@ -298,3 +298,33 @@ def test_async_save_writes_the_state_at_save_time_and_keeps_the_newest(dist_pool
     results = dist_pool.run(async_save_snapshot_and_rotate, str(tmp_path), world_size=3, timeout=TIMEOUT)
     assert results == [(["latest", "step_2", "step_3"], 3, [])] * 3
     assert (tmp_path / "latest").read_text() == "step_3"
+
+
+def complete_steps(root) -> list[int]:
+    return sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("step_") and n[5:].isdigit())
+
+
+def test_a_second_run_cannot_save_into_a_root_another_run_uses(tmp_path):
+    first = Checkpointer(tmp_path, keep=2)
+    first.save(1, model=nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"holds another run's checkpoints \(steps \[1\]"):
+        Checkpointer(tmp_path).save(5, model=nn.Linear(2, 2))
+    first.save(2, model=nn.Linear(2, 2))  # the first run goes on, untouched
+    assert complete_steps(tmp_path) == [1, 2] and (tmp_path / "latest").read_text() == "step_2"
+    resumed = Checkpointer(tmp_path, keep=2)  # a Checkpointer that loads continues that run
+    assert resumed.load(model=nn.Linear(2, 2)) == 2
+    resumed.save(3, model=nn.Linear(2, 2))
+    assert complete_steps(tmp_path) == [2, 3]
+
+
+def test_rotation_keeps_the_highest_steps_and_the_loaded_one_and_a_rewind_retires_later_steps(tmp_path):
+    run = Checkpointer(tmp_path, keep=2)
+    for step in (2, 4, 6, 8):
+        run.save(step, model=nn.Linear(2, 2))
+    assert complete_steps(tmp_path) == [6, 8]
+    rewound = Checkpointer(tmp_path, keep=1)
+    assert rewound.load(6, model=nn.Linear(2, 2)) == 6  # rewind: load step 6 while 8 exists
+    rewound.save(7, model=nn.Linear(2, 2))  # retires the abandoned step 8, keeps the loaded 6
+    assert complete_steps(tmp_path) == [6, 7] and (tmp_path / "latest").read_text() == "step_7"
+    (tmp_path / "step_7" / "litegen.json").write_text("{garbled")  # fall-back can only go back, never to 8
+    assert Checkpointer(tmp_path).load(model=nn.Linear(2, 2), fall_back=True) == 6

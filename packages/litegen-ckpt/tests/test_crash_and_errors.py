@@ -63,7 +63,9 @@ def test_a_save_killed_mid_write_leaves_latest_on_the_previous_complete_checkpoi
         proc.wait()
     assert (root / "latest").read_text() == "step_1"
     names = sorted(os.listdir(root))  # keep=1 removed nothing; the partial save is named by its run
-    assert names[:2] == ["latest", "step_1"] and len(names) == 3 and re.fullmatch(r"step_2\.\w+\.tmp", names[2])
+    assert (
+        names[:2] == ["latest", "step_1"] and len(names) == 3 and re.fullmatch(r"step_2\.\w+\.tmp", names[2])
+    )
 
     torch.manual_seed(0)
     expected = nn.Linear(64, 64)

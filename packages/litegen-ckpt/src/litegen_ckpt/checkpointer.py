@@ -300,7 +300,8 @@ class Checkpointer:
             candidates, problems = [], [str(error)]
         if not candidates and not problems and _complete_dirs(self.root):
             problems.append(f"{self.root / LATEST_FILE} is missing")
-        run = _run_of(_info_or_none(candidates[0])) if candidates else None
+        latest_info = _info_or_none(candidates[0]) if candidates else None
+        run = None if latest_info is None else _run_of(latest_info)  # unknown: every run's steps
         others = (d for d in _complete_dirs(self.root) if d not in candidates)
         candidates += sorted(
             (d for d in others if run is None or _run_of(_info_or_none(d)) == run), key=_step_of, reverse=True

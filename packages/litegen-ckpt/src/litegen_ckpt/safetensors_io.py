@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .checkpointer import INFO_FILE, latest_directory, verify_checkpoint
-from .storage import read_checkpoint, read_metadata
+from .storage import agree, disk_full, read_checkpoint, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +56,22 @@ def export_safetensors(source: Any, path: str | os.PathLike, *, name: str = "mod
         tensors = source.full_state_dict()
     elif isinstance(source, (str, os.PathLike)):
         directory, names = _checkpoint_entry(Path(source), name)
-        tensors = _read_checkpoint(directory, names) if rank == 0 else {}
+        tensors = {}
     else:
         raise TypeError(
             f"source={type(source).__name__}: expected an nn.Module, an object with full_state_dict(), "
             "or a checkpoint directory path"
         )
-    if rank == 0:
-        _write(tensors, Path(path))
-        logger.info(f"exported {len(tensors)} tensors to {path}")
-    if distributed:
-        dist.barrier()
+    problem = None
+    if rank == 0:  # rank 0 reads (a checkpoint) and writes; the others learn how it went, not by a timeout
+        try:
+            if isinstance(source, (str, os.PathLike)):
+                tensors = _read_checkpoint(directory, names)
+            _write(tensors, Path(path))
+            logger.info(f"exported {len(tensors)} tensors to {path}")
+        except (OSError, ValueError) as error:
+            problem = (disk_full(error, Path(path)) if isinstance(error, OSError) else None) or error
+    agree(problem)
 
 
 def load_safetensors(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
@@ -82,16 +87,20 @@ def load_safetensors(model: nn.Module, path: str | os.PathLike, *, strict: bool 
     if not isinstance(strict, bool):
         raise TypeError(f"strict={strict!r}; expected True or False")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path={str(path)!r} is not a safetensors file")
     state = get_model_state_dict(model)
-    try:
+    names, problem = [], None
+    try:  # each rank reads its own slices: a file one node lacks fails every rank, with that node's message
+        if not path.is_file():
+            raise FileNotFoundError(f"path={str(path)!r} is not a safetensors file")
         names = _load_into(state, path, strict)
     except SafetensorError as error:  # not a safetensors file (a pickle, say), or a truncated one
-        raise ValueError(
+        problem = ValueError(
             f"path={str(path)!r} is not a valid safetensors file ({error}); weights are read only from "
             "safetensors files, never unpickled"
-        ) from error
+        )
+    except (OSError, ValueError) as error:
+        problem = error
+    agree(problem)
     set_model_state_dict(model, {key: state[key] for key in names}, options=StateDictOptions(strict=strict))
 
 

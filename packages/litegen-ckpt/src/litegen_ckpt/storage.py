@@ -18,6 +18,7 @@ paths (``read_metadata``), and python values (optimizer hyper-parameters, RNG an
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import ctypes
 import errno
@@ -60,6 +61,7 @@ DIGEST_FILE = "digests_{rank}.json"
 BLOCK = 4096  # bytes per digest block
 PIECE = 8 << 20  # bytes read, then digested while in cache, at a time (a multiple of BLOCK)
 _MASK = (1 << 64) - 1
+FULL_BYTES = 1 << 20  # a failed write with less than this free on the device is a full disk
 
 
 class CheckpointError(ValueError):
@@ -134,7 +136,10 @@ class DigestingWriter(dcp.FileSystemWriter):
                 self.records.append(_record(item.index, "digest", tensor_digest(planner.resolve_data(item))))
         try:
             written = super().write_data(plan, _Contiguous(planner))
-        except OSError as error:
+        except (
+            OSError,
+            RuntimeError,
+        ) as error:  # torch.save's zip writer reports a full disk as RuntimeError
             raise disk_full(error, Path(self.path)) or error from error
         per_file: dict[
             str, list[WriteResult]
@@ -431,15 +436,19 @@ def raise_named_failure(error: dcp.CheckpointException) -> None:
             raise type(failure)(str(failure)) from None
 
 
-def disk_full(error: OSError, path: Path) -> CheckpointError | None:
-    """A ``CheckpointError`` naming ``path`` and the free space for a full disk; None for other errors."""
-    if error.errno != errno.ENOSPC:
-        return None
+def disk_full(error: BaseException, path: Path) -> CheckpointError | None:
+    """A ``CheckpointError`` naming ``path`` and the free space for a full disk; None for other errors.
+
+    ``ENOSPC``, or any write error with under ``FULL_BYTES`` left on the device (torch's zip writer turns
+    ``ENOSPC`` into a ``RuntimeError`` about the file position).
+    """
     folder = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
     free = shutil.disk_usage(folder).free
+    if getattr(error, "errno", None) != errno.ENOSPC and free >= FULL_BYTES:
+        return None
     return CheckpointError(
         f"no space left on the device writing {path} ({free} bytes free in {folder}): the save was abandoned and "
-        "the previous checkpoint stays latest; free space or choose another checkpoint_dir"
+        "the previous checkpoint stays latest; free space or save elsewhere"
     )
 
 
@@ -456,13 +465,12 @@ def agree(problem: BaseException | None, group: Any = None) -> None:
         first = next((p for p in problems if p is not None), None)
     else:
         first = None if problem is None else (type(problem).__name__, str(problem))
-    if first is not None:
-        kinds = {
-            k.__name__: k
-            for k in (CheckpointError, FileNotFoundError, PermissionError, OSError, TypeError, ValueError)
-        }
-        kind = kinds.get(first[0])
-        raise (kind or RuntimeError)(first[1] if kind else f"{first[0]}: {first[1]}")
+    if first is not None:  # the same class where it is ours or a builtin one (FileNotFoundError, ...)
+        name, message = first
+        kind = CheckpointError if name == "CheckpointError" else getattr(builtins, name, None)
+        if isinstance(kind, type) and issubclass(kind, Exception):
+            raise kind(message)
+        raise RuntimeError(f"{name}: {message}")
 
 
 @contextlib.contextmanager

@@ -64,6 +64,7 @@ class CollectiveTimeoutError(RuntimeError):
 
 # What torch's backends say when a collective times out (gloo; NCCL's watchdog; the DETAIL debug wrapper)
 _TIMEOUT_MARKERS = ("timed out", "collective operation timeout", "failed to pass monitoredbarrier")
+_BACKEND_MARKERS = ("gloo", "nccl", "c10d", "processgroup", "monitoredbarrier")  # who raised it: a backend
 
 
 def name_collective_timeout(
@@ -72,8 +73,10 @@ def name_collective_timeout(
     """For a backend timeout ``error``, a ``CollectiveTimeoutError`` naming what hung; None for other errors."""
     if not isinstance(error, RuntimeError) or isinstance(error, CollectiveTimeoutError):
         return None
-    if not any(marker in str(error).lower() for marker in _TIMEOUT_MARKERS):
-        return None
+    message = str(error).lower()
+    backend = isinstance(error, dist.DistError) or any(name in message for name in _BACKEND_MARKERS)
+    if not backend or not any(marker in message for marker in _TIMEOUT_MARKERS):
+        return None  # e.g. a DataLoader's "timed out" is not a collective's
     what = overdue_collective() or "a collective (torch's flight recorder has no record of it)"
     return CollectiveTimeoutError(
         f"{during}: {what} did not complete within collective_timeout={timeout:g} s: another rank stopped "
