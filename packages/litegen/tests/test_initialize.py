@@ -248,3 +248,43 @@ def test_resume_under_another_layout_gives_sp_peers_the_same_noise_and_the_rest_
     epoch = list(ResumableSampler(24, dp_rank=0, dp_size=1, seed=0))
     assert ranks[0]["indices"] == ranks[1]["indices"] == epoch[8:12]
     assert any("dp 2 x sp 1 (world 2), resumed at dp 1 x sp 2" in line for line in ranks[0]["log"])
+
+
+def partly_loaded(root: str) -> list[str]:
+    """Save steps 1 and 2, flip bytes in a step-2 shard (same size), resume it: what each call says."""
+    from pathlib import Path
+
+    from litegen_ckpt import CheckpointError
+
+    cfg = {"checkpoint_dir": root, "global_batch_size": 2}
+    gen = LiteGen(cfg)
+    model, opt = gen.initialize(*make_model_and_optimizer())
+    gen.save(1)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    gen.save(2)
+    gen.close()
+    shard = max((Path(root) / "step_2").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # a modified tensor, found while it is read
+    shard.write_bytes(bytes(data))
+    said = []
+    gen = LiteGen(cfg)
+    gen.initialize(*make_model_and_optimizer(seed=5))
+    for call in (lambda: gen.resume(2), lambda: gen.save(3), lambda: gen.resume(1), lambda: gen.save(3)):
+        try:
+            call()
+            said.append("ok")
+        except (CheckpointError, ValueError) as error:
+            said.append(str(error))
+    gen.close()
+    return said
+
+
+def test_a_failed_resume_says_the_objects_are_partly_loaded_and_save_refuses_until_a_good_one(
+    dist_pool, tmp_path
+):
+    resume, save, good, save_again = dist_pool.run(partly_loaded, str(tmp_path), world_size=1)[0]
+    assert "does not match the checksum" in resume and "may now hold part of this checkpoint" in resume
+    assert "save(3): the live objects may hold part of a checkpoint" in save
+    assert (good, save_again) == ("ok", "ok")

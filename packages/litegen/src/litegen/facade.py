@@ -86,6 +86,7 @@ class LiteGen:
         self.start_step: int = 0  # completed steps: 0, or the step of the checkpoint resumed
         self._layout = Layout(self.runtime)
         self._checkpointer: Any = None
+        self._partly_loaded: str | None = None  # why the live objects may hold part of a checkpoint
 
     # ---- where this process stands -------------------------------------------------------------
     @property
@@ -376,6 +377,11 @@ class LiteGen:
 
         ``step``: the number of completed steps; a resume sets ``start_step`` to it.
         """
+        if self._partly_loaded is not None:
+            raise ValueError(
+                f"save({step!r}): the live objects may hold part of a checkpoint that failed to load "
+                f"({self._partly_loaded}); resume a checkpoint that verifies first"
+            )
         with self._naming_timeouts(f"save({step!r})"):
             self.checkpointer.save(step, **self._statefuls())
 
@@ -389,8 +395,19 @@ class LiteGen:
         return self._resume(step, fall_back=False)
 
     def _resume(self, step: int | str, fall_back: bool) -> int | None:
-        with self._naming_timeouts(f"resume({step!r})"):
-            loaded = self.checkpointer.load(step, fall_back=fall_back, **self._statefuls())
+        """Checkpoints are read into the live objects, item by item; a checksum that fails mid-read leaves them
+        partly loaded (staging a second copy of model and optimizer would double their memory): then this
+        says so, and ``save()`` refuses until a checkpoint that verifies is loaded."""
+        try:
+            with self._naming_timeouts(f"resume({step!r})"):
+                loaded = self.checkpointer.load(step, fall_back=fall_back, **self._statefuls())
+        except litegen_ckpt.CheckpointError as error:
+            self._partly_loaded = str(error)
+            raise litegen_ckpt.CheckpointError(
+                f"{error}. The model, optimizer, EMA and data position may now hold part of this checkpoint: "
+                "resume one that verifies (resume(step) or auto_resume, which falls back) before training"
+            ) from error
+        self._partly_loaded = None
         if loaded is not None:
             self.start_step = loaded
             if self.is_main:
