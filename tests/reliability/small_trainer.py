@@ -40,10 +40,10 @@ FEATURES, HIDDEN = 8, 16
 
 
 class Block(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = HIDDEN) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(HIDDEN)
-        self.fc1, self.fc2 = nn.Linear(HIDDEN, 2 * HIDDEN), nn.Linear(2 * HIDDEN, HIDDEN)
+        self.norm = nn.LayerNorm(hidden)
+        self.fc1, self.fc2 = nn.Linear(hidden, 2 * hidden), nn.Linear(2 * hidden, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
@@ -52,11 +52,11 @@ class Block(nn.Module):
 class Denoiser(nn.Module):
     """x: (batch, FEATURES) noisy sample -> (batch, FEATURES) predicted noise."""
 
-    def __init__(self, blocks: int = 2) -> None:
+    def __init__(self, blocks: int = 2, hidden: int = HIDDEN) -> None:
         super().__init__()
-        self.embed = nn.Linear(FEATURES, HIDDEN)
-        self.blocks = nn.ModuleList(Block() for _ in range(blocks))
-        self.head = nn.Linear(HIDDEN, FEATURES)
+        self.embed = nn.Linear(FEATURES, hidden)
+        self.blocks = nn.ModuleList(Block(hidden) for _ in range(blocks))
+        self.head = nn.Linear(hidden, FEATURES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x)
@@ -110,6 +110,9 @@ def main() -> None:
     parser.add_argument("--hang-in-save", type=int, default=None)
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--rss-at", type=int, default=200)
+    parser.add_argument(
+        "--hidden", type=int, default=HIDDEN, help="the model's width (the state grows as its square)"
+    )
     args = parser.parse_args()
 
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
@@ -132,7 +135,7 @@ def main() -> None:
 def train(args: argparse.Namespace, config: dict, rank: int, progress: Path, first_attempt: bool) -> None:
     stop_rank, stop_step = map(int, args.stop.split(":")) if args.stop else (-1, -1)
     with LiteGen(config) as gen:  # names a collective timeout in the loop, closes the checkpointer at the end
-        model = Denoiser()
+        model = Denoiser(hidden=args.hidden)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
         model, optimizer, _ = gen.initialize(model, optimizer, Samples())
         record: dict = {
