@@ -467,6 +467,13 @@ def ulysses_attention(
     ulysses, u_rank = _group_size_and_rank(group)
     ring, r_rank = (1, 0) if ring_group is None else _group_size_and_rank(ring_group)
     size, rank = ulysses * ring, r_rank * ulysses + u_rank
+    if (
+        isinstance(attn_mask, Tensor)
+        and attn_mask.dim() > 1
+        and attn_mask.shape[-2] > 1
+        and attn_mask.stride(-2) == 0
+    ):
+        attn_mask = attn_mask[..., :1, :]  # a per-key mask expanded over the queries (Lumina-Next) is per key
     _check_ulysses_inputs(q, k, v, ulysses, kv_replicated)
     _check_options("ulysses_attention", causal, scale, dropout_p)
     if attn_fn is not None and not callable(attn_fn):
