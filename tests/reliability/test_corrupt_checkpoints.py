@@ -1,6 +1,7 @@
 """Scenario 4: corrupted checkpoints. A truncated shard, a missing or garbled metadata file, a shard from another
 run, a latest that points nowhere: ``resume()`` raises an error naming the file (on every rank: no hang);
-``auto_resume`` loads the newest checkpoint that verifies instead, with exactly one warning.
+``auto_resume`` loads the newest checkpoint that verifies instead, with exactly one warning, and the weights it
+loads are that checkpoint's.
 
 Two ranks of the shared harness train 3 steps through the facade (ZeRO-3), saving every step; each case
 corrupts a copy of that checkpoint root.
@@ -21,7 +22,9 @@ from small_trainer import Denoiser, Samples
 CONFIG = {"zero_degree": 3, "global_batch_size": 4, "log_level": "WARNING"}
 
 
-def train_and_save(root: str, seed: int) -> None:
+def train_and_save(root: str, seed: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Three steps, a save after each; the weights saved at each step (rank 0; {} elsewhere)."""
+    saved = {}
     with LiteGen({**CONFIG, "checkpoint_dir": root, "global_seed": seed}) as gen:
         model, optimizer, _ = gen.initialize(*make(), Samples())
         batches = gen.batches()
@@ -31,6 +34,8 @@ def train_and_save(root: str, seed: int) -> None:
             optimizer.step()
             optimizer.zero_grad()
             gen.save(step)
+            saved[step] = gen.full_state_dict()
+    return saved
 
 
 def make() -> tuple[Denoiser, torch.optim.Optimizer]:
@@ -64,6 +69,7 @@ def resume_each(roots: list[str]) -> list[dict]:
             with LiteGen({**CONFIG, "checkpoint_dir": root, "auto_resume": True}) as gen:
                 gen.initialize(*make())
                 result["auto"] = gen.start_step
+                result["weights"] = gen.full_state_dict()
         except (ValueError, FileNotFoundError) as error:
             result["auto"] = f"{type(error).__name__}: {error}"
         finally:
@@ -129,7 +135,7 @@ CASES = {
 def corrupted(dist_pool, tmp_path_factory) -> dict[str, list[dict]]:
     base = tmp_path_factory.mktemp("corrupt")
     run_a, run_b = base / "run_a", base / "run_b"
-    dist_pool.run(train_and_save, str(run_a), 0, world_size=2, timeout=120)
+    saved_a = dist_pool.run(train_and_save, str(run_a), 0, world_size=2, timeout=120)[0]
     dist_pool.run(train_and_save, str(run_b), 1, world_size=2, timeout=120)
     roots = []
     for index, (corrupt, _, _) in enumerate(CASES.values()):
@@ -143,7 +149,8 @@ def corrupted(dist_pool, tmp_path_factory) -> dict[str, list[dict]]:
         truncate(every / f"step_{step}" / "__0_0.distcp")
     roots.append(every)
     per_rank = dist_pool.run(resume_each, [str(r) for r in roots], world_size=2, timeout=180)
-    return {name: [rank[i] for rank in per_rank] for i, name in enumerate([*CASES, "all corrupt"])}
+    results = {name: [rank[i] for rank in per_rank] for i, name in enumerate([*CASES, "all corrupt"])}
+    return {**results, "saved": saved_a}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -154,6 +161,8 @@ def test_a_corrupted_checkpoint_is_named_and_auto_resume_falls_back(corrupted, c
         assert result["strict"].startswith(f"{error_type}: "), (rank, result["strict"])
         assert named_file in result["strict"], (rank, result["strict"])
         assert result["auto"] == newest_valid, (rank, result)
+    loaded, expected = corrupted[case][0]["weights"], corrupted["saved"][newest_valid]
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
     warnings = corrupted[case][0]["warnings"]
     assert len(warnings) == 1, warnings
     assert named_file in warnings[0] and f"step_{newest_valid}" in warnings[0], warnings
