@@ -73,7 +73,9 @@ def test_a_sync_save_killed_midway_leaves_the_previous_checkpoint_latest(tmp_pat
     root = tmp_path / "ckpt"
     assert (root / "latest").read_text() == "step_4"
     names = os.listdir(root)
-    assert "step_8" not in names and [n for n in names if n.startswith("step_8.") and n.endswith(".tmp")], names
+    assert "step_8" not in names and [n for n in names if n.startswith("step_8.") and n.endswith(".tmp")], (
+        names
+    )
     model = Denoiser()
     assert Checkpointer(root).load(model=model) == 4  # one process loads the 2-rank checkpoint
 
