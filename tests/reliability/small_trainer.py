@@ -122,7 +122,7 @@ def main() -> None:
         "log_level": "WARNING",
         **json.loads(args.config),
     }
-    rank = int(os.environ.get("RANK", "0"))
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))  # torchrun, else an srun step
     progress = args.run_dir / "progress"
     progress.mkdir(parents=True, exist_ok=True)
     try:

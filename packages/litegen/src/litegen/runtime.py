@@ -1,5 +1,10 @@
 """Start-up: the process group, the device, the data-parallel × sequence-parallel layout and the seeds.
 
+The world comes from torchrun's variables (``RANK``, ``WORLD_SIZE``, ...), else from a SLURM step launched by
+``srun`` without torchrun (``SLURM_STEP_NUM_TASKS`` > 1: ``SLURM_PROCID``, ``SLURM_LOCALID``, the step's tasks per
+node and node list; the rendezvous on the step's first node, or ``MASTER_ADDR``/``MASTER_PORT``), else it is a
+world of one. An ``sbatch`` script or ``salloc`` shell is not a step: ``python train.py`` there runs alone.
+
 World = dp × sp with contiguous SP groups (``("dp", "sp")`` mesh: SP groups are rows, DP groups
 columns). Grouped ZeRO-3 adds a ``("replicate", "shard")`` mesh whose shard groups are contiguous
 blocks of ``group_size`` ranks (a node), each holding whole SP groups.
@@ -16,8 +21,10 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -126,17 +133,121 @@ def _warn_about_shared_rendezvous_store() -> None:
         )
 
 
-def _init_process_group(timeout: float) -> bool:
-    """Join torchrun's world (env), or make a world of one. Returns whether we created the group."""
+@dataclass(frozen=True)
+class Launch:
+    """How this process was started: the launcher (torchrun, srun or none) and its place in the world."""
+
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    def describe(self) -> str:
+        if self.launcher == "none":
+            return "no launcher (neither torchrun nor a SLURM step with several tasks): a world of one"
+        where = f"; rendezvous {self.master_addr}:{self.master_port}" if self.master_addr else ""
+        return (
+            f"launched by {self.launcher}: {self.world_size} processes, {self.local_world_size} on this node "
+            f"(rank {self.rank}, local rank {self.local_rank}){where}"
+        )
+
+
+def detect_launch(env: Mapping[str, str]) -> Launch:
+    """The launch described by ``env``: torchrun's variables first, then a SLURM step's, else a world of one."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        if "SLURM_STEP_NUM_TASKS" in env:
+            logger.debug("torchrun's RANK/WORLD_SIZE are set: they win over the SLURM step's variables")
+        world = _int_var(env, "WORLD_SIZE")
+        return Launch(
+            "torchrun",
+            _int_var(env, "RANK"),
+            world,
+            _int_var(env, "LOCAL_RANK", 0),
+            _int_var(env, "LOCAL_WORLD_SIZE", world),
+        )
+    if "SLURM_STEP_ID" not in env or _int_var(env, "SLURM_STEP_NUM_TASKS", 1) <= 1:
+        return Launch("none", 0, 1, 0, 1)
+    nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST", ""))
+    per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""), len(nodes))
+    node = _int_var(env, "SLURM_NODEID", 0)
+    if not 0 <= node < len(nodes):
+        raise ValueError(f"SLURM_NODEID={node} is outside the step's node list {nodes}")
+    port = (
+        _int_var(env, "MASTER_PORT", 0)
+        or 10000 + (_int_var(env, "SLURM_JOB_ID", 0) * 31 + _int_var(env, "SLURM_STEP_ID", 0)) % 50000
+    )
+    return Launch(
+        "srun", _int_var(env, "SLURM_PROCID"), _int_var(env, "SLURM_STEP_NUM_TASKS"), _int_var(env, "SLURM_LOCALID"),
+        per_node[node], env.get("MASTER_ADDR") or nodes[0], port,
+    )  # fmt: skip
+
+
+def _int_var(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    value = env.get(name)
+    if value is None and default is not None:
+        return default
+    if value is None or not re.fullmatch(r"[0-9]+", value.strip()):
+        raise ValueError(f"environment variable {name}={value!r}; allowed: a non-negative integer")
+    return int(value)
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compact host list -> host names: ``"a,b"``, ``"node[01-03]"``, ``"gpu[1,3-4],cpu7"``."""
+    items = re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist)
+    if not items:
+        raise ValueError(f"SLURM_STEP_NODELIST={nodelist!r}; allowed: SLURM's host list, e.g. node[01-04]")
+    return [host for item in items for host in _expand_hosts(item, nodelist)]
+
+
+def _expand_hosts(item: str, nodelist: str) -> list[str]:
+    """One item of a host list, its bracket groups expanded (zero padding kept): ``rack[1-2]-n[01-02]``."""
+    match = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", item)
+    if match is None:
+        return [item]
+    prefix, ranges, rest = match.groups()
+    tails = _expand_hosts(rest, nodelist) if rest else [""]
+    hosts = []
+    for part in ranges.split(","):
+        first, _, last = part.partition("-")
+        if not re.fullmatch(r"[0-9]+", first) or not re.fullmatch(r"[0-9]*", last):
+            raise ValueError(f"SLURM_STEP_NODELIST={nodelist!r}: cannot read the range {part!r}")
+        for number in range(int(first), int(last or first) + 1):
+            hosts += [f"{prefix}{str(number).zfill(len(first))}{tail}" for tail in tails]
+    return hosts
+
+
+def tasks_per_node(spec: str, nodes: int) -> list[int]:
+    """SLURM's tasks-per-node form -> a count per node: ``"8"``, ``"8(x2)"``, ``"2(x3),1"``."""
+    counts = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"([0-9]+)(?:\(x([0-9]+)\))?", part.strip())
+        if match is None:
+            raise ValueError(f"SLURM_STEP_TASKS_PER_NODE={spec!r}; allowed: SLURM's form, e.g. 8(x2),4")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    if len(counts) == 1 and nodes > 1:
+        counts *= nodes
+    if len(counts) != nodes:
+        raise ValueError(
+            f"SLURM_STEP_TASKS_PER_NODE={spec!r} gives {len(counts)} nodes, the node list {nodes}"
+        )
+    return counts
+
+
+def _init_process_group(timeout: float, launch: Launch) -> bool:
+    """Join the launch's world (torchrun's or a SLURM step's), or make a world of one. Returns whether we
+    created the group."""
     if dist.is_initialized():
         return False
     use_cuda = torch.cuda.is_available()
     backend = "cuda:nccl,cpu:gloo" if use_cuda else "gloo"
     td = datetime.timedelta(seconds=timeout)
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+    if launch.launcher != "none":
         _warn_about_shared_rendezvous_store()
         if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(launch.local_rank)
         dist.init_process_group(backend, timeout=td)
     else:
         if use_cuda:
@@ -147,10 +258,20 @@ def _init_process_group(timeout: float) -> bool:
 
 def start(config: LiteGenConfig) -> Runtime:
     """Validate the config against the world, then build the process group, device and meshes."""
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        check_world(config, int(os.environ["WORLD_SIZE"]))  # every rank, before any collective
-    owns = _init_process_group(config.collective_timeout)
+    launch = detect_launch(os.environ)
+    if launch.launcher == "srun" and not dist.is_initialized():
+        # what torchrun would have set: read by torch's env:// rendezvous, grouped ZeRO-3 and encoder.group
+        os.environ.update(
+            RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank),
+            LOCAL_WORLD_SIZE=str(launch.local_world_size), MASTER_ADDR=launch.master_addr,
+            MASTER_PORT=str(launch.master_port),
+        )  # fmt: skip
+    if not dist.is_initialized():
+        check_world(config, launch.world_size)  # every rank, before any collective
+    owns = _init_process_group(config.collective_timeout, launch)
     world, rank = dist.get_world_size(), dist.get_rank()
+    if owns and rank == 0:
+        logger.info("%s; layout dp %d x sp %d", launch.describe(), world // config.sp_size, config.sp_size)
     check_world(config, world)
     if "nccl" in str(dist.get_backend()):
         device = torch.device("cuda", torch.cuda.current_device())
