@@ -7,8 +7,9 @@ On disk, under ``root``::
         __<rank>_<i>.distcp     DCP shards (each rank writes its own)
         digests_<rank>.json     a checksum of every item (tensor chunk or python value) that rank wrote
         .metadata               DCP's index of every tensor and python value
-        litegen.json            step, run id, world size, time, versions, entries, every file's size, the
-                                CRC-32 of every file but the shards
+        litegen.json            format, step, run id, world size, time, versions, entries, every file's size,
+                                the CRC-32 of every file but the shards
+        <attached files>        given to the ``Checkpointer`` (``files=``), e.g. the model's ``config.json``
     step_<N>.<run>.tmp/     a save in progress; removed by the run's next save
     step_<N>.removing-*.tmp/    an old checkpoint (beyond ``keep``) being deleted in the background
 
@@ -42,6 +43,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata as package_metadata
 from pathlib import Path
@@ -75,8 +77,10 @@ logger = logging.getLogger(__name__)
 INFO_FILE = "litegen.json"
 LATEST_FILE = "latest"
 STEP_DIR = re.compile(r"step_(\d+)")
+DIGEST = re.compile(r"digests_\d+\.json")
 METADATA_FILE = ".metadata"  # DCP's
 LEGACY_RUN = "legacy"
+FORMAT = 1  # litegen.json's "format": raised when a change would make older readers misread a checkpoint
 
 
 class Checkpointer:
@@ -96,6 +100,8 @@ class Checkpointer:
         process_group: the ranks that checkpoint together (default: the whole world, or one process).
         timeout: collective timeout of the background save's own group (default: torch's, 30 minutes for gloo);
             give the job's, so a dead peer fails a background save instead of hanging it.
+        files: ``{file name: bytes}`` written into every checkpoint by rank 0 and checksummed with it, e.g.
+            ``{"config.json": model.to_json_string().encode()}`` for an export that ``from_pretrained`` reads.
     """
 
     def __init__(
@@ -106,6 +112,7 @@ class Checkpointer:
         async_save: bool = False,
         process_group: dist.ProcessGroup | None = None,
         timeout: datetime.timedelta | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> None:
         if not isinstance(root, (str, os.PathLike)):
             raise TypeError(f"root={root!r}; expected a str or os.PathLike directory")
@@ -131,6 +138,7 @@ class Checkpointer:
             raise TypeError(
                 f"process_group={process_group!r}; expected a torch.distributed ProcessGroup or None"
             )
+        self._files = _attachable(files)
         self.keep, self.async_save = keep, async_save
         self._run: str | None = None  # the run this Checkpointer saves for (set by a load or the first save)
         self._loaded: int | None = None  # the step it loaded: never rotated away
@@ -403,11 +411,15 @@ class Checkpointer:
     def _publish(self, step: int, work_dir: Path, names: list[str], checksums: dict[str, str]) -> None:
         """Rank 0, after every rank wrote its shards: record the files, rename, move ``latest``, rotate."""
         checksums = {**checksums, METADATA_FILE: _crc32(work_dir / METADATA_FILE)}
+        for name, data in self._files.items():
+            write_durably(work_dir / name, data)
+            checksums[name] = f"{zlib.crc32(data):08x}"
         files = {p.name: p.stat().st_size for p in sorted(work_dir.iterdir()) if p.is_file()}
         unchecked = {name for name in files if not SHARD_FILE.fullmatch(name)} ^ set(checksums)
         if unchecked:
             raise RuntimeError(f"{work_dir}: no CRC-32 for, or no file of, {sorted(unchecked)}")
         info = {
+            "format": FORMAT,
             "step": step,
             "run": self._run,
             "world_size": self._world_size,
@@ -505,7 +517,33 @@ def _read_info(directory: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} lacks valid {sorted(fields)} fields: the checkpoint's index is garbled"
         )
+    version = info.get("format", FORMAT)  # checkpoints from before the field are format 1
+    if not isinstance(version, int) or version > FORMAT:
+        raise CheckpointError(
+            f"{path} has format {version!r}, written by a newer LiteGen ({info.get('litegen_version')}); this "
+            f"litegen-ckpt ({_version()}) reads formats up to {FORMAT}: upgrade LiteGen to read it"
+        )
     return info
+
+
+def _attachable(files: Mapping[str, bytes] | None) -> dict[str, bytes]:
+    """Check ``files=``: plain names that no checkpoint file of ours or DCP's takes, with bytes values."""
+    if files is None:
+        return {}
+    if not isinstance(files, Mapping):
+        raise TypeError(f"files={type(files).__name__}; expected a mapping of file name -> bytes, or None")
+    for name, data in files.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+            raise ValueError(
+                f"files: name {name!r}; allowed: a plain file name of letters, digits, '_', '.', '-'"
+            )
+        if name in (INFO_FILE, METADATA_FILE) or SHARD_FILE.fullmatch(name) or DIGEST.fullmatch(name):
+            raise ValueError(
+                f"files: name {name!r} is a checkpoint file of LiteGen's or DCP's; choose another"
+            )
+        if not isinstance(data, bytes):
+            raise TypeError(f"files[{name!r}]={type(data).__name__}; expected bytes")
+    return dict(files)
 
 
 def _check_files(directory: Path, info: dict[str, Any], rank: int, world: int) -> None:

@@ -10,9 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -21,8 +20,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .checkpointer import INFO_FILE, latest_directory, verify_checkpoint
-from .storage import agree, disk_full, read_checkpoint, read_metadata
+from .checkpointer import verify_checkpoint
+from .offline import _read, _save, checkpoint_directory, entry_names
+from .storage import agree, disk_full, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def export_safetensors(source: Any, path: str | os.PathLike, *, name: str = "mod
     elif callable(getattr(source, "full_state_dict", None)):
         tensors = source.full_state_dict()
     elif isinstance(source, (str, os.PathLike)):
-        directory, names = _checkpoint_entry(Path(source), name)
+        directory, metadata, names = _checkpoint_entry(Path(source), name)
         tensors = {}
     else:
         raise TypeError(
@@ -66,8 +66,8 @@ def export_safetensors(source: Any, path: str | os.PathLike, *, name: str = "mod
     if rank == 0:  # rank 0 reads (a checkpoint) and writes; the others learn how it went, not by a timeout
         try:
             if isinstance(source, (str, os.PathLike)):
-                tensors = _read_checkpoint(directory, names)
-            _write(tensors, Path(path))
+                tensors = _read(directory, metadata, names, None)
+            _save(tensors, Path(path))
             logger.info(f"exported {len(tensors)} tensors to {path}")
         except (OSError, ValueError) as error:
             problem = (disk_full(error, Path(path)) if isinstance(error, OSError) else None) or error
@@ -142,63 +142,9 @@ def _read_owned(f: Any, key: str, target: torch.Tensor) -> None:
         target.copy_(f.get_tensor(key))
 
 
-def _checkpoint_entry(source: Path, name: str) -> tuple[Path, dict[str, str]]:
-    """The checkpoint directory ``source`` means and ``{stored key: exported name}`` (checked on every rank).
-
-    An entry other than the model (an EMA) that is keyed by the model's names is completed with the
-    model's other tensors (buffers, frozen parameters), so the file holds a whole model.
-    """
-    if (source / INFO_FILE).is_file():
-        directory = source
-    else:
-        directory = latest_directory(source) if source.is_dir() else None
-        if directory is None:
-            raise FileNotFoundError(
-                f"source={str(source)!r} is neither a checkpoint directory nor a root with a latest"
-            )
+def _checkpoint_entry(source: Path, name: str) -> tuple[Path, Metadata, dict[str, str]]:
+    """The checkpoint ``source`` means, its index and ``{stored key: exported name}``; verified on every rank."""
+    directory = checkpoint_directory(source, "source")
     verify_checkpoint(directory)
-    saved = read_metadata(directory)
-
-    def tensors_under(entry: str) -> dict[str, str]:
-        return {
-            key: key[len(entry) + 1 :]
-            for key, meta in saved.state_dict_metadata.items()
-            if key.startswith(f"{entry}.") and isinstance(meta, TensorStorageMetadata)
-        }
-
-    names = tensors_under(name)
-    if not names:
-        held = sorted({key.split(".")[0] for key in saved.state_dict_metadata})
-        raise ValueError(f"name={name!r}: checkpoint {directory} has no tensors under it; it holds {held}")
-    model = tensors_under("model")
-    if set(names.values()) <= set(model.values()):
-        names |= {key: fqn for key, fqn in model.items() if fqn not in set(names.values())}
-    return directory, names
-
-
-def _read_checkpoint(directory: Path, names: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Read whole tensors from a DCP checkpoint in this process: ``{exported name: tensor}``."""
-    saved = read_metadata(directory)
-    state = {}
-    for key in names:
-        meta = saved.state_dict_metadata[key]
-        state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
-    read_checkpoint(state, directory, metadata=saved, no_dist=True)
-    return {names[key]: tensor for key, tensor in state.items()}
-
-
-def _write(tensors: dict[str, Any], path: Path) -> None:
-    """Save the tensors (on CPU, contiguous, no shared storage) to ``path`` atomically."""
-    out, seen = {}, set()
-    for key, value in tensors.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        tensor = value.detach().to("cpu").contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        # tied weights share storage, which safetensors refuses: write a copy
-        out[key] = tensor.clone() if storage in seen else tensor
-        seen.add(storage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(out, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    metadata = read_metadata(directory)
+    return directory, metadata, entry_names(metadata, name, directory)

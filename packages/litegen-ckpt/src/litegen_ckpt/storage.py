@@ -301,6 +301,44 @@ class VerifyingReader(dcp.FileSystemReader):
         done.set_result(None)
         return done
 
+    def problems(self) -> Iterator[str]:
+        """Check every item of the checkpoint against its recorded checksum, one chunk in memory at a time; yield
+        one message per item that fails (naming the file and the tensor) or per file that cannot be read."""
+        metadata = self.read_metadata()
+        self.set_up_storage_reader(metadata, True)
+        per_file: dict[str, list[MetadataIndex]] = {}
+        for index, info in self.storage_data.items():
+            per_file.setdefault(info.relative_path, []).append(index)
+        for relative_path, indices in sorted(per_file.items()):
+            path = Path(self.fs.concat_path(self.path, relative_path))
+            try:
+                stream = open(path, "rb")  # noqa: SIM115 - closed below, a missing file is one problem
+            except OSError as error:
+                yield f"checkpoint file {path} cannot be read ({error}): {len(indices)} items are unchecked"
+                continue
+            with stream:
+                for index in sorted(indices, key=lambda i: self.storage_data[i].offset):
+                    try:
+                        self._check_item(stream, path, relative_path, index)
+                    except (CheckpointError, FileNotFoundError) as error:
+                        yield str(error)
+
+    def _check_item(self, stream: IO[bytes], path: Path, relative_path: str, index: MetadataIndex) -> None:
+        """Read one saved item and compare its checksum with the recorded one; raise a ``CheckpointError`` if not."""
+        info = self.storage_data[index]
+        kind, expected = self._expectation(relative_path, index, path)
+        if index not in self._chunks:  # a pickled python value
+            data = _read_exactly(stream, info.offset, info.length, path, index)
+            _check(kind, expected, "crc32", f"{zlib.crc32(data):08x}", path, index)
+        elif (start := self._data_start(stream, path, info, index)) is None:
+            _check(
+                kind, expected, "digest", tensor_digest(self._load(stream, path, info, index)), path, index
+            )
+        else:
+            shape, dtype = self._chunks[index]
+            buffer = torch.empty(shape.numel() * dtype.itemsize, dtype=torch.uint8)
+            _check(kind, expected, "digest", _read_into(stream, start, buffer, path, index), path, index)
+
     def _read_tensor(
         self,
         stream: IO[bytes],

@@ -86,6 +86,7 @@ class LiteGen:
         self.start_step: int = 0  # completed steps: 0, or the step of the checkpoint resumed
         self._layout = Layout(self.runtime)
         self._checkpointer: Any = None
+        self._model_config: bytes | None = None  # the model's config.json, attached to every checkpoint
         self._partly_loaded: str | None = None  # why the live objects may hold part of a checkpoint
 
     # ---- where this process stands -------------------------------------------------------------
@@ -220,6 +221,7 @@ class LiteGen:
         blocks: Sequence[nn.Module] | None,
     ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
         c, rt = self.config, self.runtime
+        self._model_config = _model_config(model)
         model.to(self.device)
         block_list = list(blocks) if blocks is not None else litegen_zero.find_blocks(model)
         done = []
@@ -369,6 +371,7 @@ class LiteGen:
                 keep=self.config.checkpoint_keep,
                 async_save=self.config.checkpoint_async,
                 timeout=self._timeout,
+                files={"config.json": self._model_config} if self._model_config else None,
             )
         return self._checkpointer
 
@@ -527,3 +530,14 @@ class LiteGen:
             raise ValueError("no dataset: pass a Dataset to initialize() first")
         while True:
             yield from self.dataloader
+
+
+def _model_config(model: nn.Module) -> bytes | None:
+    """The ``config.json`` ``from_pretrained`` reads: a diffusers model's own, or a transformers model's config."""
+    for owner in (model, getattr(model, "config", None)):
+        to_json = getattr(owner, "to_json_string", None)
+        if callable(to_json):
+            text = to_json()
+            if isinstance(text, str):
+                return text.encode()
+    return None
