@@ -288,21 +288,21 @@ def _check_int(value: Any, wrapper: str, name: str, minimum: int | None = None) 
         raise ValueError(f"{wrapper}: {name}={value}; allowed: an int >= {minimum}")
 
 
-def _check_group(group: Any) -> None:
+def _check_group(group: Any, wrapper: str = "data_parallel") -> None:
     if group is None:
         return
     if dist.is_available() and group is dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError(
-            f"data_parallel: group={group!r} is what new_group returns to ranks outside the "
+            f"{wrapper}: group={group!r} is what new_group returns to ranks outside the "
             "new group: this process is not in it; pass a group that holds this rank, or None"
         )
     if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
         raise TypeError(
-            f"data_parallel: group={group!r} ({type(group).__name__}); allowed: a "
+            f"{wrapper}: group={group!r} ({type(group).__name__}); allowed: a "
             "torch.distributed.ProcessGroup or None (the default world)"
         )
     if not dist.is_initialized():
-        raise ValueError("data_parallel: a group was given but torch.distributed is not initialized")
+        raise ValueError(f"{wrapper}: a group was given but torch.distributed is not initialized")
 
 
 def _batch_dim(x: Any, dim: int, wrapper: str) -> int:
