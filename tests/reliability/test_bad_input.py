@@ -148,6 +148,7 @@ BAD_VALUES: dict[str, st.SearchStrategy] = {
     "vae.data_parallel": BOOL,
     "vae.slice_size": ints(1, optional=True),
     "vae.compile": BOOL,
+    "vae.per_frame": BOOL,
 }
 
 

@@ -49,6 +49,7 @@ class VAEConfig:
     data_parallel: bool = True  # split each batch over the sequence-parallel group's ranks
     slice_size: int | None = None  # encode in micro-batches of this many items
     compile: bool = False
+    per_frame: bool = False  # the callable encodes each frame on its own: a 5-D clip may be split on frames
 
 
 @dataclass

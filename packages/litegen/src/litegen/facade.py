@@ -38,6 +38,15 @@ STEP_DIR = re.compile(r"step_[0-9]+")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _frames_or_batch(frames: Callable[..., Any], batch: Callable[..., Any]) -> Callable[..., Any]:
+    """``frames(x)`` for a 5-D clip ``(b, c, t, h, w)``, ``batch(x)`` for anything else."""
+
+    def encode(x: Any, *args: Any, **kwargs: Any) -> Any:
+        return (frames if isinstance(x, torch.Tensor) and x.dim() == 5 else batch)(x, *args, **kwargs)
+
+    return encode
+
+
 class Layout:
     """The world's layout as a stateful: saved with every checkpoint, ``saved`` holds what a resume read."""
 
@@ -113,7 +122,7 @@ class LiteGen:
         Trainable ``nn.Module`` (exactly one) → SP, checkpointing, offload, compile, sharding, EMA;
         ``Optimizer`` → rebuilt on the sharded parameters; frozen ``nn.Module`` → sharded encoder or
         moved to the device, in eval mode; map-style ``Dataset`` → resumable ``DataLoader``; any other
-        callable (``vae.encode``) → data-parallel / sliced / compiled encode.
+        callable (``vae.encode``) → time-parallel (causal video VAE) or data-parallel / sliced / compiled encode.
         ``sp_plan``: a ``litegen_sp.SPPlan`` for models the default plan does not fit; ``blocks``:
         the repeated blocks (default: ``litegen_zero.find_blocks``), one list for SP, checkpointing and
         sharding.
@@ -339,19 +348,48 @@ class LiteGen:
         return loader
 
     def _prepare_encode(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        v, done = self.config.vae, []
-        if v.compile:
+        """``vae.encode`` of a causal video VAE → time-parallel over the SP group (then sliced); any other
+        callable → compiled → sliced → batch split over the SP group (frames too only with ``per_frame``)."""
+        v, sp, done = self.config.vae, self.runtime.sp_size, []
+        parallel = v.data_parallel and sp > 1
+        time_split = self._time_parallel(fn) if parallel else None
+        if time_split is not None:
+            fn = time_split
+            done.append(f"{type(time_split.vae).__name__}.encode time-parallel over the {sp} SP ranks")
+            if v.compile:
+                done.append("not compiled (its hooks exchange frames between layers)")
+        elif v.compile:
             fn = litegen_vae.compiled(fn)
             done.append("compiled")
         if v.slice_size is not None:
             fn = litegen_vae.sliced(fn, v.slice_size)
             done.append(f"sliced by {v.slice_size}")
-        if v.data_parallel and self.runtime.sp_size > 1:
+        if parallel and time_split is None and v.per_frame:
+            fn = _frames_or_batch(
+                litegen_vae.data_parallel(fn, self.sp_group, dim=2),
+                litegen_vae.data_parallel(fn, self.sp_group),
+            )
+            done.append(f"frames of 5-D clips (vae.per_frame), else the batch, split over the {sp} SP ranks")
+        elif parallel and time_split is None:
             fn = litegen_vae.data_parallel(fn, self.sp_group)
-            done.append(f"data parallel over the {self.runtime.sp_size} SP ranks")
+            done.append(f"batch split over the {sp} SP ranks (frames never: set vae.per_frame if per-frame)")
         if self.is_main:
             logger.info("initialize: encode callable -> %s", ", ".join(done) or "unchanged")
         return fn
+
+    def _time_parallel(self, fn: Callable[..., Any]) -> litegen_vae.TimeParallelEncode | None:
+        """The time-parallel encode when ``fn`` is the bound ``encode`` of a VAE it splits exactly."""
+        vae = getattr(fn, "__self__", None)
+        if not isinstance(vae, nn.Module) or getattr(fn, "__name__", None) != "encode":
+            return None
+        try:
+            return litegen_vae.time_parallel(vae, self.sp_group)
+        except TypeError:  # not a causal video VAE
+            return None
+        except ValueError as error:
+            if self.is_main:
+                logger.warning("initialize: %s; whole clips are split over the SP ranks instead", error)
+            return None
 
     # ---- training-state API --------------------------------------------------------------------
     def _statefuls(self) -> dict[str, Any]:
