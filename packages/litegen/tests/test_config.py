@@ -28,11 +28,6 @@ BAD_CONFIGS = [
     ({"cpu_offload": True, "zero_degree": 2}, ValueError, "offload needs zero_degree: 3"),
     ({"precision": "bf32"}, ValueError, "precision='bf32'"),
     ({"grad_precision": "int8"}, ValueError, "grad_precision='int8'"),
-    (
-        {"precision": "bf16", "zero_degree": 0},
-        ValueError,
-        "mixed precision (bf16/fp16) needs zero_degree 2 or 3",
-    ),
     ({"selective_ratio": 1.5}, ValueError, "selective_ratio=1.5"),
     ({"selective_ratio": -0.1}, ValueError, "selective_ratio=-0.1"),
     ({"selective_ratio": "half"}, TypeError, "'selective_ratio' must be float"),

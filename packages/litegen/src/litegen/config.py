@@ -65,7 +65,7 @@ class LiteGenConfig:
     )
     cpu_offload: bool = False  # ZeRO-3 parameters and optimizer state on CPU
     # precision
-    precision: str = "fp32"  # parameters / compute
+    precision: str = "fp32"  # compute: autocast (degrees 0/1) or FSDP2 parameters (2/3); fp16 scales the loss
     grad_precision: str | None = None  # gradient reduction; default: same as precision
     allow_tf32: bool = False
     # activations
@@ -242,13 +242,6 @@ def _validate(c: LiteGenConfig) -> None:
         "grad_precision",
         c.grad_precision,
         f"one of {list(PRECISIONS)} or null (same as precision)",
-    )
-    _check(
-        c.precision == "fp32" or c.zero_degree >= 2,
-        "precision",
-        c.precision,
-        "mixed precision (bf16/fp16) needs zero_degree 2 or 3 (FSDP2's MixedPrecisionPolicy); "
-        "grad_precision alone works with every degree",
     )
     _check(
         0.0 <= c.selective_ratio <= 1.0,

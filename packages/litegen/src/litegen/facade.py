@@ -96,6 +96,8 @@ class LiteGen:
         self._layout = Layout(self.runtime)
         self._checkpointer: Any = None
         self._model_config: bytes | None = None  # the model's config.json, attached to every checkpoint
+        # autocast, loss scaling and the step that skips non-finite gradients
+        self._precision: litegen_zero.MixedPrecision | None = None
         self._partly_loaded: str | None = None  # why the live objects may hold part of a checkpoint
 
     # ---- where this process stands -------------------------------------------------------------
@@ -254,7 +256,7 @@ class LiteGen:
             done.append("torch.compile per block")
         if optimizer is not None:
             self._override_hyperparameters(optimizer)
-        param_dtype = DTYPES[c.precision] if c.precision != "fp32" else None
+        param_dtype = DTYPES[c.precision] if c.precision != "fp32" and c.zero_degree >= 2 else None
         reduce_dtype = DTYPES[c.grad_precision] if c.grad_precision not in (None, c.precision) else None
         model, optimizer = litegen_zero.shard(
             model,
@@ -267,6 +269,18 @@ class LiteGen:
             blocks=block_list,
         )
         done.append(f"ZeRO degree {c.zero_degree}" + (f", grouped by {c.group_size}" if c.group_size else ""))
+        self._precision = litegen_zero.MixedPrecision(
+            optimizer,
+            DTYPES[c.precision],
+            device=self.device,
+            autocast=c.zero_degree < 2,
+            sharded=c.zero_degree >= 2,
+        )
+        if c.precision != "fp32":
+            cast = "autocast, fp32 weights" if c.zero_degree < 2 else "FSDP2 parameters, fp32 master weights"
+            done.append(
+                f"{c.precision} ({cast}" + (", dynamic loss scaling)" if c.precision == "fp16" else ")")
+            )
         if c.init_from is not None:
             litegen_ckpt.load_safetensors(model, c.init_from)
             done.append(f"weights from {c.init_from}")
@@ -394,6 +408,8 @@ class LiteGen:
     # ---- training-state API --------------------------------------------------------------------
     def _statefuls(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rng": True, "layout": self._layout}  # rng: every rank's generators
+        if self._precision is not None and self._precision.scaler is not None:
+            out["loss_scaler"] = self._precision
         for name in ("model", "optimizer", "ema", "dataloader"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
@@ -497,9 +513,42 @@ class LiteGen:
             )
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Clip the trainable model's gradients; returns the global norm (any degree)."""
+        """Clip the trainable model's gradients (unscaled first under fp16); returns the global norm (any degree).
+        A non-finite norm makes the next ``step()`` skip."""
         with self._naming_timeouts("clip_grad_norm_()"):
-            return litegen_zero.clip_grad_norm_(self._trained(), max_norm, norm_type)
+            return self._mixed("clip_grad_norm_()").clip_grad_norm_(self._trained(), max_norm, norm_type)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward's context: ``torch.autocast`` to ``precision`` at degrees 0/1 (fp32 weights); nothing at
+        degrees 2/3, where FSDP2 casts the parameters, or in fp32."""
+        return self._mixed("autocast()").autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``; under fp16 the loss is scaled first (dynamic loss scaling)."""
+        self._mixed("backward()").backward(loss)
+
+    def step(self) -> bool:
+        """One optimizer step, then zeroed gradients; False when skipped: an fp16 overflow (the loss scale halves)
+        or a non-finite ``clip_grad_norm_`` (any precision). Update the EMA only after a step that returns True."""
+        with self._naming_timeouts("step()"):
+            return self._mixed("step()").step()
+
+    @property
+    def loss_scale(self) -> float:
+        """The current fp16 loss scale (1.0 without scaling)."""
+        return self._precision.loss_scale if self._precision is not None else 1.0
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps ``step()`` skipped for non-finite gradients (saved in fp16 checkpoints)."""
+        return self._precision.skipped_steps if self._precision is not None else 0
+
+    def _mixed(self, during: str) -> litegen_zero.MixedPrecision:
+        if self._precision is None:
+            raise ValueError(
+                f"{during}: no trainable model; pass it (and its optimizer) to initialize() first"
+            )
+        return self._precision
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Gradient accumulation: backward inside this context does not synchronize gradients."""
