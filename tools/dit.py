@@ -205,14 +205,14 @@ def rectified_flow_loss(
 ) -> torch.Tensor:
     """Rectified-flow loss: x_t = (1 - t) x0 + t noise, the model predicts noise - x0.
 
-    t is logit-normal (SD3). latents: (b, c, [t,] h, w); text: (b, l, text_dim); text_mask: (b, l).
+    t is logit-normal (SD3); `model` is any callable (x_t, t, text, text_mask) -> velocity. latents: (b, c, [t,] h, w); text: (b, l, text_dim); text_mask: (b, l).
     """
     b = latents.shape[0]
     noise = torch.randn_like(latents)
     t = torch.sigmoid(torch.randn(b, device=latents.device))
     t_ = t.view(b, *([1] * (latents.dim() - 1)))
     x_t = (1 - t_) * latents + t_ * noise
-    return F.mse_loss(model(x_t, t, text, text_mask), noise - latents)
+    return F.mse_loss(model(x_t, t, text, text_mask).float(), noise - latents)  # float: a bf16 / fp16 model's
 
 
 @torch.no_grad()

@@ -43,14 +43,14 @@ def load_vae(name: str = "vae_digits") -> AutoencoderKL:
 
 
 def vae_encode(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
-    """Normalised latents (posterior mean) of images (b, 1, H, W) or videos (b, 1, T, H, W), frame by frame:
+    """Normalised latents (posterior mean; Stable Diffusion's VAEs have no shift) of images (b, 1, H, W) or videos (b, 1, T, H, W), frame by frame:
     (b, 4, H/4, W/4) or (b, 4, T, H/4, W/4)."""
     if x.dim() == 5:
         b, c, t, h, w = x.shape
         z = vae_encode(vae, x.transpose(1, 2).reshape(b * t, c, h, w))
         return z.reshape(b, t, *z.shape[1:]).transpose(1, 2)
     z = vae.encode(x).latent_dist.mode()
-    return (z - vae.config.shift_factor) * vae.config.scaling_factor
+    return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
 
 def vae_decode(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ def vae_decode(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = z.shape
         x = vae_decode(vae, z.transpose(1, 2).reshape(b * t, c, h, w))
         return x.reshape(b, t, *x.shape[1:]).transpose(1, 2)
-    z = z / vae.config.scaling_factor + vae.config.shift_factor
+    z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
     return vae.decode(z).sample.clamp(-1, 1)
 
 

@@ -2,39 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
+
+from launch import run
 
 TOOLS = Path(__file__).resolve().parents[1]
 TINY = ["dim=32", "depth=2", "heads=4", "log_every=2", "samples_per_digit=1", "sample_steps=2"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(args: list[str], nproc: int | None = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    launcher = [sys.executable]
-    if nproc:
-        launcher += [
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(nproc),
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            f"127.0.0.1:{_port()}",
-        ]
-    return subprocess.run(
-        [*launcher, str(TOOLS / "train.py"), *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
 
 
 def test_default_config_trains_checkpoints_resumes_and_draws(tmp_path):
