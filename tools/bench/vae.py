@@ -13,6 +13,16 @@ activations and the output, not the weights or the input batch. On CPU glibc's m
 at 128 KiB (``MALLOC_MMAP_THRESHOLD_``) in both variants, so freed tensors return to the OS and the
 resident peak follows the live tensors instead of heap fragmentation.
 
+3-D (``time_parallel``, one 1 x 3 x 33 x 64 x 64 clip, 2 ranks vs 1): memory on
+AutoencoderKLHunyuanVideo(block_out_channels=(32, 64, 64), temporal and spatial ratio 4, tiling and
+frame-wise encoding off), each variant in fresh processes after a warm-up encode (which also runs
+time_parallel's one-time exactness probe), the peak resident set reset (``/proc/self/clear_refs``)
+before the encode: the single process's peak vs the larger of the two ranks' peaks. Time on
+AutoencoderKLWan(base_dim=32, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[True,
+True]) whose own encode already runs in cached chunks: its plain ``vae.encode`` on rank 0 and
+``time_parallel`` over both ranks, alternately, as below. The error is the largest absolute difference
+of the latents (``latent_dist.parameters``) from the single-process encode, for both VAEs.
+
 Time: 2 processes with one thread each form a gloo group and pass the same batch to
 ``data_parallel(encode)`` over both ranks and over a 1-rank group, alternately (same load for both on
 a shared machine). One warm-up round, then the median of ``--repeats`` rounds; each call starts after a
@@ -32,10 +42,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from diffusers import AutoencoderKL
-from litegen_vae import data_parallel, sliced
+from diffusers import AutoencoderKL, AutoencoderKLHunyuanVideo, AutoencoderKLWan
+from litegen_vae import data_parallel, sliced, time_parallel
 
 SLICE_SIZE = 4
+CLIP = (1, 3, 33, 64, 64)
 
 
 def small_vae() -> AutoencoderKL:
@@ -91,6 +102,82 @@ def measure_memory(args: argparse.Namespace) -> None:
             latents = encode(images)
             peak = proc_status_bytes("VmHWM") - before
     print(f"PEAK {peak} {tuple(latents.shape)}", flush=True)
+
+
+def video_vae(name: str) -> AutoencoderKLWan | AutoencoderKLHunyuanVideo:
+    torch.manual_seed(0)
+    if name == "wan":
+        vae = AutoencoderKLWan(
+            base_dim=32, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[True, True]
+        )
+    else:
+        vae = AutoencoderKLHunyuanVideo(
+            block_out_channels=(32, 64, 64),
+            down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+            up_block_types=("HunyuanVideoUpBlock3D",) * 3,
+            spatial_compression_ratio=4,
+            temporal_compression_ratio=4,
+        )
+        vae.use_framewise_encoding = False
+    return vae.eval().requires_grad_(False)
+
+
+def video_clip() -> torch.Tensor:
+    return torch.randn(CLIP, generator=torch.Generator().manual_seed(1))
+
+
+def measure_memory_3d(args: argparse.Namespace) -> None:
+    """Worker: HunyuanVideo encode of the clip, plain (1 process) or time-parallel (2); ``PEAK <bytes>``."""
+    torch.set_num_threads(1)
+    vae, clip = video_vae("hunyuan"), video_clip()
+    if args.variant == "time_parallel":
+        dist.init_process_group("gloo")
+        encode = time_parallel(vae)
+    else:
+        encode = vae.encode
+    with torch.no_grad():
+        encode(clip[:, :, :9])  # warm-up (and time_parallel's exactness probe)
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set
+        before = proc_status_bytes("VmRSS")
+        encode(clip)
+        peak = proc_status_bytes("VmHWM") - before
+    if dist.is_initialized():
+        peaks = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, peak)
+        peak = max(peaks)
+        dist.destroy_process_group()
+    print(f"PEAK {peak}", flush=True)
+
+
+def measure_time_3d(args: argparse.Namespace) -> None:
+    """Worker: one of 2 ranks; rank 0 prints ``TIME <plain s> <2-rank s> <ratios> <max abs error>``."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, clip, errors = dist.get_rank(), video_clip(), []
+    with torch.no_grad():
+        for name in ("hunyuan", "wan"):  # the error of both, then Wan's times
+            vae = video_vae(name)
+            encode = time_parallel(vae)
+            out = encode(clip).latent_dist.parameters
+            if rank == 0:
+                errors.append((out - vae.encode(clip).latent_dist.parameters).abs().max().item())
+        times: dict[int, list[float]] = {1: [], 2: []}
+        variants = {1: vae.encode if rank == 0 else None, 2: encode}
+        for _ in range(args.repeats + 1):  # the first round warms up
+            for world, variant in variants.items():
+                dist.barrier()
+                start = time.perf_counter()
+                if variant is not None:
+                    variant(clip)
+                dist.barrier()
+                times[world].append(time.perf_counter() - start)
+    if rank == 0:
+        ratios = [round(one / two, 2) for one, two in zip(times[1][1:], times[2][1:], strict=True)]
+        print(
+            f"TIME {statistics.median(times[1][1:])} {statistics.median(times[2][1:])} {ratios} {max(errors)}",
+            flush=True,
+        )
+    dist.destroy_process_group()
 
 
 def measure_time(args: argparse.Namespace) -> None:
@@ -154,7 +241,7 @@ def run_worker(args: argparse.Namespace, role: str, world: int = 1, **extra: str
             OMP_NUM_THREADS="1",
             GLOO_SOCKET_IFNAME="lo",
         )
-        if role == "memory":
+        if role.startswith("memory"):
             env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True))
     outputs = [p.communicate()[0] for p in procs]
@@ -165,8 +252,10 @@ def run_worker(args: argparse.Namespace, role: str, world: int = 1, **extra: str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--role", choices=["main", "memory", "time"], default="main")
-    parser.add_argument("--variant", choices=["unsliced", "sliced"], default="unsliced")
+    parser.add_argument("--role", choices=["main", "memory", "time", "memory3d", "time3d"], default="main")
+    parser.add_argument(
+        "--variant", choices=["unsliced", "sliced", "plain", "time_parallel"], default="unsliced"
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=128, help="image height and width")
     parser.add_argument("--repeats", type=int, default=5)
@@ -175,6 +264,10 @@ def main() -> None:
         return measure_memory(args)
     if args.role == "time":
         return measure_time(args)
+    if args.role == "memory3d":
+        return measure_memory_3d(args)
+    if args.role == "time3d":
+        return measure_time_3d(args)
 
     where = "CUDA max_memory_allocated" if torch.cuda.is_available() else "CPU peak RSS (VmHWM) delta"
     print(f"encode {args.batch} x 3 x {args.size} x {args.size}, small AutoencoderKL; memory: {where}")
@@ -193,6 +286,23 @@ def main() -> None:
     print(f"per-round speedups: {line.split(maxsplit=3)[3]}")
     print(f"RESULT sliced_peak_mem_ratio={peaks['unsliced'] / peaks['sliced']:.2f}")
     print(f"RESULT dp2_encode_speedup={seconds[1] / seconds[2]:.2f}")
+
+    print(f"time_parallel, one {' x '.join(map(str, CLIP))} clip, 2 ranks vs 1 (1 thread each)")
+    peaks3d = {
+        world: int(run_worker(args, "memory3d", world, variant=variant).split()[1])
+        for world, variant in ((1, "plain"), (2, "time_parallel"))
+    }
+    for world in (1, 2):
+        print(f"HunyuanVideo encode on {world} rank(s): peak {peaks3d[world] / 2**20:8.1f} MiB per rank")
+    line = run_worker(args, "time3d", world=2).split(maxsplit=3)
+    ratios, error = line[3].rsplit(maxsplit=1)
+    print(
+        f"Wan encode: plain {float(line[1]):.3f} s, time-parallel on 2 ranks {float(line[2]):.3f} s (medians)"
+    )
+    print(f"per-round speedups: {ratios}")
+    print(f"RESULT vae3d_peak_mem_per_rank_over_single={peaks3d[2] / peaks3d[1]:.2f}")
+    print(f"RESULT vae3d_dp2_encode_speedup={float(line[1]) / float(line[2]):.2f}")
+    print(f"RESULT vae3d_max_abs_err_fp32={float(error):.1e}")
 
 
 if __name__ == "__main__":

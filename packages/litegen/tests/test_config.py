@@ -14,7 +14,7 @@ BAD_CONFIGS = [
     ({"ema": {"enabel": True}}, ValueError, "did you mean 'ema.enable'"),
     ({"encoder": {"fsdb": True}}, ValueError, "did you mean 'encoder.fsdp'"),
     ({"vae": {"slice": 4}}, ValueError, "did you mean 'vae.slice_size'"),
-    ({"learning_rate": 1e-4}, ValueError, "unknown key 'learning_rate'"),
+    ({"weight_decy": 0.01}, ValueError, "unknown key 'weight_decy' = 0.01; did you mean 'weight_decay'"),
     ({"zero_degree": 4}, ValueError, "zero_degree=4"),
     ({"zero_degree": -1}, ValueError, "zero_degree=-1"),
     ({"zero_degree": "3"}, TypeError, "'zero_degree' must be int"),

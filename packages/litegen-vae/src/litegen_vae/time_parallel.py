@@ -479,7 +479,11 @@ def _context_hook(run: _Run, conv: _Conv) -> Callable:
         halo = run.boundary(own, conv.kernel - 1, conv.kernel - conv.stride)
         if halo is None:
             return None
-        return (torch.cat([halo, x[:, :, conv.context :]], 2), *args[1:]), kwargs
+        # The context frames are padding or a cache the caller has just concatenated in front: write
+        # the real frames over them (no copy of the input; the encode runs under no_grad).
+        start = conv.context - halo.size(2)
+        x[:, :, start : conv.context].copy_(halo)
+        return (x[:, :, start:], *args[1:]), kwargs
 
     return hook
 

@@ -1,26 +1,34 @@
 """LiteGen's configuration: one dataclass tree, built from a YAML path, a dict or a dataclass, fully validated.
 
-Every key is checked before anything else happens: an unknown key names the closest valid one, a
-wrong type or range names the key, the value and what is allowed. The original LiteGen's keys keep
-their meaning (``zero_degree``, ``group_zero``, ``sp_size``, ``precision``, ``grad_precision``,
-``selective_ratio``, ``ac_offload``, ``encoder.fsdp``, ``encoder.group``, ``ema.enable``,
-``ema.sharded``, ...).
+Every key is checked before anything else happens: a wrong type or range names the key, the value and
+what is allowed. A whole training config loads: LiteGen's keys are read from its ``litegen:`` section
+when it has one (strictly: an unknown key there names the closest valid one), else from the top level,
+where a near-miss of a LiteGen key (``zero_degre``) is an error and every other key is left to the
+trainer (``split_config`` returns them). The original LiteGen's keys keep their meaning
+(``zero_degree``, ``group_zero``, ``sp_size``, ``precision``, ``grad_precision``, ``selective_ratio``,
+``ac_offload``, ``encoder.fsdp``, ``encoder.group``, ``ema.enable``, ``ema.sharded``, ...); its
+``results_dir`` and ``tf32`` are read as ``checkpoint_dir`` and ``fp32``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+NEAR_MISS = 0.85  # difflib ratio from which an unknown top-level key is taken for a typo of a LiteGen key
+# Common trainers' keys within NEAR_MISS of a LiteGen key (global_batch_size, sp_size) that are not its typos.
+TRAINER_LOOKALIKES = frozenset({"local_batch_size", "dp_size", "pp_size", "ep_size", "cp_size"})
 
 
 @dataclass
@@ -111,12 +119,64 @@ class LiteGenConfig:
         return int(self.group_zero)
 
 
-def load_config(source: str | os.PathLike | dict | LiteGenConfig | None) -> LiteGenConfig:
-    """A validated ``LiteGenConfig`` from a YAML path, a (nested) dict, a dataclass or None (defaults)."""
+class SplitConfig(NamedTuple):
+    """A whole training config split into LiteGen's validated part and the keys LiteGen does not read."""
+
+    config: LiteGenConfig
+    trainer_keys: list[str]  # left to the trainer, in the config's order (``ema.resume_from``: dotted)
+    renamed: list[str]  # one line per key of the original LiteGen read under LiteGen's name or value
+
+    def log(self, logger: logging.Logger) -> None:
+        """Say at INFO what LiteGen leaves to the trainer and what it renamed (call it once, on one rank)."""
+        if self.trainer_keys:
+            logger.info(
+                "config: left to the trainer (LiteGen does not read them): %s", ", ".join(self.trainer_keys)
+            )
+        for line in self.renamed:
+            logger.info("config: %s", line)
+
+
+def split_config(source: str | os.PathLike | dict | LiteGenConfig | None) -> SplitConfig:
+    """LiteGen's validated config and the keys it leaves to the trainer, from a whole training config.
+
+    ``source``: a YAML path, a (nested) dict, a dataclass or None (defaults). With a ``litegen:`` mapping,
+    LiteGen reads only it, strictly, and every other top-level key is the trainer's; a LiteGen key at the
+    top level as well is an error (one place per key). Without one, LiteGen reads its keys at the top level
+    (and the original LiteGen's ``results_dir`` and ``ema.resume_from``); a key within
+    ``NEAR_MISS`` of a LiteGen key is an error naming both, any other key is the trainer's. Unknown keys in
+    LiteGen's sections (``ema``, ``encoder``, ``vae``) are errors in both forms. Nothing is logged here.
+    """
     if source is None:
-        return LiteGenConfig()
+        return SplitConfig(LiteGenConfig(), [], [])
     if isinstance(source, LiteGenConfig):
-        return dataclasses.replace(source)  # re-validates
+        return SplitConfig(dataclasses.replace(source), [], [])  # re-validates
+    data = _as_dict(source)
+    if "litegen" in data:
+        section = {} if data["litegen"] is None else data["litegen"]
+        if not isinstance(section, dict):
+            raise TypeError(
+                f"config: 'litegen' must be a mapping of LiteGen's keys, got {reprlib.repr(section)}"
+            )
+        both = [f"{key!r} = {reprlib.repr(data[key])}" for key in data if key in _field_names(LiteGenConfig)]
+        if both:
+            raise ValueError(
+                f"config: LiteGen's key {', '.join(both)} at the top level and a 'litegen:' section: with "
+                "the section, LiteGen reads only it; move the key under 'litegen:' (or rename it, if it is "
+                "the trainer's)"
+            )
+        trainer_keys = [str(key) for key in data if key != "litegen"]
+        return SplitConfig(_build(LiteGenConfig, section, prefix="litegen."), trainer_keys, [])
+    ours, trainer_keys, renamed = _top_level(data)
+    return SplitConfig(_build(LiteGenConfig, ours, prefix=""), trainer_keys, renamed)
+
+
+def load_config(source: str | os.PathLike | dict | LiteGenConfig | None) -> LiteGenConfig:
+    """A validated ``LiteGenConfig`` from a YAML path, a (nested) dict, a dataclass or None (defaults);
+    ``split_config`` without the keys left to the trainer."""
+    return split_config(source).config
+
+
+def _as_dict(source: str | os.PathLike | dict | Any) -> dict:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -135,14 +195,60 @@ def load_config(source: str | os.PathLike | dict | LiteGenConfig | None) -> Lite
             raise ValueError(
                 f"config: {str(path)!r} holds a {type(data).__name__}; a mapping of keys is required"
             )
-        source = data
+        return data
     if dataclasses.is_dataclass(source) and not isinstance(source, type):
-        source = dataclasses.asdict(source)
+        return dataclasses.asdict(source)
     if not isinstance(source, dict):
         raise TypeError(
             f"config: got {type(source).__name__}; pass a YAML path, a dict, a LiteGenConfig or None"
         )
-    return _build(LiteGenConfig, source, prefix="")
+    return source
+
+
+def _top_level(data: dict) -> tuple[dict, list[str], list[str]]:
+    """LiteGen's keys of a whole config read at the top level, the original LiteGen's spellings translated;
+    the trainer's keys; the renaming lines. A near-miss of a LiteGen key is an error."""
+    names = _field_names(LiteGenConfig)
+    ours: dict = {}
+    trainer_keys: list[str] = []
+    renamed: list[str] = []
+    for key, value in data.items():
+        if key in names:
+            ours[key] = value
+        elif key == "results_dir" and "checkpoint_dir" not in data:  # the original's fallback
+            ours["checkpoint_dir"] = value
+            renamed.append(f"results_dir={value!r} read as checkpoint_dir (the original LiteGen's fallback)")
+        elif not isinstance(key, str) or key in TRAINER_LOOKALIKES:
+            trainer_keys.append(str(key))
+        else:
+            close = difflib.get_close_matches(key.lower(), names, n=1, cutoff=NEAR_MISS)
+            if close:
+                raise ValueError(
+                    f"config: unknown key {key!r} = {reprlib.repr(value)}; did you mean {close[0]!r}? "
+                    f"(a top-level key this close to one of LiteGen's is taken for its typo; "
+                    f"other keys are left to the trainer)"
+                )
+            trainer_keys.append(key)
+    for key in ("precision", "grad_precision"):
+        if ours.get(key) == "tf32":  # the original's tf32: fp32 parameters; TF32 matmuls are allow_tf32's
+            ours[key] = "fp32"
+            renamed.append(f"{key}='tf32' read as 'fp32' (TF32 matmuls: allow_tf32)")
+    ema = ours.get("ema")
+    if isinstance(ema, dict) and "resume_from" in ema:  # the original's separate EMA checkpoint file
+        _check(
+            ema["resume_from"] is None,
+            "ema.resume_from",
+            ema["resume_from"],
+            "null (the EMA is saved in LiteGen's checkpoints and resumed with the model: "
+            "resume_from, auto_resume)",
+        )
+        ours["ema"] = {k: v for k, v in ema.items() if k != "resume_from"}
+        trainer_keys.append("ema.resume_from")
+    return ours, trainer_keys, renamed
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
 
 
 def config_as_dict(config: LiteGenConfig) -> dict[str, Any]:
@@ -157,8 +263,11 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         where = f"{prefix}{key}"
         if not isinstance(key, str) or key not in names:
             close = difflib.get_close_matches(str(key), list(names), n=1, cutoff=0.5)
-            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
-            raise ValueError(f"config: unknown key {where!r}{hint} Valid keys here: {sorted(names)}")
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else ";"
+            raise ValueError(
+                f"config: unknown key {where!r} = {reprlib.repr(value)}{hint} "
+                f"Valid keys here: {sorted(names)}"
+            )
         nested = _nested_type(cls, key)
         if nested is not None:
             if isinstance(value, nested):

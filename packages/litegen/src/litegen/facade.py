@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from .activations import apply_activation_checkpointing, apply_activation_offload, record_parents
-from .config import LiteGenConfig, config_as_dict, load_config
+from .config import LiteGenConfig, config_as_dict, split_config
 from .data import ResumableLoader, ResumableSampler
 from .runtime import Runtime, grouped_mesh, name_collective_timeout, seed_everything, start
 
@@ -75,11 +75,13 @@ class LiteGen:
     """
 
     def __init__(self, config: str | os.PathLike | dict | LiteGenConfig | None = None) -> None:
-        self.config: LiteGenConfig = load_config(config)
+        split = split_config(config)  # LiteGen's keys; a whole training config's others are the trainer's
+        self.config: LiteGenConfig = split.config
         logging.getLogger("litegen").setLevel(self.config.log_level.upper())
         self.runtime: Runtime = start(self.config)
         if self.is_main:
             logger.info("LiteGen config: %s", config_as_dict(self.config))
+            split.log(logger)
             logger.info(
                 "world %d = dp %d x sp %d on %s",
                 self.runtime.world_size,
