@@ -48,7 +48,6 @@ logger = logging.getLogger(__name__)
 WAN_CHUNK = 4
 # Largest probe side; a power of two, so any power-of-two spatial compression divides it.
 PROBE_SIDE = 64
-PROBE_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}  # relative; other dtypes: 3e-2
 
 
 @dataclass(frozen=True)
@@ -199,7 +198,7 @@ class TimeParallelEncode:
             ),
             default=0.0,
         )
-        tolerance = PROBE_TOLERANCE.get(x.dtype, 3e-2)
+        tolerance = 1e-4 if x.dtype in (torch.float32, torch.float64) else 3e-2  # relative
         status = torch.tensor([float(bool(problem)), error], dtype=torch.float64, device=x.device)
         dist.all_reduce(status, op=dist.ReduceOp.MAX, group=pg)
         if status[0] > 0 or status[1] > tolerance:
