@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -74,28 +75,45 @@ def export_safetensors(source: Any, path: str | os.PathLike, *, name: str = "mod
     agree(problem)
 
 
-def load_safetensors(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
-    """Load weights from a safetensors file into a plain or sharded model (parameters and buffers).
+_FOLDER_FILES = tuple(
+    f"{stem}.safetensors{index}"
+    for stem in ("diffusion_pytorch_model", "model")
+    for index in ("", ".index.json")
+)
+_ALLOWED = (
+    "a .safetensors file, a sharded *.safetensors.index.json, or a diffusers / transformers model folder "
+    "holding diffusion_pytorch_model.safetensors[.index.json] or model.safetensors[.index.json]"
+)
 
-    Each rank reads only the slices of the file its DTensor shards own; plain tensors are read whole.
-    ``strict``: the file's names must equal the model's (clean FQNs); otherwise only common names load.
+
+def load_safetensors(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
+    """Load pretrained weights into a plain or sharded model (parameters and buffers).
+
+    ``path``: one ``.safetensors`` file, a sharded ``*.safetensors.index.json`` (its ``weight_map`` names
+    the file holding each tensor), or a diffusers / transformers model folder (the file or index beside
+    ``config.json``). Each rank reads only the slices its DTensor shards own, from whichever file holds
+    them; plain tensors are read whole. Names are the model's clean FQNs; when the stored names all carry
+    the model's ``base_model_prefix`` + "." (transformers) and the model's lack it, or the reverse, the
+    prefix is stripped / added, only if that makes every name match.
+    ``strict``: the stored names must equal the model's; otherwise only common names load.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model={type(model).__name__}; expected an nn.Module")
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path={path!r}; expected a str or os.PathLike to a .safetensors file")
+        raise TypeError(f"path={path!r}; expected a str or os.PathLike: {_ALLOWED}")
     if not isinstance(strict, bool):
         raise TypeError(f"strict={strict!r}; expected True or False")
     path = Path(path)
     state = get_model_state_dict(model)
+    prefix = getattr(getattr(model, "module", model), "base_model_prefix", "")
     names, problem = [], None
     try:  # each rank reads its own slices: a file one node lacks fails every rank, with that node's message
-        if not path.is_file():
-            raise FileNotFoundError(f"path={str(path)!r} is not a safetensors file")
-        names = _load_into(state, path, strict)
+        names = _load_into(
+            state, _weight_files(path), prefix if isinstance(prefix, str) else "", strict, path
+        )
     except SafetensorError as error:  # not a safetensors file (a pickle, say), or a truncated one
         problem = ValueError(
-            f"path={str(path)!r} is not a valid safetensors file ({error}); weights are read only from "
+            f"path={str(path)!r} holds an invalid safetensors file ({error}); weights are read only from "
             "safetensors files, never unpickled"
         )
     except (OSError, ValueError) as error:
@@ -104,27 +122,86 @@ def load_safetensors(model: nn.Module, path: str | os.PathLike, *, strict: bool 
     set_model_state_dict(model, {key: state[key] for key in names}, options=StateDictOptions(strict=strict))
 
 
-def _load_into(state: dict[str, torch.Tensor], path: Path, strict: bool) -> list[str]:
-    """Check names and shapes against the file, copy each tensor's owned part into ``state``; the names loaded."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        stored = set(f.keys())
-        missing, unexpected = sorted(set(state) - stored), sorted(stored - set(state))
-        if strict and (missing or unexpected):
-            raise ValueError(
-                f"{path} does not match the model (strict=True): missing keys {missing}, "
-                f"unexpected keys {unexpected}"
+def _weight_files(path: Path) -> dict[str, Path]:
+    """``{stored tensor name: the .safetensors file holding it}`` for a file, an index or a model folder."""
+    if path.is_dir():
+        found = [path / name for name in _FOLDER_FILES if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"path={str(path)!r} is a folder without {' / '.join(_FOLDER_FILES)}; allowed: {_ALLOWED} "
+                "(for a diffusers pipeline folder, pass its model's subfolder, e.g. transformer/ or unet/)"
             )
-        names = [key for key in state if key in stored]
-        for key in names:
-            shape = tuple(f.get_slice(key).get_shape())
-            if shape != tuple(state[key].shape):
-                raise ValueError(
-                    f"{key}: {path} holds shape {shape}, the model has shape {tuple(state[key].shape)}"
-                )
-        with torch.no_grad():
-            for key in names:
-                _read_owned(f, key, state[key])
-    return names
+        path = found[0]
+    if path.name.endswith(".safetensors.index.json") and path.is_file():
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+            files = {name: path.parent / file for name, file in weight_map.items()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(
+                f'path={str(path)!r} is not a safetensors index (JSON with a "weight_map" of tensor name -> '
+                f"shard file): {error!r}"
+            ) from error
+        absent = sorted({str(file) for file in files.values() if not file.is_file()})
+        if absent:
+            raise FileNotFoundError(f"path={str(path)!r} names shard files that do not exist: {absent[:5]}")
+        return files
+    if path.name.endswith(".safetensors") and path.is_file():
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict.fromkeys(f.keys(), path)
+    raise FileNotFoundError(f"path={str(path)!r} does not exist or is not {_ALLOWED}")
+
+
+def _stored_names(names: list[str], stored: set[str], prefix: str) -> dict[str, str]:
+    """``{model name: stored name}``: as is, or with ``prefix`` + "." added / stripped if every name then matches."""
+    same = {name: name for name in names}
+    if not prefix or set(same.values()) == stored:
+        return same
+    dotted = prefix + "."
+    added = {name: dotted + name for name in names}
+    if set(added.values()) == stored:
+        return added
+    if all(name.startswith(dotted) for name in names):
+        stripped = {name: name[len(dotted) :] for name in names}
+        if set(stripped.values()) == stored:
+            return stripped
+    return same
+
+
+def _load_into(
+    state: dict[str, torch.Tensor], files: dict[str, Path], prefix: str, strict: bool, path: Path
+) -> list[str]:
+    """Check names and shapes against the files, then copy each tensor's owned part into ``state``; the names loaded."""
+    rename = _stored_names(list(state), set(files), prefix)
+    missing = sorted(key for key in state if rename[key] not in files)
+    unexpected = sorted(set(files) - set(rename.values()))
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"{path} does not match the model (strict=True): missing keys {missing}, "
+            f"unexpected keys {unexpected}"
+        )
+    by_file: dict[Path, list[str]] = {}
+    for key in state:
+        if rename[key] in files:
+            by_file.setdefault(files[rename[key]], []).append(key)
+    for file, keys in by_file.items():  # every name and shape first: a mismatch changes no weight
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            held = set(f.keys())
+            for key in keys:
+                if rename[key] not in held:
+                    raise ValueError(
+                        f"{path}: its index puts {rename[key]} in {file}, which does not hold it"
+                    )
+                shape = tuple(f.get_slice(rename[key]).get_shape())
+                if shape != tuple(state[key].shape):
+                    raise ValueError(
+                        f"{key}: {file} holds shape {shape}, the model has shape {tuple(state[key].shape)}"
+                    )
+    with torch.no_grad():
+        for file, keys in by_file.items():
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in keys:
+                    _read_owned(f, rename[key], state[key])
+    return [key for keys in by_file.values() for key in keys]
 
 
 def _read_owned(f: Any, key: str, target: torch.Tensor) -> None:
