@@ -65,12 +65,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: (b, s, dim); context: (b, l, context_dim) or None; mask: (b, 1, 1, l) bool, True = attend."""
         context = x if context is None else context
-        b, s, dim = x.shape
+        b, s, _ = x.shape
         q = self.to_q(x).view(b, s, self.heads, -1).transpose(1, 2)  # (b, heads, s, head_dim)
         k = self.to_k(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
         v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.to_out(out.transpose(1, 2).reshape(b, s, dim))
+        return self.to_out(out.transpose(1, 2).reshape(b, s, -1))  # heads * head_dim: local under TP
 
 
 class MLP(nn.Module):

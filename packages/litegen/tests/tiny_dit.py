@@ -20,12 +20,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (b, s, dim), context: (b, s_kv, dim) -> (b, s, dim)."""
-        b, s, d = x.shape
+        b, s, _ = x.shape
         q = self.q(x).view(b, s, self.heads, -1).transpose(1, 2)
         k = self.k(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
         v = self.v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v)
-        return self.out(o.transpose(1, 2).reshape(b, s, d))
+        return self.out(o.transpose(1, 2).reshape(b, s, -1))  # -1: heads * head_dim, local under TP
 
 
 class Block(nn.Module):

@@ -18,8 +18,9 @@ from litegen_zero._shard import _check_model
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
     """Clip the gradients of ``model`` in place to a global norm of ``max_norm``; return that norm, shape ().
 
-    Plain gradients (DDP, ZeRO-1) are already complete on every rank; FSDP2's sharded DTensor gradients
-    get their norm reduced over the mesh. Every rank gets the same norm.
+    Plain gradients (DDP, ZeRO-1, replicated layers under TP) are already complete on every rank; DTensor
+    gradients (FSDP2, TP) get their norm reduced over their mesh, one group per layout. Every rank gets
+    the same norm.
     ``max_norm``: > 0 (``inf``: measure only); ``norm_type``: > 0 or ``inf``.
     """
     _check_model(model)
@@ -28,11 +29,20 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
             raise TypeError(f"{name}={value!r}; allowed: a number > 0 (or inf)")
         if not value > 0:
             raise ValueError(f"{name}={value!r}; allowed: a number > 0 (or inf)")
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    groups: dict[object, list[nn.Parameter]] = {}  # one group per DTensor layout (TP x FSDP mixes meshes)
+    for p in model.parameters():
+        if p.grad is not None:
+            key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
+            groups.setdefault(key, []).append(p)
+    norms = []
+    for params in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not norms:
+        return torch.tensor(0.0)
+    norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    for params in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
 
 

@@ -71,6 +71,7 @@ class LiteGenConfig:
     sp_ring: int | None = (
         None  # the ring part of sp_size; null: per attention call, the most Ulysses the heads allow
     )
+    tp_size: int = 1  # tensor-parallel degree (contiguous, innermost ranks); needs zero_degree 2 or 3
     cpu_offload: bool = False  # ZeRO-3 parameters and optimizer state on CPU
     # precision
     precision: str = "fp32"  # compute: autocast (degrees 0/1) or FSDP2 parameters (2/3); fp16 scales the loss
@@ -342,6 +343,26 @@ def _validate(c: LiteGenConfig) -> None:
         c.sp_ring,
         f"null (chosen per attention call from its heads) or a divisor of sp_size={c.sp_size}",
     )
+    _check(c.tp_size >= 1, "tp_size", c.tp_size, "an integer >= 1")
+    if c.tp_size > 1:
+        _check(
+            c.sp_size == 1,
+            "tp_size",
+            c.tp_size,
+            f"1 with sp_size={c.sp_size}: tensor and sequence parallelism do not compose; set tp_size or sp_size to 1",
+        )
+        _check(
+            c.zero_degree >= 2,
+            "tp_size",
+            c.tp_size,
+            f"1 with zero_degree={c.zero_degree}; tensor parallelism needs zero_degree 2 or 3 (FSDP2 on the dp dim)",
+        )
+        _check(
+            c.group_zero is False,
+            "tp_size",
+            c.tp_size,
+            f"1 with group_zero={c.group_zero!r}; grouped ZeRO-3 with tensor parallelism is not supported",
+        )
     _check(
         not c.cpu_offload or c.zero_degree == 3, "cpu_offload", c.cpu_offload, "offload needs zero_degree: 3"
     )
@@ -441,7 +462,21 @@ def _validate(c: LiteGenConfig) -> None:
 def check_world(c: LiteGenConfig, world_size: int) -> None:
     """Checks that need the world size; every rank runs them before any collective."""
     _check(world_size % c.sp_size == 0, "sp_size", c.sp_size, f"a divisor of the world size {world_size}")
-    dp_size = world_size // c.sp_size
+    _check(
+        world_size % (c.sp_size * c.tp_size) == 0,
+        "tp_size",
+        c.tp_size,
+        f"a divisor of the world size {world_size} / sp_size {c.sp_size}",
+    )
+    node = os.environ.get("LOCAL_WORLD_SIZE")
+    if node is not None and node.isdigit():
+        _check(
+            int(node) % c.tp_size == 0,
+            "tp_size",
+            c.tp_size,
+            f"a divisor of the node size LOCAL_WORLD_SIZE={node} (a TP group stays on one node)",
+        )
+    dp_size = world_size // (c.sp_size * c.tp_size)
     group = c.group_size
     if group is not None:
         _check(
@@ -460,5 +495,6 @@ def check_world(c: LiteGenConfig, world_size: int) -> None:
         c.global_batch_size is None or c.global_batch_size % dp_size == 0,
         "global_batch_size",
         c.global_batch_size,
-        f"a multiple of the data-parallel size {dp_size} (world {world_size} / sp_size {c.sp_size})",
+        f"a multiple of the data-parallel size {dp_size} "
+        f"(world {world_size} / sp_size {c.sp_size} / tp_size {c.tp_size})",
     )

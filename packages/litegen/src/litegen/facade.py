@@ -1,8 +1,9 @@
 """``LiteGen(config).initialize(*objs)``: classify each object, optimize it, return them in order.
 
-The trainable model goes through, in this order: sequence-parallel plan → activation checkpointing
-→ activation offload → compile → sharding (ZeRO degree) → pretrained weights → EMA. Each step lives
-in the package that owns it; this module only decides what applies and in which order.
+The trainable model goes through, in this order: tensor parallelism → sequence-parallel plan →
+activation checkpointing → activation offload → compile → sharding (ZeRO degree) → pretrained weights
+→ EMA. Each step lives in the package that owns it; this module only decides what applies and in
+which order.
 """
 
 from __future__ import annotations
@@ -83,10 +84,11 @@ class LiteGen:
             logger.info("LiteGen config: %s", config_as_dict(self.config))
             split.log(logger)
             logger.info(
-                "world %d = dp %d x sp %d on %s",
+                "world %d = dp %d x sp %d x tp %d on %s",
                 self.runtime.world_size,
                 self.runtime.dp_size,
                 self.runtime.sp_size,
+                self.runtime.tp_size,
                 self.device,
             )
         seed_everything(self.config.global_seed)
@@ -120,7 +122,13 @@ class LiteGen:
         return self.runtime.dp_group
 
     # ---- initialize ----------------------------------------------------------------------------
-    def initialize(self, *objs: Any, sp_plan: Any = None, blocks: Sequence[nn.Module] | None = None) -> Any:
+    def initialize(
+        self,
+        *objs: Any,
+        sp_plan: Any = None,
+        blocks: Sequence[nn.Module] | None = None,
+        tp_plan: Any = None,
+    ) -> Any:
         """Optimize each object by kind and return them in the given order (one object: unwrapped).
 
         Trainable ``nn.Module`` (exactly one) → SP, checkpointing, offload, compile, sharding, EMA;
@@ -128,15 +136,21 @@ class LiteGen:
         moved to the device, in eval mode; map-style ``Dataset`` → resumable ``DataLoader``; any other
         callable (``vae.encode``) → time-parallel (causal video VAE) or data-parallel / sliced / compiled encode.
         ``sp_plan``: a ``litegen_sp.SPPlan`` for models the default plan does not fit; ``blocks``:
-        the repeated blocks (default: ``litegen_zero.find_blocks``), one list for SP, checkpointing and
-        sharding.
+        the repeated blocks (default: ``litegen_zero.find_blocks``), one list for TP, SP, checkpointing and
+        sharding; ``tp_plan``: torch's TP plan (``litegen_zero.tensor_parallel``) when ``tp_size`` > 1 and
+        neither the model's ``_tp_plan`` nor its structure fits.
         """
         kinds = self._classify(objs)  # raises on every rank before any collective
         with self._naming_timeouts("initialize()"):
-            return self._initialize(objs, kinds, sp_plan, blocks)
+            return self._initialize(objs, kinds, sp_plan, blocks, tp_plan)
 
     def _initialize(
-        self, objs: Sequence[Any], kinds: list[str], sp_plan: Any, blocks: Sequence[nn.Module] | None
+        self,
+        objs: Sequence[Any],
+        kinds: list[str],
+        sp_plan: Any,
+        blocks: Sequence[nn.Module] | None,
+        tp_plan: Any = None,
     ) -> Any:
         out: list[Any] = list(objs)
         trainable = [i for i, k in enumerate(kinds) if k == "model"]
@@ -144,7 +158,7 @@ class LiteGen:
         if trainable:
             i = trainable[0]
             opt = objs[optimizers[0]] if optimizers else None
-            model, opt = self._prepare_model(objs[i], opt, sp_plan=sp_plan, blocks=blocks)
+            model, opt = self._prepare_model(objs[i], opt, sp_plan=sp_plan, blocks=blocks, tp_plan=tp_plan)
             out[i] = model
             if optimizers:
                 out[optimizers[0]] = opt
@@ -232,12 +246,18 @@ class LiteGen:
         *,
         sp_plan: Any,
         blocks: Sequence[nn.Module] | None,
+        tp_plan: Any = None,
     ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
         c, rt = self.config, self.runtime
         self._model_config = _model_config(model)
         model.to(self.device)
         block_list = list(blocks) if blocks is not None else litegen_zero.find_blocks(model)
         done = []
+        if c.tp_size > 1:
+            litegen_zero.tensor_parallel(
+                model, rt.tp_mesh, plan=tp_plan, blocks=block_list, optimizer=optimizer
+            )
+            done.append(f"tensor parallel over {c.tp_size} ranks")
         if c.sp_size > 1:
             litegen_sp.sequence_parallel(
                 model, rt.sp_group, plan=sp_plan, blocks=block_list, splits=rt.sp_splits

@@ -5,9 +5,11 @@ The world comes from torchrun's variables (``RANK``, ``WORLD_SIZE``, ...), else 
 node and node list; the rendezvous on the step's first node, or ``MASTER_ADDR``/``MASTER_PORT``), else it is a
 world of one. An ``sbatch`` script or ``salloc`` shell is not a step: ``python train.py`` there runs alone.
 
-World = dp × sp with contiguous SP groups (``("dp", "sp")`` mesh: SP groups are rows, DP groups
-columns). Grouped ZeRO-3 adds a ``("replicate", "shard")`` mesh whose shard groups are contiguous
-blocks of ``group_size`` ranks (a node), each holding whole SP groups.
+World = dp × sp × tp with contiguous SP groups (``("dp", "sp")`` mesh: SP groups are rows, DP groups
+columns); with ``tp_size`` > 1 (and sp 1) a ``("dp", "sp", "tp")`` mesh: TP groups contiguous and
+innermost, FSDP2 shards over its ``dp`` dim, ``tensor_parallel`` splits over its ``tp`` dim. Grouped
+ZeRO-3 adds a ``("replicate", "shard")`` mesh whose shard groups are contiguous blocks of
+``group_size`` ranks (a node), each holding whole SP groups.
 
 Every group LiteGen creates gets ``collective_timeout`` (torch gives new groups 30 minutes), and a
 backend timeout is re-raised as ``CollectiveTimeoutError`` naming the collective that hung, read from
@@ -51,6 +53,12 @@ class Runtime:
     zero_mesh: DeviceMesh | None  # ("replicate", "shard") for grouped ZeRO-3, else None (whole world)
     sp_splits: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroup | None]]  # Ulysses degree -> its groups
     owns_process_group: bool
+    tp_size: int = 1
+
+    @property
+    def tp_mesh(self) -> DeviceMesh | None:
+        """The 1-D mesh of this rank's TP group, None without tensor parallelism."""
+        return self.mesh["tp"] if self.tp_size > 1 else None
 
     @property
     def sp_group(self) -> dist.ProcessGroup:
@@ -271,21 +279,32 @@ def start(config: LiteGenConfig) -> Runtime:
     owns = _init_process_group(config.collective_timeout, launch)
     world, rank = dist.get_world_size(), dist.get_rank()
     if owns and rank == 0:
-        logger.info("%s; layout dp %d x sp %d", launch.describe(), world // config.sp_size, config.sp_size)
+        logger.info(
+            "%s; layout dp %d x sp %d x tp %d",
+            launch.describe(),
+            world // (config.sp_size * config.tp_size),
+            config.sp_size,
+            config.tp_size,
+        )
     check_world(config, world)
     if "nccl" in str(dist.get_backend()):
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    sp = config.sp_size
+    sp, tp = config.sp_size, config.tp_size
     timeout = datetime.timedelta(seconds=config.collective_timeout)
-    mesh = _mesh(device.type, (world // sp, sp), ("dp", "sp"), timeout)
+    if tp > 1:  # TP innermost; FSDP2 shards over mesh["dp"] (config: sp 1, no group_zero)
+        mesh = _mesh(device.type, (world // (sp * tp), sp, tp), ("dp", "sp", "tp"), timeout)
+    else:
+        mesh = _mesh(device.type, (world // sp, sp), ("dp", "sp"), timeout)
     splits = usp_meshes(device.type, world // sp, sp, config.sp_ring, timeout)
     splits[sp] = (mesh.get_group("sp"), None)
     zero_mesh = None
     group = config.group_size if config.zero_degree == 3 else None
     if group is not None:
         zero_mesh = grouped_mesh(device.type, group, timeout)
+    if tp > 1:
+        zero_mesh = mesh["dp"]
     if config.allow_tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -293,10 +312,11 @@ def start(config: LiteGenConfig) -> Runtime:
         device=device,
         rank=rank,
         world_size=world,
-        dp_rank=rank // sp,
-        dp_size=world // sp,
-        sp_rank=rank % sp,
+        dp_rank=rank // (sp * tp),
+        dp_size=world // (sp * tp),
+        sp_rank=rank // tp % sp,
         sp_size=sp,
+        tp_size=tp,
         mesh=mesh,
         zero_mesh=zero_mesh,
         owns_process_group=owns,

@@ -1,0 +1,244 @@
+"""Tensor parallelism inside transformer blocks with torch's DTensor ``parallelize_module``.
+
+In each block the projections into attention (q, k, v; joint attention's ``add_q/k/v_proj``) and the
+MLP's input projection are split column-wise (``ColwiseParallel``: each rank computes ``heads / tp``
+heads and ``hidden / tp`` MLP features, output ``(b, s, out / tp)`` local); attention's output and the
+MLP's output projection row-wise (``RowwiseParallel``: input ``(b, s, in / tp)``, partial products
+all-reduced, output ``(b, s, out)`` replicated). Everything else (adaLN modulation, norms, embeddings)
+stays replicated: its inputs and output gradients are identical on every TP rank, so are its gradients.
+A module that reshapes by a head count gets its local count (``heads / tp``, ``kv_heads / tp``).
+Its QK-norms (``norm_q``, ``norm_k``, ``norm_added_*``: over head_dim, on this rank's heads) keep their
+weights replicated but their gradients summed over TP (``SequenceParallel`` on a dim other than the last:
+each rank normalizes its own rows, the weight gradient is a partial sum).
+
+A fused row-wise projection over a packed input (diffusers' ``PackedRowwiseParallel``, e.g. Flux's
+single-stream ``proj_out`` over ``cat(attention, mlp)``) stays replicated: its packed input is
+all-gathered part by part before it (gradient: each rank keeps its slice, no communication).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from litegen_zero._shard import _check_model, find_blocks
+
+logger = logging.getLogger(__name__)
+
+Plan = Mapping[str, ParallelStyle | str]
+_STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+_HEAD_ATTRS = ("heads", "num_heads", "n_heads")
+_KV_HEAD_ATTRS = ("kv_heads", "num_kv_heads", "num_key_value_heads")
+_INPUT_NAMES = ("to_q", "to_k", "to_v", "q", "k", "v", "q_proj", "k_proj", "v_proj")
+_JOINT_INPUT_NAMES = ("add_q_proj", "add_k_proj", "add_v_proj")
+_OUTPUT_NAMES = ("to_out", "to_out.0", "out", "out_proj", "o_proj", "proj")
+_JOINT_OUTPUT_NAMES = ("to_add_out",)
+_HEAD_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k", "q_norm", "k_norm")
+
+
+def tensor_parallel(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    plan: Plan | None = None,
+    blocks: Sequence[nn.Module] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> nn.Module:
+    """Split each block's attention and MLP projections over the 1-D ``mesh`` (the TP group); in place.
+
+    ``plan``: torch's plan, ``{module name or fnmatch pattern ("blocks.*.attn.to_q"): ParallelStyle,
+    "colwise" or "rowwise"}``. Default: the model's ``_tp_plan`` (diffusers' Flux, Flux2, QwenImage),
+    else found by structure in ``blocks`` (default ``find_blocks(model)``): a module with a ``heads``
+    attribute and Linear children ``to_q/to_k/to_v`` (or ``q/k/v``, ``*_proj``; joint ``add_*_proj``) and
+    an output ``to_out``/``out`` (joint ``to_add_out``); an MLP is a module whose only two Linears chain
+    ``dim -> hidden -> dim`` (a gated ``2 * hidden`` input is not split). Head counts, kv-head counts and
+    widths are checked on every rank before any collective. ``optimizer``, built on ``model`` and without
+    state yet, is pointed at the new (DTensor) parameters. Returns ``model``; ``shard()`` comes after.
+    """
+    _check_model(model)
+    if not isinstance(mesh, DeviceMesh) or mesh.ndim != 1:
+        raise ValueError(f"mesh={mesh!r}; allowed: a 1-D DeviceMesh of the tensor-parallel ranks")
+    tp = mesh.size()
+    if plan is None:
+        plan = getattr(model, "_tp_plan", None) or _plan_by_structure(model, blocks)
+        source = "the model's _tp_plan" if getattr(model, "_tp_plan", None) else "structure"
+    else:
+        source = "the given plan"
+    styles, packed = _expand(model, plan)
+    _set_local_heads(model, styles, tp)  # raises on every rank before parallelize_module communicates
+    styles.update(_head_norms(model, styles))
+    if tp > 1:
+        names = {id(p): n for n, p in model.named_parameters()}
+        parallelize_module(model, mesh, styles)
+        new = dict(model.named_parameters())
+        for group in optimizer.param_groups if optimizer is not None else []:
+            group["params"] = [new[names[id(p)]] if id(p) in names else p for p in group["params"]]
+        for name, parts in packed.items():
+            model.get_submodule(name).register_forward_pre_hook(_GatherPacked(mesh, parts))
+    if dist.get_rank() == 0:
+        logger.info(
+            "tensor_parallel: %d projections split over %d ranks (from %s), %d packed kept replicated",
+            len(styles),
+            tp,
+            source,
+            len(packed),
+        )
+    return model
+
+
+class _GatherPacked:
+    """Forward pre-hook: ``x (..., n / tp)`` holding each rank's slice of every packed part -> ``(..., n)``."""
+
+    def __init__(self, mesh: DeviceMesh, parts: list[int]) -> None:
+        self.mesh, self.parts = mesh, parts
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        x, *rest = args
+        total = sum(self.parts)
+        pieces = x.split([x.shape[-1] * p // total for p in self.parts], dim=-1)
+        dim = x.dim() - 1
+        full = [DTensor.from_local(p, self.mesh, [Shard(dim)], run_check=False).full_tensor() for p in pieces]
+        return (torch.cat(full, dim=-1), *rest)
+
+
+def _plan_by_structure(model: nn.Module, blocks: Sequence[nn.Module] | None) -> dict[str, str]:
+    """Column-wise attention inputs and MLP inputs, row-wise outputs, of every block; a block with none -> error."""
+    names = {id(m): n for n, m in model.named_modules()}
+    plan: dict[str, str] = {}
+    for block in list(blocks) if blocks is not None else find_blocks(model):
+        prefix = names[id(block)]
+        found = _attention_plan(block) | _mlp_plan(block)
+        if not found:
+            raise ValueError(
+                f"tensor_parallel: block {prefix!r} ({type(block).__name__}) has no linear layer the plan can "
+                "place (attention with a heads attribute and q/k/v + output Linears, or an MLP of two chained "
+                "Linears); allowed: pass plan={module name: 'colwise' | 'rowwise'} for this model"
+            )
+        plan.update({f"{prefix}.{name}": style for name, style in found.items()})
+    return plan
+
+
+def _attention_plan(block: nn.Module) -> dict[str, str]:
+    plan: dict[str, str] = {}
+    for name, module in block.named_modules():
+        if not any(isinstance(getattr(module, a, None), int) for a in _HEAD_ATTRS):
+            continue
+        prefix = f"{name}." if name else ""
+        for inputs, outputs in ((_INPUT_NAMES, _OUTPUT_NAMES), (_JOINT_INPUT_NAMES, _JOINT_OUTPUT_NAMES)):
+            ins = [n for n in inputs if _is_linear(module, n)]
+            outs = [n for n in outputs if _is_linear(module, n)]
+            if len(ins) == 3 and outs:
+                plan.update({prefix + n: "colwise" for n in ins})
+                plan[prefix + outs[0]] = "rowwise"
+    return plan
+
+
+def _mlp_plan(block: nn.Module) -> dict[str, str]:
+    plan: dict[str, str] = {}
+    found: list[str] = []
+    for name, module in block.named_modules():
+        if not name or any(name.startswith(f"{mlp}.") for mlp in found):
+            continue
+        if any(isinstance(getattr(m, a, None), int) for m in module.modules() for a in _HEAD_ATTRS):
+            continue
+        linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+        if len(linears) == 2 and linears[0][1].out_features == linears[1][1].in_features:
+            plan[f"{name}.{linears[0][0]}"] = "colwise"
+            plan[f"{name}.{linears[1][0]}"] = "rowwise"
+            found.append(name)
+    return plan
+
+
+def _is_linear(module: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(module.get_submodule(name), nn.Linear)
+    except AttributeError:
+        return False
+
+
+def _expand(model: nn.Module, plan: Plan) -> tuple[dict[str, ParallelStyle], dict[str, list[int]]]:
+    """Plan patterns -> ``{Linear name: style}`` and the packed row-wise Linears ``{name: part sizes}``."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    styles: dict[str, ParallelStyle] = {}
+    packed: dict[str, list[int]] = {}
+    for pattern, style in plan.items():
+        matches = [n for n in linears if fnmatch.fnmatchcase(n, pattern)]
+        if not matches:
+            raise ValueError(
+                f"tensor_parallel: plan entry {pattern!r} matches no nn.Linear of {type(model).__name__}; "
+                "allowed: names or fnmatch patterns of Linear submodules"
+            )
+        kind = type(style).__name__
+        for name in matches:
+            if kind == "PackedRowwiseParallel":  # diffusers' packed layout: kept whole, its input gathered
+                packed[name] = list(
+                    style.blocks or getattr(linears[name], "_tp_packed_row_blocks", None) or []
+                )
+                if not packed[name]:
+                    raise ValueError(f"tensor_parallel: {name!r} is PackedRowwiseParallel without blocks")
+            elif isinstance(style, str) and style in _STYLES:
+                styles[name] = _STYLES[style]()
+            elif isinstance(style, ParallelStyle):
+                styles[name] = style
+            else:
+                raise ValueError(
+                    f"tensor_parallel: plan entry {pattern!r} = {style!r}; allowed: 'colwise', 'rowwise', "
+                    "a torch ParallelStyle, or diffusers' PackedRowwiseParallel (kept replicated); "
+                    f"{kind} cannot be split exactly here: leave {name!r} out of the plan"
+                )
+    return styles, packed
+
+
+def _head_norms(model: nn.Module, styles: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
+    """QK-norms with weights inside attentions whose q/k are split: rows split, gradients summed over TP."""
+    owners = {n.rsplit(".", 1)[0] for n, s in styles.items() if isinstance(s, ColwiseParallel) and "." in n}
+    norms = {}
+    for owner in owners:
+        for name in _HEAD_NORMS:
+            module = getattr(model.get_submodule(owner), name, None)
+            if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
+                norms[f"{owner}.{name}"] = SequenceParallel(sequence_dim=0, use_local_output=True)
+    return norms
+
+
+def _set_local_heads(model: nn.Module, styles: dict[str, ParallelStyle], tp: int) -> None:
+    """Check every split width and head count against ``tp``, then give each attention its local heads."""
+    for name, style in styles.items():
+        linear = model.get_submodule(name)
+        width = linear.out_features if isinstance(style, ColwiseParallel) else linear.in_features
+        if width % tp:
+            raise ValueError(
+                f"tensor_parallel: {name} splits {width} features over tp_size={tp}; allowed: a tp_size "
+                f"dividing {width}"
+            )
+    owners = {
+        name.rsplit(".", 1)[0] for name, s in styles.items() if isinstance(s, ColwiseParallel) and "." in name
+    }
+    changes = []
+    for owner in sorted(owners):
+        module = model.get_submodule(owner)
+        for attr in _HEAD_ATTRS + _KV_HEAD_ATTRS:
+            heads = getattr(module, attr, None)
+            if isinstance(heads, int) and not isinstance(heads, bool):
+                if heads % tp:
+                    raise ValueError(
+                        f"tensor_parallel: {owner} ({type(module).__name__}) has {attr}={heads}, not divisible "
+                        f"by tp_size={tp}; allowed: tp_size in {[d for d in range(1, heads + 1) if heads % d == 0]}"
+                    )
+                changes.append((module, attr, heads // tp))
+    for module, attr, local in changes:
+        setattr(module, attr, local)
