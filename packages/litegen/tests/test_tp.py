@@ -5,6 +5,8 @@ Flux (its ``_tp_plan``; the single-stream packed ``proj_out`` kept replicated) t
 one process: losses, global gradient norms and final weights (fp32, 1e-5). The tiny DiT also with selective
 checkpointing and the sharded EMA (equal to ZeRO-3's EMA); a checkpoint saved at tp 2 x dp 2 resumes at
 tp 1 x dp 2 and the reverse, and training continues like one process. TP ranks share their samples.
+Refused on every rank before any collective: heads not divisible by tp_size, TP with SP, with DDP, a
+tp_size that does not divide the world.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import diffusers_models
 import pytest
 import tiny_dit
 import torch
+import torch.distributed as dist
 from litegen import LiteGen
 from tiny_dit import assert_trains_like_one_process
 
@@ -170,3 +173,35 @@ def test_checkpoint_reshards_between_tp_sizes(dist_pool, tmp_path, saved, resume
         torch.testing.assert_close(
             second[0]["state"][name], ref, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+def facade_errors() -> list:
+    """Each bad layout's ValueError; a last all-reduce proves no rank was left inside a collective."""
+    cases = [
+        ({"tp_size": 2, "zero_degree": 3}, 3),  # Flux with 3 heads
+        ({"tp_size": 2, "sp_size": 2, "zero_degree": 3}, 4),
+        ({"tp_size": 2}, 4),
+        ({"tp_size": 4, "zero_degree": 3}, 4),
+    ]
+    errors = []
+    for cfg, heads in cases:
+        try:
+            with LiteGen(cfg) as gen:
+                gen.initialize(*diffusers_models.make_model_and_optimizer("flux", heads=heads))
+            errors.append("no error")
+        except ValueError as exc:
+            errors.append(str(exc))
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    return [*errors, t.item()]
+
+
+def test_bad_layouts_fail_clearly_on_every_rank(dist_pool):
+    results = dist_pool.run(facade_errors, world_size=2, timeout=120)
+    assert results[0] == results[1]
+    heads, with_sp, with_ddp, world, total = results[0]
+    assert total == 2.0
+    assert "transformer_blocks.0.attn (FluxAttention) has heads=3, not divisible by tp_size=2" in heads
+    assert "tp_size=2" in with_sp and "sp_size=2" in with_sp
+    assert "tp_size=2" in with_ddp and "zero_degree=0" in with_ddp
+    assert "tp_size=4" in world and "world size 2" in world
