@@ -19,6 +19,7 @@ import tiny_dit
 import torch
 import torch.distributed as dist
 from litegen import LiteGen
+from litegen.config import LiteGenConfig, check_world
 from tiny_dit import assert_trains_like_one_process
 
 STEPS, GLOBAL_BATCH = 3, 4
@@ -205,3 +206,12 @@ def test_bad_layouts_fail_clearly_on_every_rank(dist_pool):
     assert "tp_size=2" in with_sp and "sp_size=2" in with_sp
     assert "tp_size=2" in with_ddp and "zero_degree=0" in with_ddp
     assert "tp_size=4" in world and "world size 2" in world
+
+
+def test_tp_size_must_divide_the_node_and_leave_out_grouped_zero(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"tp_size=4 .*node size LOCAL_WORLD_SIZE=2"):
+        check_world(LiteGenConfig(tp_size=4, zero_degree=3), 8)
+    check_world(LiteGenConfig(tp_size=2, zero_degree=3), 8)
+    with pytest.raises(ValueError, match=r"tp_size=2 .*group_zero=2"):
+        LiteGenConfig(tp_size=2, zero_degree=3, group_zero=2)
