@@ -68,8 +68,8 @@ def save_png(grid: torch.Tensor, path: Path, scale: int = 3) -> None:
 class Report:
     """The run's log on rank 0: `loss.csv` (target csv), TensorBoard events in `out` (target tensorboard).
 
-    Elsewhere (`enabled=False`) every method does nothing. `start_step` > 0 continues a resumed run: the CSV
-    is appended to, TensorBoard drops events an earlier run logged after that step.
+    Elsewhere (`enabled=False`) every method does nothing. `start_step` > 0 continues a resumed run: its CSV
+    is appended to (a new one gets its header), TensorBoard drops events an earlier run logged after that step.
     """
 
     def __init__(self, out: Path, targets: set[str], enabled: bool, start_step: int = 0):
@@ -80,8 +80,10 @@ class Report:
             return
         out.mkdir(parents=True, exist_ok=True)
         if "csv" in targets:
-            self.csv = (out / "loss.csv").open("a" if start_step else "w", newline="")
-            if not start_step:
+            path = out / "loss.csv"
+            fresh = not start_step or not path.is_file() or path.stat().st_size == 0
+            self.csv = path.open("w" if fresh else "a", newline="")
+            if fresh:
                 self.csv.write(",".join(COLUMNS) + "\n")
         if "tensorboard" in targets:
             from torch.utils.tensorboard import SummaryWriter

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> float | None:
         "--report-to", default="csv", help="csv (loss.csv, loss.png), tensorboard, csv,tensorboard or none"
     )
     parser.add_argument("overrides", nargs="*", help="key=value (train:) or litegen.key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may follow the overrides
     try:
         targets = report_targets(args.report_to)
     except ValueError as error:
@@ -298,8 +298,11 @@ def main(argv: list[str] | None = None) -> float | None:
         )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
 
+    # the UNet's units for sharding and checkpointing: its levels and middle (the default would be each of its
+    # ResNet, attention and resampling modules: three times the collectives, each a small tensor)
+    blocks = [*model.down_blocks, model.mid_block, *model.up_blocks] if cfg.model == "unet" else None
     model, optimizer, text_encoder, loader, encode = gen.initialize(
-        model, optimizer, text_encoder, dataset, lambda x: vae_encode(vae, x)
+        model, optimizer, text_encoder, dataset, lambda x: vae_encode(vae, x), blocks=blocks
     )
     velocity = unet_velocity(model) if cfg.model == "unet" else model
 

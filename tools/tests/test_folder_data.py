@@ -88,13 +88,20 @@ def test_folder_config_trains_with_local_parts_and_resumes_exactly_mid_epoch(tmp
         "samples_per_digit=1",
         "sample_steps=2",
     ]
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    dist_pool.run(train_on_every_rank, [*argv, "steps=7", f"out_dir={whole}"], world_size=2, timeout=240)
-    dist_pool.run(train_on_every_rank, [*argv, "steps=3", f"out_dir={parts}"], world_size=2, timeout=240)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    checkpoints = ["litegen.checkpoint_every=3", "litegen.checkpoint_keep=3"]  # step_3: mid-epoch
     dist_pool.run(
-        train_on_every_rank, ["--resume", *argv, "steps=7", f"out_dir={parts}"], world_size=2, timeout=240
+        train_on_every_rank, [*argv, *checkpoints, "steps=6", f"out_dir={whole}"], world_size=2, timeout=240
+    )
+    from_step_3 = [
+        f"litegen.checkpoint_dir={whole / 'checkpoints'}",
+        "litegen.resume_from='3'",
+        "litegen.checkpoint_every=0",
+    ]
+    dist_pool.run(
+        train_on_every_rank, [*argv, *from_step_3, "steps=6", f"out_dir={resumed}"], world_size=2, timeout=240
     )
     expected = _losses(whole / "loss.csv")
-    assert [row[0] for row in expected] == [str(s) for s in range(1, 8)]
-    assert _losses(parts / "loss.csv") == expected  # step 3 of a 5-step epoch, then into the next epoch
-    assert (parts / "samples.png").is_file() and (parts / "checkpoints/step_7").is_dir()
+    assert [row[0] for row in expected] == [str(s) for s in range(1, 7)]
+    assert _losses(resumed / "loss.csv") == expected[3:]  # step 3 of a 5-step epoch, then into the next epoch
+    assert (resumed / "samples.png").is_file() and (whole / "checkpoints/step_6").is_dir()
