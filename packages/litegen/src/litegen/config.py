@@ -99,7 +99,7 @@ class LiteGenConfig:
     checkpoint_async: bool = False
     auto_resume: bool = False
     resume_from: str | None = None  # a step number, "latest", or a step directory
-    init_from: str | None = None  # a safetensors file of pretrained weights for the trainable model
+    init_from: str | None = None  # pretrained weights: .safetensors, its index.json, or a model folder
     # runtime
     collective_timeout: float = 600.0  # seconds before a collective that does not complete fails
     log_level: str = "INFO"
@@ -424,10 +424,12 @@ def _validate(c: LiteGenConfig) -> None:
         )
     if c.init_from is not None:
         _check(
-            c.init_from.endswith(".safetensors"),
+            c.init_from.endswith((".safetensors", ".safetensors.index.json")) or Path(c.init_from).is_dir(),
             "init_from",
             c.init_from,
-            "a .safetensors file (weights are never unpickled)",
+            "a .safetensors file, a sharded *.safetensors.index.json, or a diffusers / transformers model "
+            "folder (diffusion_pytorch_model.safetensors[.index.json] or model.safetensors[.index.json] beside "
+            "config.json); weights are never unpickled",
         )
     _check(c.collective_timeout > 0, "collective_timeout", c.collective_timeout, "a number of seconds > 0")
     _check(

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, IterableDataset
 from .activations import apply_activation_checkpointing, apply_activation_offload, record_parents
 from .config import LiteGenConfig, config_as_dict, split_config
 from .data import ResumableLoader, ResumableSampler
+from .meta_init import check_meta_model, materialize_meta
 from .runtime import Runtime, grouped_mesh, name_collective_timeout, seed_everything, start
 
 logger = logging.getLogger("litegen")
@@ -250,6 +251,9 @@ class LiteGen:
     ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
         c, rt = self.config, self.runtime
         self._model_config = _model_config(model)
+        meta = check_meta_model(model, from_file=c.init_from is not None)  # raises before any collective
+        if meta and c.zero_degree < 2:  # DDP holds the whole model on every rank anyway
+            materialize_meta(model, self.device, seed=c.global_seed, reset=c.init_from is None)
         model.to(self.device)
         block_list = list(blocks) if blocks is not None else litegen_zero.find_blocks(model)
         done = []
@@ -291,6 +295,10 @@ class LiteGen:
             blocks=block_list,
         )
         done.append(f"ZeRO degree {c.zero_degree}" + (f", grouped by {c.group_size}" if c.group_size else ""))
+        if meta and c.zero_degree >= 2:  # FSDP2 sharded the meta parameters: allocate local shards only
+            device = torch.device("cpu") if c.cpu_offload else self.device
+            materialize_meta(model, device, seed=c.global_seed, reset=c.init_from is None)
+            done.append("meta model materialised shard by shard")
         self._precision = litegen_zero.MixedPrecision(
             optimizer,
             DTYPES[c.precision],
