@@ -91,6 +91,24 @@ def test_a_meta_model_is_initialised_deterministically_and_alike_on_every_rank_a
     )  # not correlated
 
 
+def meta_stack_under_tensor_parallelism() -> dict[str, torch.Tensor]:
+    gen = LiteGen({"zero_degree": 3, "tp_size": 2, "global_seed": SEED})
+    with torch.device("meta"):
+        model = Stack()
+    gen.initialize(model, torch.optim.AdamW(model.parameters()))
+    full = gen.full_state_dict()
+    gen.close()
+    return full
+
+
+def test_a_meta_model_under_tensor_parallelism_gets_the_same_weights(dist_pool):
+    expected = reset_parameters_reference(SEED)
+    full = dist_pool.run(meta_stack_under_tensor_parallelism, world_size=2, timeout=120)[0]
+    assert set(full) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(full[name], value), name
+
+
 def peak_during_initialize(dim: int, blocks: int) -> dict:
     gen = LiteGen({"zero_degree": 3, "global_seed": SEED})
     with torch.device("meta"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -69,27 +70,28 @@ def check_meta_model(model: nn.Module, *, from_file: bool) -> bool:
 
 
 def materialize_meta(model: nn.Module, device: torch.device, *, seed: int, reset: bool) -> None:
-    """Allocate the meta tensors of ``model`` (local shards only) on ``device``; ``reset``: fill the parameters.
+    """Allocate the meta tensors of ``model`` (local shards only) on ``device``; ``reset``: fill those parameters.
 
-    Real tensors stay as they are. Each module initialiser sees full-size CPU tensors of its own parameters
+    Real tensors keep their values. Each module initialiser sees full-size CPU tensors of its own parameters
     (one module at a time, under ``seed``; the global RNG is restored after) and each rank keeps its slice.
     """
+    was_meta = {id(p) for p in model.parameters() if p.is_meta}
     swap = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(
         True
-    )  # keep each Parameter object: optimizers hold them
+    )  # the same Parameter objects: optimizers hold them
     try:
         model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swap)
     if not reset:
         return
+    count = 0
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
-        count = 0
         for module in model.modules():
             own = dict(module.named_parameters(recurse=False))
-            if not own or not _has_initialiser(module):
+            if not _has_initialiser(module) or not any(id(p) in was_meta for p in own.values()):
                 continue
             full = {name: torch.empty(p.shape, dtype=p.dtype) for name, p in own.items()}
             try:
@@ -99,9 +101,11 @@ def materialize_meta(model: nn.Module, device: torch.device, *, seed: int, reset
             finally:
                 module._parameters.update(own)
             for name, param in own.items():
-                _copy_owned(full[name], param)
+                if id(param) in was_meta:
+                    _copy_owned(full[name], param)
             count += 1
-    logger.info("meta model: %d modules initialised by their reset_parameters() (seed %d)", count, seed)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.info("meta model: %d modules initialised by their reset_parameters() (seed %d)", count, seed)
 
 
 def _has_initialiser(module: nn.Module) -> bool:
