@@ -1,12 +1,13 @@
 """Tensor parallelism through the facade: ``tp_size`` 2 alone (world 2) and × ZeRO-3 dp 2 (world 4).
 
-The tiny DiT (found by structure), PixArt (diffusers ``Attention`` + ``FeedForward``, found by structure) and
-Flux (its ``_tp_plan``; the single-stream packed ``proj_out`` kept replicated) train three AdamW steps like
+The tiny DiT (found by structure), PixArt (diffusers ``Attention`` + ``FeedForward``, found by structure),
+Flux (its ``_tp_plan``; the single-stream packed ``proj_out`` kept replicated) and SD3 at tp 2 (joint
+attention, a context-pre-only last block; by structure) train three AdamW steps like
 one process: losses, global gradient norms and final weights (fp32, 1e-5). The tiny DiT also with selective
 checkpointing and the sharded EMA (equal to ZeRO-3's EMA); a checkpoint saved at tp 2 x dp 2 resumes at
 tp 1 x dp 2 and the reverse, and training continues like one process. TP ranks share their samples.
-Refused on every rank before any collective: heads not divisible by tp_size, TP with SP, with DDP, a
-tp_size that does not divide the world.
+Refused on every rank before any collective: heads not divisible by tp_size, Wan's QK-norm over all heads,
+TP with SP, with DDP, a tp_size that does not divide the world.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from tiny_dit import assert_trains_like_one_process
 
 STEPS, GLOBAL_BATCH = 3, 4
 Combo = tuple[str, dict]  # model name ("tiny_dit" or a diffusers_models name), LiteGen config
-WORLD2: list[Combo] = [(name, {"tp_size": 2, "zero_degree": 3}) for name in ("tiny_dit", "pixart", "flux")]
+WORLD2: list[Combo] = [
+    (name, {"tp_size": 2, "zero_degree": 3}) for name in ("tiny_dit", "pixart", "flux", "sd3")
+]
 WORLD4: list[Combo] = [(name, {"tp_size": 2, "zero_degree": 3}) for name in ("tiny_dit", "pixart", "flux")]
 WORLD4 += [("tiny_dit", {"tp_size": 2, "zero_degree": 2, "selective_ratio": 0.5})]
 
@@ -179,16 +182,17 @@ def test_checkpoint_reshards_between_tp_sizes(dist_pool, tmp_path, saved, resume
 def facade_errors() -> list:
     """Each bad layout's ValueError; a last all-reduce proves no rank was left inside a collective."""
     cases = [
-        ({"tp_size": 2, "zero_degree": 3}, 3),  # Flux with 3 heads
-        ({"tp_size": 2, "sp_size": 2, "zero_degree": 3}, 4),
-        ({"tp_size": 2}, 4),
-        ({"tp_size": 4, "zero_degree": 3}, 4),
+        ({"tp_size": 2, "zero_degree": 3}, "flux", {"heads": 3}),
+        ({"tp_size": 2, "zero_degree": 3}, "wan", {}),  # its QK-norm spans all heads
+        ({"tp_size": 2, "sp_size": 2, "zero_degree": 3}, "flux", {}),
+        ({"tp_size": 2}, "flux", {}),
+        ({"tp_size": 4, "zero_degree": 3}, "flux", {}),
     ]
     errors = []
-    for cfg, heads in cases:
+    for cfg, name, overrides in cases:
         try:
             with LiteGen(cfg) as gen:
-                gen.initialize(*diffusers_models.make_model_and_optimizer("flux", heads=heads))
+                gen.initialize(*diffusers_models.make_model_and_optimizer(name, **overrides))
             errors.append("no error")
         except ValueError as exc:
             errors.append(str(exc))
@@ -200,9 +204,10 @@ def facade_errors() -> list:
 def test_bad_layouts_fail_clearly_on_every_rank(dist_pool):
     results = dist_pool.run(facade_errors, world_size=2, timeout=120)
     assert results[0] == results[1]
-    heads, with_sp, with_ddp, world, total = results[0]
+    heads, across_heads, with_sp, with_ddp, world, total = results[0]
     assert total == 2.0
     assert "transformer_blocks.0.attn (FluxAttention) has heads=3, not divisible by tp_size=2" in heads
+    assert "blocks.0.attn1.norm_q (RMSNorm) normalizes 32 features, all heads at once" in across_heads
     assert "tp_size=2" in with_sp and "sp_size=2" in with_sp
     assert "tp_size=2" in with_ddp and "zero_degree=0" in with_ddp
     assert "tp_size=4" in world and "world size 2" in world

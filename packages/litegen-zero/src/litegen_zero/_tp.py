@@ -79,8 +79,9 @@ def tensor_parallel(
     else:
         source = "the given plan"
     styles, packed = _expand(model, plan)
-    _set_local_heads(model, styles, tp)  # raises on every rank before parallelize_module communicates
-    styles.update(_head_norms(model, styles))
+    norms = _head_norms(model, styles)  # these checks raise on every rank before any collective
+    _set_local_heads(model, styles, tp)
+    styles.update(norms)
     if tp > 1:
         names = {id(p): n for n, p in model.named_parameters()}
         parallelize_module(model, mesh, styles)
@@ -133,17 +134,26 @@ def _plan_by_structure(model: nn.Module, blocks: Sequence[nn.Module] | None) -> 
 
 
 def _attention_plan(block: nn.Module) -> dict[str, str]:
+    """Attentions with q/k/v and an output: those column-, that row-wise; joint ``add_*_proj`` (same heads) with
+    them, ``to_add_out`` row-wise when present (a context-pre-only block drops its text output)."""
     plan: dict[str, str] = {}
     for name, module in block.named_modules():
         if not any(isinstance(getattr(module, a, None), int) for a in _HEAD_ATTRS):
             continue
         prefix = f"{name}." if name else ""
-        for inputs, outputs in ((_INPUT_NAMES, _OUTPUT_NAMES), (_JOINT_INPUT_NAMES, _JOINT_OUTPUT_NAMES)):
-            ins = [n for n in inputs if _is_linear(module, n)]
-            outs = [n for n in outputs if _is_linear(module, n)]
-            if len(ins) == 3 and outs:
-                plan.update({prefix + n: "colwise" for n in ins})
-                plan[prefix + outs[0]] = "rowwise"
+        ins = [n for n in _INPUT_NAMES if _is_linear(module, n)]
+        outs = [n for n in _OUTPUT_NAMES if _is_linear(module, n)]
+        if len(ins) != 3 or not outs:
+            continue
+        plan.update(
+            {prefix + n: "colwise" for n in ins + [n for n in _JOINT_INPUT_NAMES if _is_linear(module, n)]}
+        )
+        plan.update(
+            {
+                prefix + n: "rowwise"
+                for n in outs[:1] + [n for n in _JOINT_OUTPUT_NAMES if _is_linear(module, n)]
+            }
+        )
     return plan
 
 
@@ -204,13 +214,30 @@ def _expand(model: nn.Module, plan: Plan) -> tuple[dict[str, ParallelStyle], dic
 
 
 def _head_norms(model: nn.Module, styles: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
-    """QK-norms with weights inside attentions whose q/k are split: rows split, gradients summed over TP."""
+    """QK-norms with weights inside attentions whose q/k are split: rows split, gradients summed over TP.
+    A QK-norm over all heads at once (Wan's ``rms_norm_across_heads``) cannot be split exactly: refused."""
     owners = {n.rsplit(".", 1)[0] for n, s in styles.items() if isinstance(s, ColwiseParallel) and "." in n}
     norms = {}
-    for owner in owners:
+    for owner in sorted(owners):
+        attention = model.get_submodule(owner)
+        heads = next(
+            (getattr(attention, a) for a in _HEAD_ATTRS if isinstance(getattr(attention, a, None), int)), 0
+        )
+        query = next((f"{owner}.{n}" for n in _INPUT_NAMES[::3] if f"{owner}.{n}" in styles), None)
         for name in _HEAD_NORMS:
-            module = getattr(model.get_submodule(owner), name, None)
-            if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
+            norm = getattr(attention, name, None)
+            if not isinstance(norm, nn.Module) or not heads or query is None:
+                continue
+            head_dim = model.get_submodule(query).out_features // heads
+            shape = getattr(norm, "normalized_shape", None) or getattr(norm, "dim", None)
+            size = int(shape[-1]) if isinstance(shape, (tuple, list, torch.Size)) else head_dim
+            if size != head_dim:
+                raise ValueError(
+                    f"tensor_parallel: {owner}.{name} ({type(norm).__name__}) normalizes {size} features, all heads "
+                    f"at once (head_dim is {head_dim}); a split over heads changes it: allowed: a plan that leaves "
+                    f"{owner} replicated, or tp_size 1"
+                )
+            if any(True for _ in norm.parameters()):
                 norms[f"{owner}.{name}"] = SequenceParallel(sequence_dim=0, use_local_output=True)
     return norms
 
