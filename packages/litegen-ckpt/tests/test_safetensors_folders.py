@@ -126,5 +126,9 @@ def test_folders_and_indexes_that_cannot_load_are_named(tmp_path):
         ValueError, match=r"puts head.bias in .*00002-of-00002.safetensors, which does not hold"
     ):
         load_safetensors(model, index)
+    index = write_index(tmp_path / "pickled", "model", weights())
+    torch.save(weights(), next((tmp_path / "pickled").glob("*00002.safetensors")))
+    with pytest.raises(ValueError, match=r"index.json' names a file that is not a valid safetensors file"):
+        load_safetensors(model, index)
     with pytest.raises(FileNotFoundError, match=r"does not exist or is not a .safetensors file"):
         load_safetensors(model, tmp_path / "weights.bin")

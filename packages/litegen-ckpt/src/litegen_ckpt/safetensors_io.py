@@ -112,8 +112,9 @@ def load_safetensors(model: nn.Module, path: str | os.PathLike, *, strict: bool 
             state, _weight_files(path), prefix if isinstance(prefix, str) else "", strict, path
         )
     except SafetensorError as error:  # not a safetensors file (a pickle, say), or a truncated one
+        what = "names a file that is" if path.is_dir() or path.name.endswith(".index.json") else "is"
         problem = ValueError(
-            f"path={str(path)!r} holds an invalid safetensors file ({error}); weights are read only from "
+            f"path={str(path)!r} {what} not a valid safetensors file ({error}); weights are read only from "
             "safetensors files, never unpickled"
         )
     except (OSError, ValueError) as error:
@@ -145,7 +146,9 @@ def _weight_files(path: Path) -> dict[str, Path]:
         if absent:
             raise FileNotFoundError(f"path={str(path)!r} names shard files that do not exist: {absent[:5]}")
         return files
-    if path.name.endswith(".safetensors") and path.is_file():
+    if (
+        path.is_file()
+    ):  # read as safetensors whatever its name: anything else fails the parser, never unpickled
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return dict.fromkeys(f.keys(), path)
     raise FileNotFoundError(f"path={str(path)!r} does not exist or is not {_ALLOWED}")
