@@ -144,7 +144,7 @@ def train(args: argparse.Namespace, config: dict, rank: int, progress: Path, fir
             "step": gen.start_step,
             "losses": {},
         }
-        if gen.runtime.zero_mesh is not None:
+        if gen.runtime.zero_mesh.ndim == 2:
             record["shard_group"] = dist.get_process_group_ranks(gen.runtime.zero_mesh.get_group("shard"))
         batches = gen.batches()
         for step in range(gen.start_step + 1, args.steps + 1):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -135,7 +136,10 @@ class ShardedEMA:
         mesh = None
         if sharded and dist.is_initialized() and any(not isinstance(p, DTensor) for _, p in trainable):
             device_type = next(p.device.type for _, p in trainable if not isinstance(p, DTensor))
-            mesh = DeviceMesh.from_group(dist.group.WORLD, device_type)
+            with (
+                unset_fake_temporarily()
+            ):  # a mesh is bookkeeping: real even under a FakeTensorMode (planning)
+                mesh = DeviceMesh.from_group(dist.group.WORLD, device_type)
         with torch.no_grad():
             self._slots = [self._make_slot(_clean_name(model, name), p, mesh) for name, p in trainable]
         names = [slot.name for slot in self._slots]

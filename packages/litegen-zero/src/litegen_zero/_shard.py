@@ -15,6 +15,7 @@ from types import MappingProxyType
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._guards import active_fake_mode
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -124,7 +125,7 @@ def shard(
 
     if degree <= 1:
         model = _wrap_ddp(model, mesh, reduce_dtype)
-        inner = model.module
+        inner = getattr(model, "module", model)
     else:
         mesh = mesh if mesh is not None else _default_mesh(world, group_size)
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
@@ -326,7 +327,8 @@ def _rebuild_optimizer(
     defaults = {k: v for k, v in optimizer.defaults.items() if open_kwargs or k in signature}
     if degree != 1:
         return cls(groups, **defaults)
-    return ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=model.process_group, **defaults)
+    group = getattr(model, "process_group", None)  # DDP's; None (the world) for a model traced unwrapped
+    return ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=group, **defaults)
 
 
 def _check_optimizer_class(cls: type[Optimizer], degree: int) -> None:
@@ -337,14 +339,18 @@ def _check_optimizer_class(cls: type[Optimizer], degree: int) -> None:
         )
 
 
-def _wrap_ddp(
-    model: nn.Module, mesh: DeviceMesh | None, reduce_dtype: torch.dtype | None
-) -> DistributedDataParallel:
-    """DDP over the default group or all ranks of ``mesh``; ``reduce_dtype`` bf16/fp16 compresses all-reduces."""
+def _wrap_ddp(model: nn.Module, mesh: DeviceMesh | None, reduce_dtype: torch.dtype | None) -> nn.Module:
+    """DDP over the default group or all ranks of ``mesh``; ``reduce_dtype`` bf16/fp16 compresses all-reduces.
+
+    Under a ``FakeTensorMode`` (memory planning) the model is returned unwrapped: DDP's C++ reducer cannot take
+    fake tensors, and with ``gradient_as_bucket_view`` its buckets are the gradients, so the memory is the same.
+    """
     if mesh is None:
         group = None
     else:
         group = (mesh if mesh.ndim == 1 else mesh._flatten()).get_group()
+    if active_fake_mode() is not None:
+        return model
     device_ids = None
     if _device_type() == "cuda":
         device = torch.cuda.current_device()

@@ -32,7 +32,7 @@ from .activations import apply_activation_checkpointing, apply_activation_offloa
 from .config import LiteGenConfig, config_as_dict, split_config
 from .data import ResumableLoader, ResumableSampler
 from .meta_init import check_meta_model, materialize_meta
-from .runtime import Runtime, grouped_mesh, name_collective_timeout, seed_everything, start
+from .runtime import Runtime, name_collective_timeout, seed_everything, start
 
 logger = logging.getLogger("litegen")
 
@@ -254,7 +254,10 @@ class LiteGen:
         meta = check_meta_model(model, from_file=c.init_from is not None)  # raises before any collective
         if meta and c.zero_degree < 2:  # DDP holds the whole model on every rank anyway
             materialize_meta(model, self.device, seed=c.global_seed, reset=c.init_from is None)
-        model.to(self.device)
+        if c.zero_degree < 2 and any(
+            t.device != self.device for t in [*model.parameters(), *model.buffers()]
+        ):
+            model.to(self.device)  # FSDP2 (degrees 2/3) moves each unit's shard itself: never the whole model
         block_list = list(blocks) if blocks is not None else litegen_zero.find_blocks(model)
         done = []
         if c.tp_size > 1:
@@ -340,19 +343,11 @@ class LiteGen:
     def _prepare_frozen(self, module: nn.Module) -> nn.Module:
         c = self.config
         module.requires_grad_(False)
-        module.to(self.device)
+        if any(t.device != self.device for t in [*module.parameters(), *module.buffers()]):
+            module.to(self.device)
         if c.encoder.fsdp:
-            group = (
-                int(os.environ.get("LOCAL_WORLD_SIZE", self.runtime.world_size)) if c.encoder.group else None
-            )
-            if group is not None and self.runtime.world_size % group:
-                raise ValueError(
-                    f"config: encoder.group=True needs LOCAL_WORLD_SIZE={group} to divide the world "
-                    f"size {self.runtime.world_size}"
-                )
             dtype = DTYPES[c.precision] if c.precision != "fp32" else None
-            mesh = None if group is None else grouped_mesh(self.device.type, group, self._timeout)
-            module = litegen_zero.shard_frozen(module, mesh=mesh, dtype=dtype)
+            module = litegen_zero.shard_frozen(module, mesh=self.runtime.frozen_mesh, dtype=dtype)
         module.eval()
         if self.is_main:
             logger.info(

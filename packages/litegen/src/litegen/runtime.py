@@ -50,9 +50,13 @@ class Runtime:
     sp_rank: int
     sp_size: int
     mesh: DeviceMesh  # ("dp", "sp")
-    zero_mesh: DeviceMesh | None  # ("replicate", "shard") for grouped ZeRO-3, else None (whole world)
+    zero_mesh: (
+        DeviceMesh  # what the model is sharded / replicated over: ("shard",) the world, or grouped ZeRO-3's
+    )
+    # ("replicate", "shard"); built here, outside any fake mode, for the planner too
     sp_splits: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroup | None]]  # Ulysses degree -> its groups
     owns_process_group: bool
+    frozen_mesh: DeviceMesh | None = None  # encoder.fsdp's: the world, or ("replicate", "shard") by node
     tp_size: int = 1
 
     @property
@@ -299,12 +303,26 @@ def start(config: LiteGenConfig) -> Runtime:
         mesh = _mesh(device.type, (world // sp, sp), ("dp", "sp"), timeout)
     splits = usp_meshes(device.type, world // sp, sp, config.sp_ring, timeout)
     splits[sp] = (mesh.get_group("sp"), None)
-    zero_mesh = None
     group = config.group_size if config.zero_degree == 3 else None
-    if group is not None:
-        zero_mesh = grouped_mesh(device.type, group, timeout)
+    zero_mesh = (
+        grouped_mesh(device.type, group, timeout)
+        if group is not None
+        else _mesh(device.type, (world,), ("shard",), timeout)
+    )
     if tp > 1:
         zero_mesh = mesh["dp"]
+    frozen_mesh = None  # what encoder.fsdp shards frozen modules over: the world, or each node
+    if config.encoder.fsdp:
+        node = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if config.encoder.group else None
+        if node is not None and world % node:
+            raise ValueError(
+                f"config: encoder.group=True needs LOCAL_WORLD_SIZE={node} to divide the world size {world}"
+            )
+        frozen_mesh = (
+            grouped_mesh(device.type, node, timeout)
+            if node
+            else _mesh(device.type, (world,), ("shard",), timeout)
+        )
     if config.allow_tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -319,6 +337,7 @@ def start(config: LiteGenConfig) -> Runtime:
         tp_size=tp,
         mesh=mesh,
         zero_mesh=zero_mesh,
+        frozen_mesh=frozen_mesh,
         owns_process_group=owns,
         sp_splits=splits,
     )
