@@ -1,0 +1,61 @@
+"""``litegen plan``: one rank's peak memory from fake tensors over a fake world, and the ``--fit`` search.
+
+Each call is a fresh process (the planner joins a fake world of its own). Prediction against a real step is
+``tools/bench/planner.py``'s job (figures in BENCHMARKS.md); here: the command's help, a plan of the demo's config
+with its parts, and the search's recommendation and its "nothing fits" answer.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+DIT = [
+    "--model",
+    str(ROOT / "tools" / "dit.py") + ":DiT",
+    "--model-kwargs",
+    '{"dim": 64, "depth": 2, "heads": 2}',
+]
+INPUTS = ["--inputs", '{"x": [4, 4, 8, 8], "t": [4], "text": [4, 16, 384]}']
+
+
+def litegen(*argv: str) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name("litegen")
+    return subprocess.run([str(script), *argv], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_help():
+    done = litegen("plan", "--help")
+    assert done.returncode == 0 and all(flag in done.stdout for flag in ("--fit", "--world-size", "--inputs"))
+
+
+def test_a_plan_of_the_demo_config():
+    done = litegen("plan", "--config", "tools/configs/default.yaml", *DIT, *INPUTS, "--world-size", "2",
+                   "--device-memory", "1GiB", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    parts = plan["parts"]
+    assert plan["world_size"] == 2 and plan["fits"] is True and plan["config"]["ema"]["enable"] is True
+    for part in ("parameters", "gradients", "optimizer state", "ema", "activations"):
+        assert parts[part] > 0, parts
+    # AdamW: two fp32 states per parameter; DDP: the gradients' buckets are parameter-sized
+    assert parts["optimizer state"] >= 2 * parts["parameters"] and parts["gradients"] == parts["parameters"]
+    assert plan["peak"] == sum(parts.values())
+    small = litegen("plan", "--config", "tools/configs/default.yaml", *DIT, *INPUTS, "--world-size", "2",
+                    "--device-memory", "1MiB")  # fmt: skip
+    assert small.returncode == 1 and "does NOT fit" in small.stdout, small.stdout + small.stderr
+
+
+def test_fit_recommends_the_cheapest_configuration_that_fits():
+    done = litegen("plan", *DIT, *INPUTS, "--gpus", "2", "--fit", "6MiB", "--json")
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["fit"] and found["tried"] > len(found["fit"])  # some configurations do not fit 6 MiB
+    assert all(p["peak"] <= 6 * 2**20 for p in found["fit"])
+    best = found["fit"][0]["config"]
+    assert not best["cpu_offload"] and not best["ac_offload"]  # host transfers are the costliest
+    table = litegen("plan", *DIT, *INPUTS, "--gpus", "2", "--fit", "100KiB")
+    assert table.returncode == 1 and "nothing fits" in table.stdout and "dominated by" in table.stdout
