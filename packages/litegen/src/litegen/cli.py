@@ -229,12 +229,14 @@ def _plan(args: argparse.Namespace) -> int:
     ]
     if not results:
         raise ValueError("no configuration could be planned for this world size and model")
-    params = max(sum(r.parts.get(k, 0) for k in ("parameters",)) * r.world_size for r in results)
+    params = max(r.parts.get("parameters", 0) * r.world_size for r in results)  # the whole model's bytes
     fit = sorted(
         (r for r in results if r.fits), key=lambda r: planner.step_cost(r.config, params, r.world_size)
     )
     if args.json:
-        print(json.dumps({"fit": [r.to_json() for r in fit], "tried": len(results)}, indent=2))
+        print(
+            json.dumps({"fit": [r.to_json() for r in fit], "tried": [r.to_json() for r in results]}, indent=2)
+        )
     else:
         print(_fit_table(fit, results, args.fit))
     return 0 if fit else 1
