@@ -4,8 +4,9 @@
 
 Workload: the demo DiT (tools/dit.py, dim 256, depth 4, 16 x 16 latents = 64 tokens, 8 samples per rank, 16 text
 tokens), AdamW; one config adds a frozen MiniLM-sized BERT (transformers BertModel, random weights) sharded by
-``encoder.fsdp``. Seven configurations: DDP, ZeRO-2, ZeRO-3, ZeRO-3 + SP 2, ZeRO-3 + selective checkpointing 0.5,
-ZeRO-2 + sharded EMA, ZeRO-3 + the sharded encoder.
+``encoder.fsdp``, one a VAE whose encode runs before the step. Eight configurations: DDP, ZeRO-2, ZeRO-3, ZeRO-3 + SP 2, ZeRO-3 + selective checkpointing 0.5,
+ZeRO-2 + sharded EMA, ZeRO-3 + the sharded encoder, ZeRO-2 + a VAE's encode (diffusers AutoencoderKL, 3 levels, 8 x 3
+x 128 x 128 images per rank).
 
 Predicted: ``litegen.plan.plans`` in one process over a fake world of 2 (rank 0). Measured: ``litegen.plan.measure``
 in a real gloo world of 2 (torchrun, a fresh one per config), the same steps on real tensors, rank 0: the tracker's
@@ -40,11 +41,12 @@ CONFIGS = {
     "zero3_selective0.5": {"zero_degree": 3, "selective_ratio": 0.5},
     "zero2_ema_sharded": {"zero_degree": 2, "ema": {"enable": True, "sharded": True}},
     "zero3_minilm_sharded": {"zero_degree": 3, "encoder": {"fsdp": True}},
+    "zero2_vae_encode": {"zero_degree": 2},
 }
 BATCH, TEXT = 8, 16
 
 
-def workload(with_encoder: bool, dim: int = 256, depth: int = 4, heads: int = 4):
+def workload(name: str, dim: int = 256, depth: int = 4, heads: int = 4):
     from dit import DiT
     from litegen.plan import Workload
 
@@ -59,8 +61,8 @@ def workload(with_encoder: bool, dim: int = 256, depth: int = 4, heads: int = 4)
             "text": torch.randn(BATCH, TEXT, 384),
         }
 
-    encoders = []
-    if with_encoder:
+    encoders, vae = [], None
+    if "minilm" in name:
         from transformers import BertConfig, BertModel
 
         minilm = BertConfig(
@@ -72,7 +74,15 @@ def workload(with_encoder: bool, dim: int = 256, depth: int = 4, heads: int = 4)
                 lambda: {"input_ids": torch.zeros(BATCH, TEXT, dtype=torch.long)},
             )
         ]
-    return Workload(model=model, inputs=inputs, encoders=encoders)
+    if "vae" in name:
+        from diffusers import AutoencoderKL
+
+        blocks = {"down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3}
+        vae = (
+            lambda: AutoencoderKL(block_out_channels=[32, 64, 64], latent_channels=4, **blocks),
+            lambda: {"x": torch.randn(BATCH, 3, 128, 128)},
+        )
+    return Workload(model=model, inputs=inputs, encoders=encoders, vae=vae)
 
 
 def predict() -> dict:
@@ -80,10 +90,10 @@ def predict() -> dict:
 
     out = {}
     for name, config in CONFIGS.items():
-        (result,) = plans([config], workload("minilm" in name), world_size=2)
+        (result,) = plans([config], workload(name), world_size=2)
         out[name] = result.peak
     start = time.perf_counter()
-    plans_1b = list(plans([{"zero_degree": 3}], workload(False, dim=1536, depth=28, heads=16), world_size=8))
+    plans_1b = list(plans([{"zero_degree": 3}], workload("1b", dim=1536, depth=28, heads=16), world_size=8))
     out["seconds_1b"] = time.perf_counter() - start
     out["params_1b"] = plans_1b[0].parts.get("parameters", 0) * 8 // 4
     return out
@@ -102,11 +112,11 @@ def measure(name: str) -> dict:
     from litegen.plan import measure as measured
 
     dist.init_process_group("gloo")
-    config, encoder = CONFIGS[name], "minilm" in name
-    measured(config, workload(encoder, dim=32, depth=1, heads=2))
+    config = CONFIGS[name]
+    measured(config, workload(name, dim=32, depth=1, heads=2))
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set
     before = status_bytes("VmRSS")
-    result = measured(config, workload(encoder))
+    result = measured(config, workload(name))
     out = {"tracked": result.peak, "rss": status_bytes("VmHWM") - before}
     dist.destroy_process_group()
     return out

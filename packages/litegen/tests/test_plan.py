@@ -34,8 +34,15 @@ def test_help():
     assert done.returncode == 0 and all(flag in done.stdout for flag in ("--fit", "--world-size", "--inputs"))
 
 
+VAE = [
+    "--vae", "diffusers:AutoencoderKL", "--vae-inputs", '{"x": [4, 3, 32, 32]}', "--vae-kwargs",
+    '{"block_out_channels": [32, 64], "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"], '
+    '"up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"]}',
+]  # fmt: skip
+
+
 def test_a_plan_of_the_demo_config():
-    done = litegen("plan", "--config", "tools/configs/default.yaml", *DIT, *INPUTS, "--world-size", "2",
+    done = litegen("plan", "--config", "tools/configs/default.yaml", *DIT, *INPUTS, *VAE, "--world-size", "2",
                    "--device-memory", "1GiB", "--json")  # fmt: skip
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
@@ -45,7 +52,11 @@ def test_a_plan_of_the_demo_config():
         assert parts[part] > 0, parts
     # AdamW: two fp32 states per parameter; DDP: the gradients' buckets are parameter-sized
     assert parts["optimizer state"] >= 2 * parts["parameters"] and parts["gradients"] == parts["parameters"]
-    assert plan["peak"] == sum(parts.values())
+    held = sum(
+        parts[p] for p in ("parameters", "buffers", "gradients", "optimizer state", "ema", "frozen encoders")
+    )
+    assert parts["frozen encoders"] > 0 and plan["encode"] > 0  # the VAE's weights, its encode's activations
+    assert plan["peak"] == held + max(sum(parts.values()) - held, plan["encode"])
     small = litegen("plan", "--config", "tools/configs/default.yaml", *DIT, *INPUTS, "--world-size", "2",
                     "--device-memory", "1MiB")  # fmt: skip
     assert small.returncode == 1 and "does NOT fit" in small.stdout, small.stdout + small.stderr

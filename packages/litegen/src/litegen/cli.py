@@ -96,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--encoder-kwargs", action="append", type=json.loads, default=[], help="per --encoder")
     plan.add_argument("--encoder-inputs", action="append", type=json.loads, default=[], help="per --encoder")
+    plan.add_argument(
+        "--vae", help="a frozen VAE whose encode is traced, as --model (e.g. diffusers:AutoencoderKL)"
+    )
+    plan.add_argument(
+        "--vae-kwargs", type=json.loads, default={}, help="JSON keyword arguments of the VAE class"
+    )
+    plan.add_argument("--vae-inputs", type=json.loads, help="the encode's inputs, as --inputs")
     plan.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw", help="default adamw")
     plan.add_argument("--world-size", "--gpus", type=int, required=True, help="ranks (GPUs) in the job")
     plan.add_argument("--gpus-per-node", type=int, help="ranks per node (default: the world)")
@@ -214,6 +221,9 @@ def _plan(args: argparse.Namespace) -> int:
             (_factory(spec, kw, None), _inputs(spec_inputs, "--encoder-inputs"))
             for spec, kw, spec_inputs in zip(args.encoder, kwargs, args.encoder_inputs, strict=True)
         ],
+        vae=(_factory(args.vae, args.vae_kwargs, None), _inputs(args.vae_inputs, "--vae-inputs"))
+        if args.vae
+        else None,
         optimizer=OPTIMIZERS[args.optimizer] if args.optimizer != "sgd" else _sgd,
     )
     world = dict(world_size=args.world_size, rank=args.rank, gpus_per_node=args.gpus_per_node)

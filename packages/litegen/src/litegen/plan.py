@@ -10,9 +10,9 @@ computed and no memory is allocated, so a model of any size is planned on a lapt
 the fake mode (by ``LiteGen(config)``), as torch requires.
 
 What a trace cannot see is added by stated rules, each in ``Plan.parts``:
-  - ``ema`` and ``frozen encoders``: their (sharded) tensors exist before the traced step; their local bytes. The
-    encoders' forward runs before the model's and is traced on its own (``encode``): its transient memory is
-    freed before the step's, so the peak takes the larger of the two.
+  - ``ema`` and ``frozen encoders`` (the VAE too): their (sharded) tensors exist before the traced step; their
+    local bytes. The encoders' forward and the VAE's encode run before the model's and are traced on their own
+    (``encode``): their transient memory is freed before the step's, so the peak takes the larger of the two.
   - DDP (degrees 0/1) is traced unwrapped (its C++ reducer cannot take fake tensors): with
     ``gradient_as_bucket_view`` its buckets are the gradients' storage, held for the whole run, so ``gradients``
     is the trainable parameters' bytes.
@@ -77,13 +77,16 @@ class Workload:
     """What one rank trains: factories called inside the fake mode.
 
     ``model()``: the trainable model. ``inputs()``: this rank's forward keyword arguments (the per-rank batch).
-    ``encoders``: frozen modules with their inputs, ``[(make_encoder, make_inputs), ...]``. ``optimizer``: built
+    ``encoders``: frozen modules with their inputs, ``[(make_encoder, make_inputs), ...]``. ``vae``: a frozen VAE
+    and the keyword inputs of its ``encode``, passed to ``initialize`` as ``vae.encode`` (sliced, split over the
+    SP group, time-parallel, as configured). ``optimizer``: built
     on the trainable parameters (default AdamW). ``loss``: the scalar loss of the model's output.
     """
 
     model: Callable[[], nn.Module]
     inputs: Callable[[], dict[str, Any]]
     encoders: Sequence[tuple[Callable[[], nn.Module], Callable[[], dict[str, Any]]]] = ()
+    vae: tuple[Callable[[], nn.Module], Callable[[], dict[str, Any]]] | None = None
     optimizer: Callable[[Any], torch.optim.Optimizer] = torch.optim.AdamW
     loss: Callable[[Any], torch.Tensor] | None = None
 
@@ -103,7 +106,7 @@ class Plan:
     peak: int = 0
     device_memory: int | None = None
     seconds: float = 0.0
-    encode: int = 0  # transient bytes of the frozen encoders' forward (before the step: peaks on its own)
+    encode: int = 0  # transient bytes of the frozen encoders' forward and the VAE's encode (before the step)
 
     @property
     def fits(self) -> bool | None:
@@ -129,7 +132,7 @@ class Plan:
             f"{self.config['precision']}"
         )
         encode = (
-            [f"{'encoders forward':<22}{_gib(self.encode):>12}  (transient, before the step)"]
+            [f"{'encode':<22}{_gib(self.encode):>12}  (encoders / VAE, before the step)"]
             if self.encode
             else []
         )
@@ -223,12 +226,16 @@ def _trace(
             optimizer = workload.optimizer([p for p in model.parameters() if p.requires_grad])
             encoders = [make() for make, _ in workload.encoders]
             model, optimizer, *encoders = gen.initialize(model, optimizer, *encoders)
-            tracker = FSDPMemTracker(model, optimizer) if config.zero_degree >= 2 else MemTracker()
-            if config.zero_degree < 2:
-                tracker.track_external(model, optimizer)
+            vae = workload.vae[0]().requires_grad_(False) if workload.vae is not None else None
+            encode_fn = gen.initialize(vae.encode) if vae is not None else None  # built on the device
+            tracker = (
+                FSDPMemTracker(model, optimizer) if config.zero_degree >= 2 else _tracker(model, optimizer)
+            )
             steps = 2 if fake else 3  # a real DDP rebuilds its buckets in the second step: measure the third
-            encode = max((_encoder_peak(e, make_inputs, steps) for e, (_, make_inputs) in
+            encode = max((_encoder_peak(e, e, make_inputs, steps) for e, (_, make_inputs) in
                           zip(encoders, workload.encoders, strict=True)), default=0)  # fmt: skip
+            if vae is not None:
+                encode = max(encode, _encoder_peak(vae, encode_fn, workload.vae[1], steps))
             with tracker:
                 for step in range(steps):
                     _step(gen, model, optimizer, workload)
@@ -240,9 +247,10 @@ def _trace(
             parts["gradients"] = sum(_local_bytes(p) for p in model.parameters() if p.requires_grad)
         if gen.ema is not None:
             parts["ema"] = sum(_local_bytes(t) for t in gen.ema.state_dict().values())
-        if encoders:
+        frozen = [*encoders, *([vae] if vae is not None else [])]
+        if frozen:
             parts["frozen encoders"] = sum(
-                _local_bytes(t) for e in encoders for t in [*e.parameters(), *e.buffers()]
+                _local_bytes(t) for e in frozen for t in [*e.parameters(), *e.buffers()]
             )
         host = {name: parts.pop(name) for name in HOST_PARTS if config.cpu_offload and name in parts}
         if config.ac_offload and "activations" in parts:  # the blocks' saved activations wait on the host
@@ -265,14 +273,15 @@ def _parts(tracker: MemTracker) -> dict[str, int]:
     return parts
 
 
-def _encoder_peak(encoder: nn.Module, make_inputs: Callable[[], dict[str, Any]], steps: int) -> int:
-    """The transient bytes of a frozen encoder's forward (gathered blocks, activations), its shards excluded."""
-    tracker = FSDPMemTracker(encoder) if isinstance(encoder, FSDPModule) else MemTracker()
-    if not isinstance(encoder, FSDPModule):
-        tracker.track_external(encoder)
+def _encoder_peak(
+    encoder: nn.Module, call: Callable[..., Any], make_inputs: Callable[[], dict[str, Any]], steps: int
+) -> int:
+    """The transient bytes of ``call`` (a frozen encoder's forward, a VAE's encode: gathered blocks, activations),
+    the module's own tensors excluded."""
+    tracker = FSDPMemTracker(encoder) if isinstance(encoder, FSDPModule) else _tracker(encoder)
     with tracker, torch.no_grad():
         for step in range(steps):
-            encoder(**make_inputs())
+            call(**make_inputs())
             if step < steps - 1:
                 tracker.reset_mod_stats()
     return sum(size for name, size in _parts(tracker).items() if name not in PERSISTENT)
@@ -288,6 +297,24 @@ def _step(gen: Any, model: nn.Module, optimizer: torch.optim.Optimizer, workload
     optimizer.zero_grad(set_to_none=True)
     if gen.ema is not None:
         gen.ema.update(1)
+
+
+class _NoHook:
+    """Stands in for the gradient hooks torch's ``MemTracker`` registers on every parameter a module holds: it
+    cannot register them on a frozen one (torch raises), and a frozen parameter gets no gradient to track."""
+
+    def remove(self) -> None:
+        pass
+
+
+def _tracker(module: nn.Module, *external: torch.optim.Optimizer) -> MemTracker:
+    """A ``MemTracker`` of ``module`` (and the optimizer), its frozen parameters without gradient hooks."""
+    tracker = MemTracker()
+    for param in module.parameters():
+        if not param.requires_grad:
+            tracker._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
+    tracker.track_external(module, *external)
+    return tracker
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
