@@ -26,8 +26,10 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -83,7 +85,7 @@ class TrainConfig:
 EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # YAML 1.1 reads 2e-3 as a string
 
 
-def parse_value(text: str):
+def parse_value(text: str) -> Any:
     """An override's value read as YAML, with 2e-3 a number."""
     value = yaml.safe_load(text)
     return float(value) if isinstance(value, str) and EXPONENT_FLOAT.fullmatch(value) else value
@@ -175,10 +177,12 @@ def build_unet(cfg: TrainConfig, latent_channels: int, latent_size: int, text_di
     )
 
 
-def unet_velocity(unet: torch.nn.Module):
+def unet_velocity(unet: torch.nn.Module) -> Callable[..., torch.Tensor]:
     """The UNet called like the DiT: (x, t in [0, 1], text (b, l, d), mask (b, l)) -> velocity shaped like x."""
 
-    def velocity(x, t, text, text_mask):
+    def velocity(
+        x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         return unet(x, t * 1000, encoder_hidden_states=text, encoder_attention_mask=text_mask).sample
 
     return velocity
@@ -197,8 +201,19 @@ def encode_dataset(
     return torch.cat(out)
 
 
-def draw(gen: LiteGen, model, velocity, noise, text, mask, null_text, null_mask, cfg: TrainConfig):
-    """Latents sampled with the EMA weights (the model's without EMA); every rank calls it (collective)."""
+def draw(
+    gen: LiteGen,
+    model: torch.nn.Module,
+    velocity: Callable[..., torch.Tensor],
+    noise: torch.Tensor,
+    text: torch.Tensor,
+    mask: torch.Tensor,
+    null_text: torch.Tensor,
+    null_mask: torch.Tensor,
+    cfg: TrainConfig,
+) -> torch.Tensor:
+    """Latents (b, c, [T,] h, w) sampled from `noise` with the EMA weights (the model's without EMA) for text
+    (b, l, d) / mask (b, l), guided against the empty prompt's (1, l, d) / (1, l); every rank calls it."""
     model.eval()
     null_text, null_mask = null_text.expand(len(text), -1, -1), null_mask.expand(len(text), -1)
     with gen.ema.swapped(model) if gen.ema is not None else contextlib.nullcontext(), gen.autocast():
@@ -398,8 +413,10 @@ def main(argv: list[str] | None = None) -> float | None:
             latents = draw(
                 gen, model, velocity, validation_noise, sample_text, sample_mask, null_text, null_mask, cfg
             )
-            if gen.is_main:
-                grid = image_grid(vae_decode(vae, latents).cpu(), rows=1)
+            if gen.is_main:  # images: one row; clips: a row of frames each
+                images = vae_decode(vae, latents).cpu()
+                rows = 1 if images.dim() == 4 else len(images)
+                grid = image_grid(images.transpose(1, 2).flatten(0, 1) if images.dim() == 5 else images, rows)
                 save_png(grid, out / f"samples_step{step + 1}.png")
                 report.image("samples", step + 1, grid)
         every = gen.config.checkpoint_every

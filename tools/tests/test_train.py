@@ -46,12 +46,14 @@ def test_video_sp2_config_trains_and_writes_clips(tmp_path):
             str(TOOLS / "configs/video_sp2.yaml"),
             "steps=2",
             "num_frames=4",
+            "sample_every=2",
             f"out_dir={out}",
             *TINY,
         ]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "samples.gif").exists() and (out / "samples_strip.png").exists()
+    assert (out / "samples_step2.png").exists()  # a row of frames per clip
     assert "sequence parallel over 2 ranks" in proc.stderr
 
 
