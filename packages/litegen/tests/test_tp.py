@@ -26,7 +26,7 @@ from tiny_dit import assert_trains_like_one_process
 STEPS, GLOBAL_BATCH = 3, 4
 Combo = tuple[str, dict]  # model name ("tiny_dit" or a diffusers_models name), LiteGen config
 WORLD2: list[Combo] = [
-    (name, {"tp_size": 2, "zero_degree": 3}) for name in ("tiny_dit", "pixart", "flux", "sd3")
+    (name, {"tp_size": 2, "zero_degree": 3}) for name in ("tiny_dit", "pixart", "flux", "sd3", "cogvideox")
 ]
 WORLD4: list[Combo] = [(name, {"tp_size": 2, "zero_degree": 3}) for name in ("tiny_dit", "pixart", "flux")]
 WORLD4 += [("tiny_dit", {"tp_size": 2, "zero_degree": 2, "selective_ratio": 0.5})]

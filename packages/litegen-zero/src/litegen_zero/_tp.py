@@ -90,6 +90,9 @@ def tensor_parallel(
             group["params"] = [new[names[id(p)]] if id(p) in names else p for p in group["params"]]
         for name, parts in packed.items():
             model.get_submodule(name).register_forward_pre_hook(_GatherPacked(mesh, parts))
+        for name in norms:  # their output is a view of a DTensor's local tensor: attention processors that
+            # write into q / k in place (CogVideoX's rotary on the video tokens) need a tensor of their own
+            model.get_submodule(name).register_forward_hook(_own_output)
     if dist.get_rank() == 0:
         logger.info(
             "tensor_parallel: %d projections split over %d ranks (from %s), %d packed kept replicated",
@@ -99,6 +102,11 @@ def tensor_parallel(
             len(packed),
         )
     return model
+
+
+def _own_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the output as a tensor of its own, not a view."""
+    return output.clone()
 
 
 class _GatherPacked:
