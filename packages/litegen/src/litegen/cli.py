@@ -12,7 +12,6 @@ planned fits, 2 bad arguments or not a readable checkpoint.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -206,9 +205,9 @@ def _plan(args: argparse.Namespace) -> int:
     configurations (ZeRO degree, grouping, sp_size, checkpointing, offload) and list those that fit, cheapest
     first by the stated proxy (host transfers, then recomputation, then bytes communicated)."""
     from . import plan as planner
-    from .config import split_config
+    from .config import config_as_dict, split_config
 
-    base = config_as_plain_dict(split_config(_without_checkpoints(args.config)).config) if args.config else {}
+    base = config_as_dict(split_config(_without_checkpoints(args.config)).config) if args.config else {}
     if len(args.encoder_kwargs) not in (0, len(args.encoder)) or len(args.encoder_inputs) != len(
         args.encoder
     ):
@@ -266,11 +265,6 @@ def _without_checkpoints(path: str) -> dict[str, Any]:
     if isinstance(data.get("litegen"), dict):
         return {**data, "litegen": {k: v for k, v in data["litegen"].items() if k not in unused}}
     return {k: v for k, v in data.items() if k not in unused}
-
-
-def config_as_plain_dict(config: Any) -> dict[str, Any]:
-    """A LiteGenConfig as the nested dict ``LiteGen`` accepts."""
-    return dataclasses.asdict(config)
 
 
 def _fit_table(fit: list, results: list, memory: int) -> str:

@@ -254,10 +254,8 @@ class LiteGen:
         meta = check_meta_model(model, from_file=c.init_from is not None)  # raises before any collective
         if meta and c.zero_degree < 2:  # DDP holds the whole model on every rank anyway
             materialize_meta(model, self.device, seed=c.global_seed, reset=c.init_from is None)
-        if c.zero_degree < 2 and any(
-            t.device != self.device for t in [*model.parameters(), *model.buffers()]
-        ):
-            model.to(self.device)  # FSDP2 (degrees 2/3) moves each unit's shard itself: never the whole model
+        if c.zero_degree < 2:  # FSDP2 (degrees 2/3) moves each unit's shard itself: never the whole model
+            self._to_device(model)
         block_list = list(blocks) if blocks is not None else litegen_zero.find_blocks(model)
         done = []
         if c.tp_size > 1:
@@ -340,11 +338,15 @@ class LiteGen:
             if self.config.weight_decay is not None and group.get("weight_decay", 0.0) > 0:
                 group["weight_decay"] = self.config.weight_decay
 
+    def _to_device(self, module: nn.Module) -> None:
+        """Move ``module`` to the device unless it is there (also a no-op for fake tensors, when planning)."""
+        if any(t.device != self.device for t in [*module.parameters(), *module.buffers()]):
+            module.to(self.device)
+
     def _prepare_frozen(self, module: nn.Module) -> nn.Module:
         c = self.config
         module.requires_grad_(False)
-        if any(t.device != self.device for t in [*module.parameters(), *module.buffers()]):
-            module.to(self.device)
+        self._to_device(module)
         if c.encoder.fsdp:
             dtype = DTYPES[c.precision] if c.precision != "fp32" else None
             module = litegen_zero.shard_frozen(module, mesh=self.runtime.frozen_mesh, dtype=dtype)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import time
@@ -383,8 +382,3 @@ def step_cost(config: dict[str, Any], parameter_bytes: int, world_size: int) -> 
 
 def _gib(size: int) -> str:
     return f"{size / 2**30:.3f} GiB" if size >= 2**27 else f"{size / 2**20:.1f} MiB"
-
-
-def dump(plans_: Sequence[Plan]) -> str:
-    """JSON of plans."""
-    return json.dumps([p.to_json() for p in plans_], indent=2)
