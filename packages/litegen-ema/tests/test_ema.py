@@ -289,6 +289,13 @@ def test_single_process_update_swap_and_names():
     )  # torch.compile's OptimizedModule holds the model as `_orig_mod` (importing dynamo is slow)
     compiled._orig_mod = net
     assert set(ShardedEMA(compiled).state_dict()) == set(ema.state_dict())
+    # the EMA's private name cleaning (no cross-package import) gives torch's names, which litegen_zero's
+    # full_state_dict and litegen_ckpt's export use: the same few lines, tested against each other
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    names = set(get_model_state_dict(net))
+    assert set(ema.state_dict()) <= names and "blocks.0.fc.weight" in names
+    assert set(ema.full_state_dict()) == names
     original = net.head.weight.detach().clone()
     with torch.no_grad():
         net.head.weight.add_(1.0)

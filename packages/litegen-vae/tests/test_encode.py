@@ -164,7 +164,7 @@ def raising_backend(gm, example_inputs):
 
 def test_compiled_falls_back_to_eager_with_one_warning(caplog):
     raising_backend.calls = 0
-    encode = compiled(sliced(tree_fn, 2), backend=raising_backend)
+    encode = sliced(compiled(tree_fn, backend=raising_backend), 2)
     x = torch.randn(5, 3)
     with caplog.at_level(logging.WARNING, logger="litegen_vae"):
         for _ in range(3):
@@ -194,10 +194,8 @@ def test_compiled_compiles_the_innermost_function_and_keeps_wrappers_eager():
         graphs.append([node.target for node in gm.graph.nodes if node.op == "call_function"])
         return gm.forward
 
-    encode = compiled(sliced(data_parallel(lambda x: x.sin() * 2), 2), backend=recording_backend)
-    assert (
-        encode.__wrapped__.__wrapped__.__wrapped__.__name__ == "<lambda>"
-    )  # sliced(data_parallel(compiled(fn)))
+    encode = sliced(data_parallel(compiled(lambda x: x.sin() * 2, backend=recording_backend)), 2)
+    assert encode.__wrapped__.__wrapped__.__wrapped__.__name__ == "<lambda>"  # compiled innermost
     x = torch.randn(5, 3)
     torch.testing.assert_close(encode(x), x.sin() * 2, rtol=0, atol=0)
     assert graphs and all(torch.cat not in graph for graph in graphs), graphs  # the slices' concat is eager
@@ -205,7 +203,7 @@ def test_compiled_compiles_the_innermost_function_and_keeps_wrappers_eager():
 
 def test_compiled_really_compiles_with_the_default_backend():
     x = torch.randn(4, 3, 5)  # slices of 2: one graph
-    encode = compiled(sliced(lambda x: nn.functional.silu(x) * 2, 2))
+    encode = sliced(compiled(lambda x: nn.functional.silu(x) * 2), 2)
     torch.testing.assert_close(encode(x), nn.functional.silu(x) * 2)
 
 
@@ -277,7 +275,7 @@ def errors_on_every_rank(world: int) -> dict[str, str]:
 
 
 def compiled_composition(world: int) -> bool:
-    encode = compiled(sliced(data_parallel(tree_fn), 2), backend="eager")
+    encode = sliced(data_parallel(compiled(tree_fn, backend="eager")), 2)
     x = torch.randn(2 * world + 1, 3)
     return trees_equal(encode(x), tree_fn(x))
 

@@ -65,6 +65,7 @@ from .storage import (
     DigestingWriter,
     agree,
     disk_full,
+    raise_if,
     raise_named_failure,
     read_checkpoint,
     read_metadata,
@@ -114,30 +115,46 @@ class Checkpointer:
         timeout: datetime.timedelta | None = None,
         files: Mapping[str, bytes] | None = None,
     ) -> None:
-        if not isinstance(root, (str, os.PathLike)):
-            raise TypeError(f"root={root!r}; expected a str or os.PathLike directory")
+        raise_if(
+            not isinstance(root, (str, os.PathLike)),
+            TypeError,
+            f"root={root!r}; expected a str or os.PathLike directory",
+        )
         self.root = Path(root)
-        if self.root.exists() and not self.root.is_dir():
-            raise ValueError(
-                f"root={str(root)!r} is a file; Checkpointer needs a directory (existing or not)"
-            )
-        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
-            raise ValueError(f"keep={keep!r}; expected an int >= 1, or None to keep every checkpoint")
-        if not isinstance(async_save, bool):
-            raise TypeError(f"async_save={async_save!r}; expected True or False")
-        if timeout is not None and not isinstance(timeout, datetime.timedelta):
-            raise TypeError(f"timeout={timeout!r}; expected None or a datetime.timedelta")
-        if timeout is not None and timeout.total_seconds() <= 0:
-            raise ValueError(f"timeout={timeout!r}; expected a positive duration")
+        raise_if(
+            self.root.exists() and not self.root.is_dir(),
+            ValueError,
+            f"root={str(root)!r} is a file; Checkpointer needs a directory (existing or not)",
+        )
+        raise_if(
+            keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1),
+            ValueError,
+            f"keep={keep!r}; expected an int >= 1, or None to keep every checkpoint",
+        )
+        raise_if(
+            not isinstance(async_save, bool), TypeError, f"async_save={async_save!r}; expected True or False"
+        )
+        raise_if(
+            timeout is not None and not isinstance(timeout, datetime.timedelta),
+            TypeError,
+            f"timeout={timeout!r}; expected None or a datetime.timedelta",
+        )
+        raise_if(
+            timeout is not None and timeout.total_seconds() <= 0,
+            ValueError,
+            f"timeout={timeout!r}; expected a positive duration",
+        )
         self._distributed = dist.is_available() and dist.is_initialized()
-        if process_group is not None and not self._distributed:
-            raise ValueError(
-                f"process_group={process_group!r} was given but torch.distributed is not initialized"
-            )
-        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(
-                f"process_group={process_group!r}; expected a torch.distributed ProcessGroup or None"
-            )
+        raise_if(
+            process_group is not None and not self._distributed,
+            ValueError,
+            f"process_group={process_group!r} was given but torch.distributed is not initialized",
+        )
+        raise_if(
+            process_group is not None and not isinstance(process_group, dist.ProcessGroup),
+            TypeError,
+            f"process_group={process_group!r}; expected a torch.distributed ProcessGroup or None",
+        )
         self._files = _attachable(files)
         self.keep, self.async_save = keep, async_save
         self._run: str | None = None  # the run this Checkpointer saves for (set by a load or the first save)
@@ -157,8 +174,7 @@ class Checkpointer:
 
     def save(self, step: int, **statefuls: Any) -> None:
         """Write ``root/step_<step>/`` from the live objects, then point ``latest`` at it."""
-        if not _is_step(step):
-            raise ValueError(f"step={step!r}; expected an int >= 0")
+        raise_if(not _is_step(step), ValueError, f"step={step!r}; expected an int >= 0")
         adapters = _adapters(statefuls, self._rank)
         self._finish_pending()  # the barrier below also orders it before this save
         self._claim()
@@ -214,12 +230,16 @@ class Checkpointer:
         skipped. Works whatever the current world size and degree. RNG states are restored only when the world
         size is the one that saved them.
         """
-        if step != "latest" and not _is_step(step):
-            raise ValueError(f'step={step!r}; expected an int >= 0 or "latest"')
-        if not isinstance(fall_back, bool) or (fall_back and step != "latest"):
-            raise ValueError(
-                f'fall_back={fall_back!r} with step={step!r}; allowed: False, or True with "latest"'
-            )
+        raise_if(
+            step != "latest" and not _is_step(step),
+            ValueError,
+            f'step={step!r}; expected an int >= 0 or "latest"',
+        )
+        raise_if(
+            not isinstance(fall_back, bool) or (fall_back and step != "latest"),
+            ValueError,
+            f'fall_back={fall_back!r} with step={step!r}; allowed: False, or True with "latest"',
+        )
         adapters = _adapters(statefuls, self._rank)
         self.wait()
         choice: tuple[list[str], list[str]] | BaseException | None = None
@@ -530,19 +550,25 @@ def _attachable(files: Mapping[str, bytes] | None) -> dict[str, bytes]:
     """Check ``files=``: plain names that no checkpoint file of ours or DCP's takes, with bytes values."""
     if files is None:
         return {}
-    if not isinstance(files, Mapping):
-        raise TypeError(f"files={type(files).__name__}; expected a mapping of file name -> bytes, or None")
+    raise_if(
+        not isinstance(files, Mapping),
+        TypeError,
+        f"files={type(files).__name__}; expected a mapping of file name -> bytes, or None",
+    )
     for name, data in files.items():
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
-            raise ValueError(
-                f"files: name {name!r}; allowed: a plain file name of letters, digits, '_', '.', '-'"
-            )
-        if name in (INFO_FILE, METADATA_FILE) or SHARD_FILE.fullmatch(name) or DIGEST.fullmatch(name):
-            raise ValueError(
-                f"files: name {name!r} is a checkpoint file of LiteGen's or DCP's; choose another"
-            )
-        if not isinstance(data, bytes):
-            raise TypeError(f"files[{name!r}]={type(data).__name__}; expected bytes")
+        raise_if(
+            not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name),
+            ValueError,
+            f"files: name {name!r}; allowed: a plain file name of letters, digits, '_', '.', '-'",
+        )
+        raise_if(
+            name in (INFO_FILE, METADATA_FILE) or SHARD_FILE.fullmatch(name) or DIGEST.fullmatch(name),
+            ValueError,
+            f"files: name {name!r} is a checkpoint file of LiteGen's or DCP's; choose another",
+        )
+        raise_if(
+            not isinstance(data, bytes), TypeError, f"files[{name!r}]={type(data).__name__}; expected bytes"
+        )
     return dict(files)
 
 
@@ -558,11 +584,12 @@ def _check_files(directory: Path, info: dict[str, Any], rank: int, world: int) -
                 f"checkpoint file {path} has {path.stat().st_size} bytes but {INFO_FILE} records {size}: "
                 "it was truncated or modified"
             )
-        if index % world == rank and name in checksums and _crc32(path) != checksums[name]:
-            raise CheckpointError(
-                f"checkpoint file {path} does not match the CRC-32 {INFO_FILE} records: it was modified, "
-                "or comes from another checkpoint"
-            )
+        raise_if(
+            index % world == rank and name in checksums and _crc32(path) != checksums[name],
+            CheckpointError,
+            f"checkpoint file {path} does not match the CRC-32 {INFO_FILE} records: it was modified, "
+            "or comes from another checkpoint",
+        )
 
 
 def _crc32(path: Path) -> str:
@@ -575,8 +602,9 @@ def _crc32(path: Path) -> str:
 
 def _adapters(statefuls: dict[str, Any], rank: int) -> dict[str, Adapter]:
     """Classify the keyword statefuls; raise on anything that cannot be checkpointed."""
-    if not statefuls:
-        raise ValueError("no statefuls given; pass e.g. model=model, optimizer=optimizer, rng=True")
+    raise_if(
+        not statefuls, ValueError, "no statefuls given; pass e.g. model=model, optimizer=optimizer, rng=True"
+    )
     models = [name for name, obj in statefuls.items() if isinstance(obj, nn.Module)]
     adapters: dict[str, Adapter] = {}
     for name, obj in statefuls.items():

@@ -27,7 +27,7 @@ from .checkpointer import (
     _read_info,
     latest_directory,
 )
-from .storage import CheckpointError, VerifyingReader, read_checkpoint, read_metadata
+from .storage import CheckpointError, VerifyingReader, raise_if, read_checkpoint, read_metadata
 
 CONFIG_FILE = "config.json"  # the model's config, attached by the trainer (``Checkpointer(files=...)``)
 READ_BYTES = 1 << 30  # tensors read per call while exporting: the progress reports this often
@@ -36,10 +36,11 @@ READ_BYTES = 1 << 30  # tensors read per call while exporting: the progress repo
 def checkpoint_directory(path: str | os.PathLike, argument: str = "path") -> Path:
     """The checkpoint ``path`` means: a ``step_<N>`` directory itself, or the one a root's ``latest`` names.
     ``argument``: the caller's name for it, in the errors."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(
-            f"{argument}={path!r}; expected a str or os.PathLike to a checkpoint or a checkpoint root"
-        )
+    raise_if(
+        not isinstance(path, (str, os.PathLike)),
+        TypeError,
+        f"{argument}={path!r}; expected a str or os.PathLike to a checkpoint or a checkpoint root",
+    )
     path = Path(path)
     if (path / INFO_FILE).is_file():
         return path
@@ -149,18 +150,28 @@ def export(
     model's buffers and frozen parameters added). ``dtype``: floating tensors cast to it. ``progress`` is called
     with the bytes read so far and the total. Shard by shard: at most one shard is in memory.
     """
-    if not isinstance(out, (str, os.PathLike)):
-        raise TypeError(f"out={out!r}; expected a str or os.PathLike: a .safetensors file or a folder")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype={dtype!r}; expected None or a floating torch.dtype, e.g. torch.bfloat16")
-    if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or max_shard_bytes < 1):
-        raise ValueError(f"max_shard_bytes={max_shard_bytes!r}; expected None or a positive int")
+    raise_if(
+        not isinstance(out, (str, os.PathLike)),
+        TypeError,
+        f"out={out!r}; expected a str or os.PathLike: a .safetensors file or a folder",
+    )
+    raise_if(
+        dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point),
+        TypeError,
+        f"dtype={dtype!r}; expected None or a floating torch.dtype, e.g. torch.bfloat16",
+    )
+    raise_if(
+        max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or max_shard_bytes < 1),
+        ValueError,
+        f"max_shard_bytes={max_shard_bytes!r}; expected None or a positive int",
+    )
     out = Path(out)
     single = out.suffix == ".safetensors"
-    if single and (max_shard_bytes is not None or config is not None):
-        raise ValueError(
-            f"out={str(out)!r} is one .safetensors file: max_shard_bytes and config apply to a folder output"
-        )
+    raise_if(
+        single and (max_shard_bytes is not None or config is not None),
+        ValueError,
+        f"out={str(out)!r} is one .safetensors file: max_shard_bytes and config apply to a folder output",
+    )
     if out.is_dir() if single else out.is_file():
         raise ValueError(
             f"out={str(out)!r} exists as a {'folder' if single else 'file'}; choose another path"
@@ -213,8 +224,11 @@ def export(
 def entry_names(metadata: Metadata, name: str, directory: Path) -> dict[str, str]:
     """``{stored key: exported name}`` of the tensors saved under ``name``; an entry keyed by the model's names
     (an EMA) is completed with the model's other tensors (buffers, frozen parameters): a whole model."""
-    if not isinstance(name, str):
-        raise TypeError(f"name={name!r}; expected the str keyword the entry was saved under, e.g. 'model'")
+    raise_if(
+        not isinstance(name, str),
+        TypeError,
+        f"name={name!r}; expected the str keyword the entry was saved under, e.g. 'model'",
+    )
 
     def tensors_under(entry: str) -> dict[str, str]:
         return {
@@ -294,15 +308,21 @@ def _config_text(directory: Path, config: str | os.PathLike | None) -> str | Non
     if config is None:
         attached = directory / CONFIG_FILE
         return attached.read_text() if attached.is_file() else None
-    if not isinstance(config, (str, os.PathLike)) or not Path(config).is_file():
-        raise ValueError(f"config={config!r}; expected the path of a model's config.json")
+    raise_if(
+        not isinstance(config, (str, os.PathLike)) or not Path(config).is_file(),
+        ValueError,
+        f"config={config!r}; expected the path of a model's config.json",
+    )
     text = Path(config).read_text()
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"config={str(config)!r} is not valid JSON ({error})") from error
-    if not isinstance(parsed, dict):
-        raise ValueError(f"config={str(config)!r} holds a {type(parsed).__name__}; expected a JSON object")
+    raise_if(
+        not isinstance(parsed, dict),
+        ValueError,
+        f"config={str(config)!r} holds a {type(parsed).__name__}; expected a JSON object",
+    )
     return text
 
 

@@ -23,7 +23,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from .checkpointer import verify_checkpoint
 from .offline import _read, _save, checkpoint_directory, entry_names
-from .storage import agree, disk_full, read_metadata
+from .storage import agree, disk_full, raise_if, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +40,21 @@ def export_safetensors(source: Any, path: str | os.PathLike, *, name: str = "mod
     The file loads with ``safetensors.torch.load_file`` and into a diffusers / transformers model of the
     same architecture.
     """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path={path!r}; expected a str or os.PathLike to the .safetensors file to write")
-    if not isinstance(name, str):
-        raise TypeError(f"name={name!r}; expected the str keyword the entry was saved under, e.g. 'model'")
-    if Path(path).is_dir():
-        raise ValueError(
-            f"path={str(path)!r} is a directory; expected the path of the .safetensors file to write"
-        )
+    raise_if(
+        not isinstance(path, (str, os.PathLike)),
+        TypeError,
+        f"path={path!r}; expected a str or os.PathLike to the .safetensors file to write",
+    )
+    raise_if(
+        not isinstance(name, str),
+        TypeError,
+        f"name={name!r}; expected the str keyword the entry was saved under, e.g. 'model'",
+    )
+    raise_if(
+        Path(path).is_dir(),
+        ValueError,
+        f"path={str(path)!r} is a directory; expected the path of the .safetensors file to write",
+    )
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     if isinstance(source, nn.Module):
@@ -97,12 +104,15 @@ def load_safetensors(model: nn.Module, path: str | os.PathLike, *, strict: bool 
     prefix is stripped / added, only if that makes every name match.
     ``strict``: the stored names must equal the model's; otherwise only common names load.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model={type(model).__name__}; expected an nn.Module")
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path={path!r}; expected a str or os.PathLike: {_ALLOWED}")
-    if not isinstance(strict, bool):
-        raise TypeError(f"strict={strict!r}; expected True or False")
+    raise_if(
+        not isinstance(model, nn.Module), TypeError, f"model={type(model).__name__}; expected an nn.Module"
+    )
+    raise_if(
+        not isinstance(path, (str, os.PathLike)),
+        TypeError,
+        f"path={path!r}; expected a str or os.PathLike: {_ALLOWED}",
+    )
+    raise_if(not isinstance(strict, bool), TypeError, f"strict={strict!r}; expected True or False")
     path = Path(path)
     state = get_model_state_dict(model)
     prefix = getattr(getattr(model, "module", model), "base_model_prefix", "")
@@ -177,11 +187,12 @@ def _load_into(
     rename = _stored_names(list(state), set(files), prefix)
     missing = sorted(key for key in state if rename[key] not in files)
     unexpected = sorted(set(files) - set(rename.values()))
-    if strict and (missing or unexpected):
-        raise ValueError(
-            f"{path} does not match the model (strict=True): missing keys {missing}, "
-            f"unexpected keys {unexpected}"
-        )
+    raise_if(
+        strict and (missing or unexpected),
+        ValueError,
+        f"{path} does not match the model (strict=True): missing keys {missing}, "
+        f"unexpected keys {unexpected}",
+    )
     by_file: dict[Path, list[str]] = {}
     for key in state:
         if rename[key] in files:

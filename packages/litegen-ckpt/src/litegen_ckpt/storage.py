@@ -220,8 +220,11 @@ def read_metadata(directory: str | os.PathLike) -> Metadata:
             f"checkpoint file {path} is not DCP metadata LiteGen can read safely ({type(error).__name__}: "
             f"{error}); it was not loaded"
         ) from None
-    if not isinstance(metadata, Metadata):
-        raise CheckpointError(f"checkpoint file {path} holds a {type(metadata).__name__}, not DCP metadata")
+    raise_if(
+        not isinstance(metadata, Metadata),
+        CheckpointError,
+        f"checkpoint file {path} holds a {type(metadata).__name__}, not DCP metadata",
+    )
     return metadata
 
 
@@ -570,3 +573,9 @@ def _read_into(stream: IO[bytes], offset: int, dest: torch.Tensor, path: Path, i
                 digest.update(dest[digested:ready])
                 digested = ready
     return digest.hexdigest()
+
+
+def raise_if(bad: bool, error: type[Exception], message: str) -> None:
+    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective)."""
+    if bad:
+        raise error(message)

@@ -99,28 +99,39 @@ class ShardedEMA:
         dtype: torch.dtype = torch.float32,
         sharded: bool = True,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay={decay!r}; allowed: a number in [0, 1], e.g. 0.9999")
-        if warmup is not None and not (
-            isinstance(warmup, (tuple, list))
-            and len(warmup) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in warmup)
-        ):
-            raise ValueError(
-                f"warmup={warmup!r}; allowed: None or (gamma, power) with both > 0, e.g. (1.0, 2/3)"
-            )
-        if (
+        raise_if(
+            not isinstance(model, nn.Module),
+            TypeError,
+            f"model: expected an nn.Module, got {type(model).__name__}",
+        )
+        raise_if(
+            isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0,
+            ValueError,
+            f"decay={decay!r}; allowed: a number in [0, 1], e.g. 0.9999",
+        )
+        raise_if(
+            warmup is not None
+            and not (
+                isinstance(warmup, (tuple, list))
+                and len(warmup) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in warmup)
+            ),
+            ValueError,
+            f"warmup={warmup!r}; allowed: None or (gamma, power) with both > 0, e.g. (1.0, 2/3)",
+        )
+        raise_if(
             isinstance(update_after_step, bool)
             or not isinstance(update_after_step, int)
-            or update_after_step < 0
-        ):
-            raise ValueError(f"update_after_step={update_after_step!r}; allowed: an int >= 0")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype={dtype!r}; allowed: a floating torch.dtype, e.g. torch.float32")
-        if not isinstance(sharded, bool):
-            raise TypeError(f"sharded={sharded!r}; allowed: True or False")
+            or update_after_step < 0,
+            ValueError,
+            f"update_after_step={update_after_step!r}; allowed: an int >= 0",
+        )
+        raise_if(
+            not isinstance(dtype, torch.dtype) or not dtype.is_floating_point,
+            TypeError,
+            f"dtype={dtype!r}; allowed: a floating torch.dtype, e.g. torch.float32",
+        )
+        raise_if(not isinstance(sharded, bool), TypeError, f"sharded={sharded!r}; allowed: True or False")
         self.decay = float(decay)
         self.warmup = None if warmup is None else (float(warmup[0]), float(warmup[1]))
         self.update_after_step = update_after_step
@@ -131,8 +142,9 @@ class ShardedEMA:
         _reshard_fsdp(model)  # FSDP2 may hold unsharded parameters after a forward without backward
         self._params = tuple(model.parameters())
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError(f"model: {type(model).__name__} has no trainable parameter to average")
+        raise_if(
+            not trainable, ValueError, f"model: {type(model).__name__} has no trainable parameter to average"
+        )
         mesh = None
         if sharded and dist.is_initialized() and any(not isinstance(p, DTensor) for _, p in trainable):
             device_type = next(p.device.type for _, p in trainable if not isinstance(p, DTensor))
@@ -143,8 +155,11 @@ class ShardedEMA:
         with torch.no_grad():
             self._slots = [self._make_slot(_clean_name(model, name), p, mesh) for name, p in trainable]
         names = [slot.name for slot in self._slots]
-        if len(set(names)) != len(names):
-            raise ValueError(f"model: parameter names collide once wrapper prefixes are removed: {names}")
+        raise_if(
+            len(set(names)) != len(names),
+            ValueError,
+            f"model: parameter names collide once wrapper prefixes are removed: {names}",
+        )
         if _rank() == 0:
             local = sum(slot.ema.nbytes for slot in self._slots)
             full = sum(slot.param.numel() for slot in self._slots) * torch.finfo(dtype).bits // 8
@@ -169,34 +184,24 @@ class ShardedEMA:
         else:
             local = param
         ema = torch.empty(local.shape, dtype=self.dtype, device=local.device).copy_(local)
-        shadow = ema
         if isinstance(param, DTensor) and self.sharded:
-            shadow = DTensor.from_local(
-                ema,
-                param.device_mesh,
-                param.placements,
-                run_check=False,
-                shape=param.shape,
-                stride=param.stride(),
-            )
+            mesh, placements, stride = param.device_mesh, param.placements, param.stride()
         elif mesh is not None:
-            placement = Shard(0) if rows is not None else Replicate()
-            shadow = DTensor.from_local(
-                ema,
-                mesh,
-                [placement],
-                run_check=False,
-                shape=param.shape,
-                stride=_contiguous_stride(param.shape),
-            )
-        if isinstance(shadow, DTensor):
-            ema = shadow.to_local()  # the very tensor the DTensor wraps (no grad mode here)
+            placements = [Shard(0) if rows is not None else Replicate()]
+            stride = _contiguous_stride(param.shape)
+        else:
+            return _Slot(name, param, ema, ema, rows)
+        shadow = DTensor.from_local(ema, mesh, placements, run_check=False, shape=param.shape, stride=stride)
+        ema = shadow.to_local()  # the very tensor the DTensor wraps (no grad mode here)
         return _Slot(name, param, ema, shadow, rows)
 
     def decay_at(self, step: int) -> float:
         """The decay ``update(step)`` uses: 0 (copy) before ``update_after_step``, then constant or warm-up."""
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise TypeError(f"step={step!r}; allowed: an int (the optimizer step count)")
+        raise_if(
+            isinstance(step, bool) or not isinstance(step, int),
+            TypeError,
+            f"step={step!r}; allowed: an int (the optimizer step count)",
+        )
         if step < self.update_after_step:
             return 0.0
         if self.warmup is None:
@@ -208,12 +213,10 @@ class ShardedEMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Average the current weights into the EMA (call after ``optimizer.step()``); no collective."""
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise TypeError(f"step={step!r}; allowed: an int (the optimizer step count)")
+        decay = self.decay_at(step)  # checks step
         if self._swapped:
             raise RuntimeError("ShardedEMA.update() called inside ema.swapped(): the model holds EMA weights")
         self._check_parameters(self._model, "update()")
-        decay = self.decay_at(step)
         emas = [slot.ema for slot in self._slots]
         sources = [slot.source() for slot in self._slots]
         if decay == 0.0:
@@ -230,14 +233,18 @@ class ShardedEMA:
         """
         if self._swapped:
             raise RuntimeError("ema.swapped() is already active; it does not nest")
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model={type(model).__name__}; allowed: the nn.Module this EMA was built from")
+        raise_if(
+            not isinstance(model, nn.Module),
+            TypeError,
+            f"model={type(model).__name__}; allowed: the nn.Module this EMA was built from",
+        )
         _reshard_fsdp(model)
-        if not self._same_parameters(model):
-            raise ValueError(
-                f"model={type(model).__name__}: its parameters are not the ones this EMA was built from; pass "
-                "the model the EMA was built from, after sharding (fully_shard replaces parameters)"
-            )
+        raise_if(
+            not self._same_parameters(model),
+            ValueError,
+            f"model={type(model).__name__}: its parameters are not the ones this EMA was built from; pass "
+            "the model the EMA was built from, after sharding (fully_shard replaces parameters)",
+        )
         with torch.no_grad():
             backups = [slot.local_param().clone() for slot in self._slots]
         self._swapped = True
@@ -267,10 +274,12 @@ class ShardedEMA:
     @torch.no_grad()
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
         """Load EMA values: DTensors (any layout), or full tensors such as ``full_state_dict()``'s."""
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict={type(state_dict).__name__}; allowed: a mapping of name -> tensor")
-        if not isinstance(strict, bool):
-            raise TypeError(f"strict={strict!r}; allowed: True or False")
+        raise_if(
+            not isinstance(state_dict, Mapping),
+            TypeError,
+            f"state_dict={type(state_dict).__name__}; allowed: a mapping of name -> tensor",
+        )
+        raise_if(not isinstance(strict, bool), TypeError, f"strict={strict!r}; allowed: True or False")
         expected = {slot.name for slot in self._slots}
         missing = sorted(expected - set(state_dict))
         unexpected = sorted(set(state_dict) - expected, key=str)
@@ -390,3 +399,9 @@ def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def raise_if(bad: bool, error: type[Exception], message: str) -> None:
+    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective)."""
+    if bad:
+        raise error(message)

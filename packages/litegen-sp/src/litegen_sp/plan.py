@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .ring import usp_split
-from .ulysses import SequenceInfo, gather_sequence, split_sequence, ulysses_attention
+from .ulysses import SequenceInfo, gather_sequence, raise_if, split_sequence, ulysses_attention
 
 logger = logging.getLogger(__name__)
 
@@ -680,14 +680,16 @@ def _check_plan(plan: SPPlan) -> None:
     for name, mapping in (("streams", plan.streams), ("split", plan.split)):
         if name == "streams" and mapping is None:
             continue
-        if not isinstance(mapping, Mapping) or not all(is_arg(k) and is_dim(d) for k, d in mapping.items()):
-            raise TypeError(
-                f"SPPlan.{name}={mapping!r}; allowed: a mapping {{argument position (>= 0) or name: dim (int)}}"
-            )
-    if plan.streams is not None and not plan.streams:
-        raise ValueError(
-            "SPPlan.streams is empty; name at least one block argument carrying the token stream"
+        raise_if(
+            not isinstance(mapping, Mapping) or not all(is_arg(k) and is_dim(d) for k, d in mapping.items()),
+            TypeError,
+            f"SPPlan.{name}={mapping!r}; allowed: a mapping {{argument position (>= 0) or name: dim (int)}}",
         )
+    raise_if(
+        plan.streams is not None and not plan.streams,
+        ValueError,
+        "SPPlan.streams is empty; name at least one block argument carrying the token stream",
+    )
     if not isinstance(plan.replicate, (tuple, list)) or not all(is_arg(k) for k in plan.replicate):
         raise TypeError(
             f"SPPlan.replicate={plan.replicate!r}; allowed: a tuple of argument positions or names"
@@ -698,10 +700,11 @@ def _check_splits(splits: Any, group: dist.ProcessGroup | None) -> Splits:
     size = dist.get_world_size(group)
     if splits is None:
         return {size: (group, None)}
-    if not isinstance(splits, Mapping) or not splits:
-        raise TypeError(
-            f"sequence_parallel: splits={splits!r}; allowed: {{ulysses degree: (group, ring group)}}"
-        )
+    raise_if(
+        not isinstance(splits, Mapping) or not splits,
+        TypeError,
+        f"sequence_parallel: splits={splits!r}; allowed: {{ulysses degree: (group, ring group)}}",
+    )
     for ulysses, pair in splits.items():
         ok = (
             isinstance(ulysses, int)
@@ -719,11 +722,12 @@ def _check_splits(splits: Any, group: dist.ProcessGroup | None) -> Splits:
                 else isinstance(r_group, dist.ProcessGroup)
                 and dist.get_world_size(r_group) == size // ulysses
             )
-        if not ok:
-            raise ValueError(
-                f"sequence_parallel: splits[{ulysses!r}]={pair!r}; allowed: for a Ulysses degree u dividing {size}, "
-                f"(a group of u ranks, a ring group of {size} / u ranks or None when u == {size})"
-            )
+        raise_if(
+            not ok,
+            ValueError,
+            f"sequence_parallel: splits[{ulysses!r}]={pair!r}; allowed: for a Ulysses degree u dividing {size}, "
+            f"(a group of u ranks, a ring group of {size} / u ranks or None when u == {size})",
+        )
     return dict(splits)
 
 
@@ -735,13 +739,17 @@ def _unwrap_checkpoint(block: nn.Module) -> nn.Module:
 
 def _region(model: nn.Module, blocks: Sequence[nn.Module]) -> tuple[list[nn.Module], dict[int, str]]:
     """The outermost of ``blocks`` (fewest dots in their names), unwrapped, with their clean names."""
-    if not isinstance(blocks, (nn.ModuleList, nn.Sequential, list, tuple)):
-        raise TypeError(
-            f"sequence_parallel: blocks={type(blocks).__name__}; allowed: a list of the model's blocks"
-        )
+    raise_if(
+        not isinstance(blocks, (nn.ModuleList, nn.Sequential, list, tuple)),
+        TypeError,
+        f"sequence_parallel: blocks={type(blocks).__name__}; allowed: a list of the model's blocks",
+    )
     blocks = list(blocks)
-    if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
-        raise ValueError(f"sequence_parallel: blocks must be a non-empty list of modules, got {blocks!r}")
+    raise_if(
+        not blocks or not all(isinstance(b, nn.Module) for b in blocks),
+        ValueError,
+        f"sequence_parallel: blocks must be a non-empty list of modules, got {blocks!r}",
+    )
     qualified = {id(m): name for name, m in model.named_modules()}
     missing = [type(b).__name__ for b in blocks if id(b) not in qualified]
     if missing:
@@ -774,16 +782,25 @@ def sequence_parallel(
     full output. Parameter names and the model's code are unchanged. Apply before activation
     checkpointing, ``torch.compile`` and FSDP2 ``fully_shard``. See ``SPPlan`` for what is split.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"sequence_parallel: model must be an nn.Module, got {type(model).__name__}")
+    raise_if(
+        not isinstance(model, nn.Module),
+        TypeError,
+        f"sequence_parallel: model must be an nn.Module, got {type(model).__name__}",
+    )
     plan = SPPlan() if plan is None else plan
-    if not isinstance(plan, SPPlan):
-        raise TypeError(f"sequence_parallel: plan must be an SPPlan, got {type(plan).__name__}")
+    raise_if(
+        not isinstance(plan, SPPlan),
+        TypeError,
+        f"sequence_parallel: plan must be an SPPlan, got {type(plan).__name__}",
+    )
     _check_plan(plan)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("sequence_parallel needs an initialized torch.distributed process group")
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"sequence_parallel: group={group!r}; allowed: a ProcessGroup or None (the world)")
+    raise_if(
+        group is not None and not isinstance(group, dist.ProcessGroup),
+        TypeError,
+        f"sequence_parallel: group={group!r}; allowed: a ProcessGroup or None (the world)",
+    )
     splits = _check_splits(splits, group)
     region, names = _region(model, blocks)
     taken = [

@@ -51,16 +51,20 @@ class SequenceInfo:
 def _group_size_and_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("litegen_sp needs an initialized torch.distributed process group")
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise TypeError(
-            f"group={group!r} ({type(group).__name__}); allowed: a ProcessGroup or None (the world)"
-        )
+    raise_if(
+        group is not None and not isinstance(group, dist.ProcessGroup),
+        TypeError,
+        f"group={group!r} ({type(group).__name__}); allowed: a ProcessGroup or None (the world)",
+    )
     return dist.get_world_size(group), dist.get_rank(group)
 
 
 def _normalize_dim(dim: int, ndim: int, name: str, shape: torch.Size) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"{name}: dim={dim!r} ({type(dim).__name__}); allowed: an int")
+    raise_if(
+        isinstance(dim, bool) or not isinstance(dim, int),
+        TypeError,
+        f"{name}: dim={dim!r} ({type(dim).__name__}); allowed: an int",
+    )
     if not -ndim <= dim < ndim:
         raise ValueError(f"{name}: dim={dim} is out of range for a tensor of shape {tuple(shape)}")
     return dim % ndim
@@ -117,20 +121,21 @@ def split_sequence(
     ``info.local_len`` tokens along ``dim``. No communication; the backward places the local gradient
     into zeros of ``x``'s shape.
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"split_sequence: x must be a Tensor, got {type(x).__name__}")
+    raise_if(
+        not isinstance(x, Tensor), TypeError, f"split_sequence: x must be a Tensor, got {type(x).__name__}"
+    )
     dim = _normalize_dim(dim, x.dim(), "split_sequence (x)", x.shape)
     seq_len = x.shape[dim]
     if seq_len == 0:
         raise ValueError(f"split_sequence: x has no tokens along dim={dim} (shape {tuple(x.shape)})")
     size, rank = _group_size_and_rank(group)
     fewest = -(-seq_len // size)
-    if local_len is not None and (
-        isinstance(local_len, bool) or not isinstance(local_len, int) or local_len < fewest
-    ):
-        raise ValueError(
-            f"split_sequence: local_len={local_len!r}; allowed: an int >= ceil({seq_len} / {size}) = {fewest}"
-        )
+    raise_if(
+        local_len is not None
+        and (isinstance(local_len, bool) or not isinstance(local_len, int) or local_len < fewest),
+        ValueError,
+        f"split_sequence: local_len={local_len!r}; allowed: an int >= ceil({seq_len} / {size}) = {fewest}",
+    )
     padded_len = (fewest if local_len is None else local_len) * size
     info = SequenceInfo(seq_len=seq_len, padded_len=padded_len, dim=dim, group_size=size)
     return _local_slice(x, info, dim, rank), info
@@ -144,10 +149,16 @@ def gather_sequence(
     ``x_local``: ``info.local_len`` tokens along ``dim``. Returns ``info.seq_len`` tokens on every
     rank. Backward: this rank's slice of the incoming gradient times the group size (no communication).
     """
-    if not isinstance(x_local, Tensor):
-        raise TypeError(f"gather_sequence: x_local must be a Tensor, got {type(x_local).__name__}")
-    if not isinstance(info, SequenceInfo):
-        raise TypeError(f"gather_sequence: info must be the SequenceInfo from split_sequence, got {info!r}")
+    raise_if(
+        not isinstance(x_local, Tensor),
+        TypeError,
+        f"gather_sequence: x_local must be a Tensor, got {type(x_local).__name__}",
+    )
+    raise_if(
+        not isinstance(info, SequenceInfo),
+        TypeError,
+        f"gather_sequence: info must be the SequenceInfo from split_sequence, got {info!r}",
+    )
     dim = _normalize_dim(
         info.dim if dim is None else dim, x_local.dim(), "gather_sequence (x_local)", x_local.shape
     )
@@ -222,21 +233,30 @@ class _HeadsToSeq(torch.autograd.Function):
 
 
 def _check_options(where: str, causal: bool, scale: float | None, dropout_p: float) -> None:
-    if not isinstance(causal, bool):
-        raise TypeError(f"{where}: causal={causal!r}; allowed: True or False")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"{where}: scale={scale!r}; allowed: None (1/sqrt(head_dim)) or a number")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"{where}: dropout_p={dropout_p!r}; allowed: a number in [0, 1)")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{where}: dropout_p={dropout_p!r}; allowed: a number in [0, 1)")
+    raise_if(not isinstance(causal, bool), TypeError, f"{where}: causal={causal!r}; allowed: True or False")
+    raise_if(
+        scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))),
+        TypeError,
+        f"{where}: scale={scale!r}; allowed: None (1/sqrt(head_dim)) or a number",
+    )
+    raise_if(
+        isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)),
+        TypeError,
+        f"{where}: dropout_p={dropout_p!r}; allowed: a number in [0, 1)",
+    )
+    raise_if(
+        not 0.0 <= dropout_p < 1.0,
+        ValueError,
+        f"{where}: dropout_p={dropout_p!r}; allowed: a number in [0, 1)",
+    )
 
 
 def _check_attention_shapes(where: str, q: Tensor, k: Tensor, v: Tensor) -> None:
     """``q``: (b, s, h, d); ``k``, ``v``: (b, s_kv, h_kv, d) and (b, s_kv, h_kv, d_v) with h % h_kv == 0."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{where}: {name} must be a Tensor, got {type(t).__name__}")
+        raise_if(
+            not isinstance(t, Tensor), TypeError, f"{where}: {name} must be a Tensor, got {type(t).__name__}"
+        )
         if t.dim() != 4:
             raise ValueError(
                 f"{where}: {name} has shape {tuple(t.shape)}; expected 4 dims (batch, seq, heads, head_dim)"
@@ -244,10 +264,16 @@ def _check_attention_shapes(where: str, q: Tensor, k: Tensor, v: Tensor) -> None
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         raise ValueError(f"{where}: q, k, v must share dtype and device ({q.dtype}/{k.dtype}/{v.dtype})")
-    if not q.shape[0] == k.shape[0] == v.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"{where}: batch and q/k head_dim must match: {shapes}")
-    if k.shape[1:3] != v.shape[1:3]:
-        raise ValueError(f"{where}: k and v must have the same seq and heads: {shapes}")
+    raise_if(
+        not q.shape[0] == k.shape[0] == v.shape[0] or q.shape[3] != k.shape[3],
+        ValueError,
+        f"{where}: batch and q/k head_dim must match: {shapes}",
+    )
+    raise_if(
+        k.shape[1:3] != v.shape[1:3],
+        ValueError,
+        f"{where}: k and v must have the same seq and heads: {shapes}",
+    )
     if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
         raise ValueError(
             f"{where}: heads={q.shape[2]} must be a multiple of kv_heads={k.shape[2]} (GQA): {shapes}"
@@ -321,15 +347,17 @@ def _layout(where: str, spec: int | Sequence[SequenceInfo] | None, local_len: in
                 f"ranks; allowed: {max(1, padded - size + 1)}..{padded} (SequenceInfo.seq_len)"
             )
         return (SequenceInfo(seq_len=seq_len, padded_len=padded, dim=1, group_size=size),)
-    if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence) or not spec:
-        raise TypeError(
-            f"ulysses_attention: {where}={spec!r}; allowed: None, an int or a list of SequenceInfo"
-        )
-    if not all(isinstance(info, SequenceInfo) and info.group_size == size for info in spec):
-        raise ValueError(
-            f"ulysses_attention: {where}={spec!r}; allowed: the SequenceInfos that split_sequence returned on "
-            f"this group of {size} ranks"
-        )
+    raise_if(
+        isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence) or not spec,
+        TypeError,
+        f"ulysses_attention: {where}={spec!r}; allowed: None, an int or a list of SequenceInfo",
+    )
+    raise_if(
+        not all(isinstance(info, SequenceInfo) and info.group_size == size for info in spec),
+        ValueError,
+        f"ulysses_attention: {where}={spec!r}; allowed: the SequenceInfos that split_sequence returned on "
+        f"this group of {size} ranks",
+    )
     if sum(info.local_len for info in spec) != local_len:
         raise ValueError(
             f"ulysses_attention: {where} describes {sum(info.local_len for info in spec)} local tokens "
@@ -400,8 +428,11 @@ def _check_mask(
     where the form has 1); returned 4-D."""
     if mask is None:
         return None
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{where}: attn_mask must be a Tensor or None, got {type(mask).__name__}")
+    raise_if(
+        not isinstance(mask, Tensor),
+        TypeError,
+        f"{where}: attn_mask must be a Tensor or None, got {type(mask).__name__}",
+    )
     shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
     batch, heads = q.shape[0], q.shape[2]
     fits = any(shape[2] == fq and shape[3] in (1, fk) for fq, fk in forms)
@@ -417,8 +448,11 @@ def _check_mask(
 def _check_ulysses_inputs(q: Tensor, k: Tensor, v: Tensor, ulysses: int, kv_replicated: bool) -> None:
     """Validate shapes on every rank before any collective."""
     _check_attention_shapes("ulysses_attention", q, k, v)
-    if not isinstance(kv_replicated, bool):
-        raise TypeError(f"ulysses_attention: kv_replicated={kv_replicated!r}; allowed: True or False")
+    raise_if(
+        not isinstance(kv_replicated, bool),
+        TypeError,
+        f"ulysses_attention: kv_replicated={kv_replicated!r}; allowed: True or False",
+    )
     heads, kv_heads = q.shape[2], k.shape[2]
     if not kv_replicated and (heads % ulysses or kv_heads % ulysses):
         raise ValueError(
@@ -476,13 +510,17 @@ def ulysses_attention(
         attn_mask = attn_mask[..., :1, :]  # a per-key mask expanded over the queries (Lumina-Next) is per key
     _check_ulysses_inputs(q, k, v, ulysses, kv_replicated)
     _check_options("ulysses_attention", causal, scale, dropout_p)
-    if attn_fn is not None and not callable(attn_fn):
-        raise TypeError(f"ulysses_attention: attn_fn={attn_fn!r}; allowed: None or a callable")
+    raise_if(
+        attn_fn is not None and not callable(attn_fn),
+        TypeError,
+        f"ulysses_attention: attn_fn={attn_fn!r}; allowed: None or a callable",
+    )
     kernel = attn_fn or attention
     q_layout = _layout("seq_len", seq_len, q.shape[1], size)
     if kv_replicated:
-        if causal:
-            raise ValueError("ulysses_attention: causal=True needs sequence-sharded k/v, not kv_replicated")
+        raise_if(
+            causal, ValueError, "ulysses_attention: causal=True needs sequence-sharded k/v, not kv_replicated"
+        )
         forms = [(1, k.shape[1]), (q.shape[1], k.shape[1]), (_true_len(q_layout), k.shape[1])]
         mask = _check_mask(attn_mask, q, forms, "ulysses_attention")
         if mask is not None and mask.shape[2] not in (1, q.shape[1]):  # whole query x key: this rank's rows
@@ -495,14 +533,16 @@ def ulysses_attention(
             "are split from other sequences, or kv_replicated=True when every rank holds the whole k/v"
         )
     kv_layout = q_layout if kv_seq_len is None else _layout("kv_seq_len", kv_seq_len, k.shape[1], size)
-    if causal and (len(q_layout) > 1 or kv_layout != q_layout or ring > 1):
-        raise ValueError(
-            "ulysses_attention: causal=True needs q and k/v made of the same single sequence, and no ring_group"
-        )
-    if ring > 1 and (attn_fn is not None or dropout_p):
-        raise ValueError(
-            "ulysses_attention: attn_fn and dropout_p need ring_group=None (ring kernels are fixed)"
-        )
+    raise_if(
+        causal and (len(q_layout) > 1 or kv_layout != q_layout or ring > 1),
+        ValueError,
+        "ulysses_attention: causal=True needs q and k/v made of the same single sequence, and no ring_group",
+    )
+    raise_if(
+        ring > 1 and (attn_fn is not None or dropout_p),
+        ValueError,
+        "ulysses_attention: attn_fn and dropout_p need ring_group=None (ring kernels are fixed)",
+    )
     forms = [(1, k.shape[1]), (_true_len(q_layout), _true_len(kv_layout))]
     mask = _check_mask(attn_mask, q, forms, "ulysses_attention")
     keyed = mask is not None and mask.shape[2] == 1 and mask.shape[3] == k.shape[1]  # split like k
@@ -581,3 +621,9 @@ def _checked_output(out: Tensor, expected: tuple[int, ...]) -> Tensor:
             "(batch, seq, heads, head_dim)"
         )
     return out
+
+
+def raise_if(bad: bool, error: type[Exception], message: str) -> None:
+    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective)."""
+    if bad:
+        raise error(message)

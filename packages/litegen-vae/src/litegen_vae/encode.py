@@ -7,8 +7,8 @@ tensor or a pytree of tensors, and returns a function with the same call whose o
 dicts, namedtuples, registered pytree classes (diffusers' ``ModelOutput``), dataclasses and plain
 objects through their attributes (diffusers' ``DiagonalGaussianDistribution``); non-tensor values in
 them (None, bool, int, float, str, dtype, device) must not depend on the batch. The wrappers compose
-in any order; ``compiled`` always compiles the innermost ``fn`` so that the slicing loop and the
-collectives stay eager.
+in any order; compile innermost, ``data_parallel(sliced(compiled(fn), n))``, so that the slicing loop
+and the collectives stay eager (``compiled`` compiles whatever it is given).
 """
 
 from __future__ import annotations
@@ -68,7 +68,6 @@ def sliced(fn: Encode, slice_size: int, dim: int = 0) -> Encode:
                 combined.append(column[0])
         return rebuild(combined)
 
-    sliced_fn._litegen_vae_rewrap = functools.partial(sliced, slice_size=slice_size, dim=dim)  # type: ignore[attr-defined]
     return sliced_fn
 
 
@@ -114,40 +113,33 @@ def data_parallel(fn: Encode, group: dist.ProcessGroup | None = None, dim: int =
                 f"data_parallel: the ranks of the group passed batches of {[row[0] for row in rows]} "
                 f"items on dim {dim}; every rank must pass the same full batch"
             )
-        if any(row[1] != rows[0][1] for row in rows):
-            raise ValueError(
-                f"data_parallel: fn's non-tensor outputs {constants!r} differ between ranks; "
-                "non-tensor outputs must not depend on the batch"
-            )
+        raise_if(
+            any(row[1] != rows[0][1] for row in rows),
+            ValueError,
+            f"data_parallel: fn's non-tensor outputs {constants!r} differ between ranks; "
+            "non-tensor outputs must not depend on the batch",
+        )
         for column, (i, d) in enumerate(tensors.items()):
             local = leaves[i].detach() if mine else leaves[i].detach().narrow(d, 0, 0)
             leaves[i] = _all_gather_cat(local, [row[2 + column] for row in rows], d, pg)
         return rebuild(leaves)
 
-    data_parallel_fn._litegen_vae_rewrap = functools.partial(data_parallel, group=group, dim=dim)  # type: ignore[attr-defined]
     return data_parallel_fn
 
 
 def compiled(fn: Encode, **compile_kwargs: Any) -> Encode:
     """``torch.compile(fn, dynamic=True, fullgraph=False, **compile_kwargs)``, eager when unavailable.
 
-    Wrappers of this package inside ``fn`` stay eager around a compiled innermost function. When
-    torch.compile is unsupported, or compiling fails (no C++ compiler, no Triton, a failing backend),
+    Apply it innermost (``sliced(compiled(fn), n)``): wrapped around ``sliced`` or ``data_parallel`` it
+    would compile their loop and collectives too. When torch.compile is unsupported, or compiling fails (no C++ compiler, no Triton, a failing backend),
     ``fn`` runs eagerly from then on after one logged warning. Keep random
     sampling out of ``fn`` (return the distribution's parameters, sample afterwards).
     """
     _check_callable(fn, "compiled")
     _check_compile_options(compile_kwargs)
-    rewraps = []
-    while hasattr(fn, "_litegen_vae_rewrap"):
-        rewraps.append(fn._litegen_vae_rewrap)
-        fn = fn.__wrapped__
     # Defaults for encoders: one graph for every batch size (the last uneven slice or rank part does not
     # recompile), graph breaks allowed.
-    result = _compile_or_eager(fn, {"dynamic": True, "fullgraph": False, **compile_kwargs})
-    for rewrap in reversed(rewraps):
-        result = rewrap(result)
-    return result
+    return _compile_or_eager(fn, {"dynamic": True, "fullgraph": False, **compile_kwargs})
 
 
 def _compile_or_eager(fn: Encode, options: dict[str, Any]) -> Encode:
@@ -264,8 +256,11 @@ def _check_compile_options(options: dict[str, Any]) -> None:
     """torch.compile's keywords, checked here: torch asserts on some values and accepts others silently."""
     allowed = [name for name in inspect.signature(torch.compile).parameters if name != "model"]
     for name, value in options.items():
-        if name not in allowed:
-            raise TypeError(f"compiled: {name}={value!r} is not a torch.compile option; allowed: {allowed}")
+        raise_if(
+            name not in allowed,
+            TypeError,
+            f"compiled: {name}={value!r} is not a torch.compile option; allowed: {allowed}",
+        )
     for name, kinds in (("fullgraph", (bool,)), ("dynamic", (bool, type(None))), ("mode", (str, type(None)))):
         if name in options and not isinstance(options[name], kinds):
             raise TypeError(
@@ -274,40 +269,55 @@ def _check_compile_options(options: dict[str, Any]) -> None:
 
 
 def _check_callable(fn: Any, wrapper: str) -> None:
-    if not callable(fn):
-        raise TypeError(
-            f"{wrapper}: fn must be callable (e.g. lambda x: vae.encode(x).latent_dist.mode()), "
-            f"got {type(fn).__name__}"
-        )
+    raise_if(
+        not callable(fn),
+        TypeError,
+        f"{wrapper}: fn must be callable (e.g. lambda x: vae.encode(x).latent_dist.mode()), "
+        f"got {type(fn).__name__}",
+    )
 
 
 def _check_int(value: Any, wrapper: str, name: str, minimum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{wrapper}: {name}={value!r} ({type(value).__name__}); allowed: an int")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{wrapper}: {name}={value}; allowed: an int >= {minimum}")
+    raise_if(
+        isinstance(value, bool) or not isinstance(value, int),
+        TypeError,
+        f"{wrapper}: {name}={value!r} ({type(value).__name__}); allowed: an int",
+    )
+    raise_if(
+        minimum is not None and value < minimum,
+        ValueError,
+        f"{wrapper}: {name}={value}; allowed: an int >= {minimum}",
+    )
 
 
 def _check_group(group: Any, wrapper: str = "data_parallel") -> None:
     if group is None:
         return
-    if dist.is_available() and group is dist.GroupMember.NON_GROUP_MEMBER:
-        raise ValueError(
-            f"{wrapper}: group={group!r} is what new_group returns to ranks outside the "
-            "new group: this process is not in it; pass a group that holds this rank, or None"
-        )
-    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
-        raise TypeError(
-            f"{wrapper}: group={group!r} ({type(group).__name__}); allowed: a "
-            "torch.distributed.ProcessGroup or None (the default world)"
-        )
-    if not dist.is_initialized():
-        raise ValueError(f"{wrapper}: a group was given but torch.distributed is not initialized")
+    raise_if(
+        dist.is_available() and group is dist.GroupMember.NON_GROUP_MEMBER,
+        ValueError,
+        f"{wrapper}: group={group!r} is what new_group returns to ranks outside the "
+        "new group: this process is not in it; pass a group that holds this rank, or None",
+    )
+    raise_if(
+        not dist.is_available() or not isinstance(group, dist.ProcessGroup),
+        TypeError,
+        f"{wrapper}: group={group!r} ({type(group).__name__}); allowed: a "
+        "torch.distributed.ProcessGroup or None (the default world)",
+    )
+    raise_if(
+        not dist.is_initialized(),
+        ValueError,
+        f"{wrapper}: a group was given but torch.distributed is not initialized",
+    )
 
 
 def _batch_dim(x: Any, dim: int, wrapper: str) -> int:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{wrapper}: x must be a torch.Tensor, got {type(x).__name__}")
+    raise_if(
+        not isinstance(x, torch.Tensor),
+        TypeError,
+        f"{wrapper}: x must be a torch.Tensor, got {type(x).__name__}",
+    )
     if not -x.dim() <= dim < x.dim():
         raise ValueError(
             f"{wrapper}: dim={dim} is out of range for x of shape {tuple(x.shape)}; "
@@ -323,3 +333,9 @@ def _output_dim(leaf: torch.Tensor, dim: int, index: int, wrapper: str) -> int:
             f"concatenated on dim={dim}; every output tensor must hold the batch on dim {dim}"
         )
     return dim % leaf.dim()
+
+
+def raise_if(bad: bool, error: type[Exception], message: str) -> None:
+    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective)."""
+    if bad:
+        raise error(message)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from litegen_vae.encode import _all_gather_cat, _check_group, _flatten
+from litegen_vae.encode import _all_gather_cat, _check_group, _flatten, raise_if
 
 logger = logging.getLogger(__name__)
 
@@ -255,11 +255,12 @@ def time_parallel(
     """
     _check_group(group, "time_parallel")
     encoder = getattr(vae, "encoder", None)
-    if not isinstance(vae, nn.Module) or not isinstance(encoder, nn.Module) or not hasattr(vae, "encode"):
-        raise TypeError(
-            f"time_parallel: vae must be a VAE module with .encoder and .encode (e.g. diffusers' "
-            f"AutoencoderKLWan), got {type(vae).__name__}"
-        )
+    raise_if(
+        not isinstance(vae, nn.Module) or not isinstance(encoder, nn.Module) or not hasattr(vae, "encode"),
+        TypeError,
+        f"time_parallel: vae must be a VAE module with .encoder and .encode (e.g. diffusers' "
+        f"AutoencoderKLWan), got {type(vae).__name__}",
+    )
     name = type(vae).__name__
     for flag in ("use_tiling", "use_framewise_encoding"):
         if getattr(vae, flag, False):
@@ -295,11 +296,12 @@ def _plan(vae: nn.Module) -> tuple[list[_Conv], bool]:
             continue
         if found is not None:
             convs.append(found)
-    if not convs:
-        raise TypeError(
-            f"time_parallel: {name} is not a causal 3-D video VAE (no temporal convolution in its "
-            "encoder); encode its frames with data_parallel(encode, group, dim=2) if it is per-frame"
-        )
+    raise_if(
+        not convs,
+        TypeError,
+        f"time_parallel: {name} is not a causal 3-D video VAE (no temporal convolution in its "
+        "encoder); encode its frames with data_parallel(encode, group, dim=2) if it is per-frame",
+    )
     return convs, chunked
 
 
@@ -308,24 +310,24 @@ def _wrapped_conv(module: nn.Module, conv: nn.Conv3d, path: str) -> _Conv | None
     kernel, stride = conv.kernel_size[0], conv.stride[0]
     if kernel == 1 and stride == 1:
         return None
-    if (
+    raise_if(
         "conv_cache" in inspect.signature(module.forward).parameters
-        and getattr(module, "pad_mode", "") != "replicate"
-    ):
-        raise ValueError(
-            f"time_parallel: {path} carries a convolution cache from one frame batch to the next: the "
-            "VAE's encode runs its encoder over frame batches in sequence (each normalised with its own "
-            "statistics), so no split of the frames over ranks reproduces it exactly (CogVideoX)"
-        )
+        and getattr(module, "pad_mode", "") != "replicate",
+        ValueError,
+        f"time_parallel: {path} carries a convolution cache from one frame batch to the next: the "
+        "VAE's encode runs its encoder over frame batches in sequence (each normalised with its own "
+        "statistics), so no split of the frames over ranks reproduces it exactly (CogVideoX)",
+    )
     if hasattr(module, "time_causal_padding"):
         front, back = module.time_causal_padding[4], module.time_causal_padding[5]
     else:
         front, back = (kernel - 1, 0) if module.is_causal else ((kernel - 1) // 2, (kernel - 1) // 2)
-    if back or front != kernel - 1 or conv.padding[0] or conv.dilation[0] != 1 or kernel < stride:
-        raise ValueError(
-            f"time_parallel: {path} is not a causal temporal convolution (kernel {kernel}, stride {stride}, "
-            f"padding {front} before and {back} after the frames); only causal ones split exactly"
-        )
+    raise_if(
+        back or front != kernel - 1 or conv.padding[0] or conv.dilation[0] != 1 or kernel < stride,
+        ValueError,
+        f"time_parallel: {path} is not a causal temporal convolution (kernel {kernel}, stride {stride}, "
+        f"padding {front} before and {back} after the frames); only causal ones split exactly",
+    )
     return _Conv(conv, kernel, stride, front)
 
 
@@ -549,11 +551,12 @@ def _check_same_shape(x: torch.Tensor, group: dist.ProcessGroup) -> None:
     shapes = shape.new_empty(dist.get_world_size(group) * 5)
     dist.all_gather_into_tensor(shapes, shape, group=group)
     rows = [tuple(row) for row in shapes.view(-1, 5).tolist()]
-    if any(row != rows[0] for row in rows):
-        raise ValueError(
-            f"time_parallel: the ranks of the group passed clips of shapes {rows}; every rank must pass "
-            "the same clip"
-        )
+    raise_if(
+        any(row != rows[0] for row in rows),
+        ValueError,
+        f"time_parallel: the ranks of the group passed clips of shapes {rows}; every rank must pass "
+        "the same clip",
+    )
 
 
 def _gather_batch(leaf: Any, world: int, group: dist.ProcessGroup) -> Any:
