@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
+from litegen_zero._shard import raise_if
 from litegen_zero._train import clip_grad_norm_
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,11 @@ class MixedPrecision:
         init_scale: float = 2.0**16,
         growth_interval: int = 2000,
     ) -> None:
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer={type(optimizer).__name__}; expected a torch.optim.Optimizer or None")
+        raise_if(
+            optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer),
+            TypeError,
+            f"optimizer={type(optimizer).__name__}; expected a torch.optim.Optimizer or None",
+        )
         if dtype not in PRECISIONS:
             raise ValueError(f"dtype={dtype!r}; allowed: one of {list(PRECISIONS)}")
         self.optimizer, self.dtype, self.device = optimizer, dtype, torch.device(device)
@@ -117,8 +121,9 @@ class MixedPrecision:
         return finite
 
     def _optimizer(self, during: str) -> torch.optim.Optimizer:
-        if self.optimizer is None:
-            raise ValueError(f"{during}: no optimizer; pass the model's optimizer too")
+        raise_if(
+            self.optimizer is None, ValueError, f"{during}: no optimizer; pass the model's optimizer too"
+        )
         return self.optimizer
 
     def state_dict(self) -> dict[str, Any]:

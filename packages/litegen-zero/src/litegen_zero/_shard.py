@@ -100,24 +100,37 @@ def shard(
     """
     _check_model(model)
     world = _world_size()
-    if not isinstance(degree, int) or isinstance(degree, bool) or degree not in _DEGREES:
-        raise ValueError(f"degree={degree!r}; allowed: 0 (DDP), 1 (ZeRO-1), 2 (ZeRO-2), 3 (ZeRO-3)")
-    if group_size not in (None, False) and degree != 3:
-        raise ValueError(f"group_size={group_size!r} with degree={degree}; group_size needs degree=3")
+    raise_if(
+        not isinstance(degree, int) or isinstance(degree, bool) or degree not in _DEGREES,
+        ValueError,
+        f"degree={degree!r}; allowed: 0 (DDP), 1 (ZeRO-1), 2 (ZeRO-2), 3 (ZeRO-3)",
+    )
+    raise_if(
+        group_size not in (None, False) and degree != 3,
+        ValueError,
+        f"group_size={group_size!r} with degree={degree}; group_size needs degree=3",
+    )
     group_size = _check_group_size(group_size, world)
     _check_mesh(mesh, group_size)
     param_dtype = _check_dtype("param_dtype", param_dtype)
     reduce_dtype = _check_dtype("reduce_dtype", reduce_dtype)
-    if degree < 2 and param_dtype not in (None, torch.float32):
-        raise ValueError(
-            f"param_dtype={param_dtype} with degree={degree}; low-precision parameters need degree 2 or 3 "
-            "(FSDP2 MixedPrecisionPolicy); with DDP run the forward under torch.autocast instead"
-        )
-    if not isinstance(offload, bool) or (offload and degree != 3):
-        raise ValueError(f"offload={offload!r} with degree={degree}; allowed: False, or True with degree=3")
+    raise_if(
+        degree < 2 and param_dtype not in (None, torch.float32),
+        ValueError,
+        f"param_dtype={param_dtype} with degree={degree}; low-precision parameters need degree 2 or 3 "
+        "(FSDP2 MixedPrecisionPolicy); with DDP run the forward under torch.autocast instead",
+    )
+    raise_if(
+        not isinstance(offload, bool) or (offload and degree != 3),
+        ValueError,
+        f"offload={offload!r} with degree={degree}; allowed: False, or True with degree=3",
+    )
     names = {id(p): name for name, p in model.named_parameters()}
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"model {type(model).__name__} has no trainable parameter (requires_grad=True)")
+    raise_if(
+        not any(p.requires_grad for p in model.parameters()),
+        ValueError,
+        f"model {type(model).__name__} has no trainable parameter (requires_grad=True)",
+    )
     groups = _groups_by_name(optimizer, names)
     if groups is not None:
         _check_optimizer_class(type(optimizer), degree)
@@ -197,8 +210,11 @@ def shard_frozen(
 
 
 def _check_model(model: object) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model={type(model).__name__}; allowed: a torch.nn.Module")
+    raise_if(
+        not isinstance(model, nn.Module),
+        TypeError,
+        f"model={type(model).__name__}; allowed: a torch.nn.Module",
+    )
 
 
 def _world_size() -> int:
@@ -233,10 +249,16 @@ def _check_group_size(group_size: int | bool | None, world: int) -> int | None:
 def _check_mesh(mesh: DeviceMesh | None, group_size: int | None) -> None:
     if mesh is None:
         return
-    if not isinstance(mesh, DeviceMesh):
-        raise TypeError(f"mesh={mesh!r}; allowed: None or a torch.distributed.device_mesh.DeviceMesh")
-    if group_size is not None:
-        raise ValueError(f"group_size={group_size} and mesh={mesh} both given; pass one of them")
+    raise_if(
+        not isinstance(mesh, DeviceMesh),
+        TypeError,
+        f"mesh={mesh!r}; allowed: None or a torch.distributed.device_mesh.DeviceMesh",
+    )
+    raise_if(
+        group_size is not None,
+        ValueError,
+        f"group_size={group_size} and mesh={mesh} both given; pass one of them",
+    )
     if mesh.ndim != 1 and (mesh.ndim != 2 or tuple(mesh.mesh_dim_names or ()) != _MESH_DIMS):
         raise ValueError(
             f"mesh has shape {tuple(mesh.shape)} and dims {mesh.mesh_dim_names}; allowed: a 1-D mesh "
@@ -267,11 +289,12 @@ def _resolve_blocks(model: nn.Module, blocks: Blocks | None) -> list[nn.Module]:
         found = is_type and any(isinstance(m, item) for m in below_root)
         found = found or any(m is item for m in below_root)
         container = issubclass(item, _CONTAINERS) if is_type else isinstance(item, _CONTAINERS)
-        if not found or container:
-            raise ValueError(
-                f"blocks entry {item!r} is not in the model; allowed: nn.Module subclasses with instances "
-                "inside the model, or submodules of it (not the root, not a ModuleList / ModuleDict)"
-            )
+        raise_if(
+            not found or container,
+            ValueError,
+            f"blocks entry {item!r} is not in the model; allowed: nn.Module subclasses with instances "
+            "inside the model, or submodules of it (not the root, not a ModuleList / ModuleDict)",
+        )
     kinds = tuple(item for item in items if isinstance(item, type))
     return [m for m in below_root if isinstance(m, kinds) or any(m is item for item in items)]
 
@@ -311,10 +334,11 @@ def _rebuild_optimizer(
     """Build the optimizer class on the new parameters with the same groups; ZeRO-1 partitions its state."""
     if groups is None:
         optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"the optimizer factory returned {type(optimizer).__name__}; allowed: a torch.optim.Optimizer"
-            )
+        raise_if(
+            not isinstance(optimizer, Optimizer),
+            TypeError,
+            f"the optimizer factory returned {type(optimizer).__name__}; allowed: a torch.optim.Optimizer",
+        )
         _check_optimizer_class(type(optimizer), degree)
         if degree != 1:
             return optimizer
@@ -373,3 +397,9 @@ def _default_mesh(world: int, group_size: int | None) -> DeviceMesh:
     if group_size is None:
         return init_device_mesh(_device_type(), (world,))
     return init_device_mesh(_device_type(), (world // group_size, group_size), mesh_dim_names=_MESH_DIMS)
+
+
+def raise_if(bad: bool, error: type[Exception], message: str) -> None:
+    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective)."""
+    if bad:
+        raise error(message)
