@@ -6,7 +6,10 @@ heads and ``hidden / tp`` MLP features, output ``(b, s, out / tp)`` local); atte
 MLP's output projection row-wise (``RowwiseParallel``: input ``(b, s, in / tp)``, partial products
 all-reduced, output ``(b, s, out)`` replicated). Everything else (adaLN modulation, norms, embeddings)
 stays replicated: its inputs and output gradients are identical on every TP rank, so are its gradients.
-A module that reshapes by a head count gets its local count (``heads / tp``, ``kv_heads / tp``).
+An attention gets its local head counts and widths (``heads / tp``, ``kv_heads / tp``, ``inner_dim / tp``:
+what its reshapes and position biases read); a per-head position-bias table (T5's ``relative_attention_bias``,
+``(buckets, heads)``) is split over heads as q is. The same split runs forward-only on frozen text encoders
+(transformers' T5, CLIP, BERT): each rank computes its heads, the output is the whole encoder's.
 Its QK-norms (``norm_q``, ``norm_k``, ``norm_added_*``: over head_dim, on this rank's heads) keep their
 weights replicated but their gradients summed over TP (``SequenceParallel`` on a dim other than the last:
 each rank normalizes its own rows, the weight gradient is a partial sum).
@@ -41,13 +44,20 @@ logger = logging.getLogger(__name__)
 
 Plan = Mapping[str, ParallelStyle | str]
 _STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-_HEAD_ATTRS = ("heads", "num_heads", "n_heads")
+_HEAD_ATTRS = ("heads", "num_heads", "n_heads", "num_attention_heads")
 _KV_HEAD_ATTRS = ("kv_heads", "num_kv_heads", "num_key_value_heads")
-_INPUT_NAMES = ("to_q", "to_k", "to_v", "q", "k", "v", "q_proj", "k_proj", "v_proj")
+_WIDTH_ATTRS = ("inner_dim", "inner_kv_dim", "all_head_size")  # heads * head_dim: local too
+_QKV_NAMES = (
+    ("to_q", "to_k", "to_v"),
+    ("q", "k", "v"),
+    ("q_proj", "k_proj", "v_proj"),
+    ("query", "key", "value"),
+)
 _JOINT_INPUT_NAMES = ("add_q_proj", "add_k_proj", "add_v_proj")
-_OUTPUT_NAMES = ("to_out", "to_out.0", "out", "out_proj", "o_proj", "proj")
+_OUTPUT_NAMES = ("to_out", "to_out.0", "out", "out_proj", "o_proj", "o", "proj")
 _JOINT_OUTPUT_NAMES = ("to_add_out",)
 _HEAD_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k", "q_norm", "k_norm")
+_SPLITTABLE = (nn.Linear, nn.Embedding)
 
 
 def tensor_parallel(
@@ -57,24 +67,36 @@ def tensor_parallel(
     plan: Plan | None = None,
     blocks: Sequence[nn.Module] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    strict: bool = True,
 ) -> nn.Module:
     """Split each block's attention and MLP projections over the 1-D ``mesh`` (the TP group); in place.
 
     ``plan``: torch's plan, ``{module name or fnmatch pattern ("blocks.*.attn.to_q"): ParallelStyle,
     "colwise" or "rowwise"}``. Default: the model's ``_tp_plan`` (diffusers' Flux, Flux2, QwenImage),
-    else found by structure in ``blocks`` (default ``find_blocks(model)``): a module with a ``heads``
-    attribute and Linear children ``to_q/to_k/to_v`` (or ``q/k/v``, ``*_proj``; joint ``add_*_proj``) and
-    an output ``to_out``/``out`` (joint ``to_add_out``); an MLP is a module whose only two Linears chain
-    ``dim -> hidden -> dim`` (a gated ``2 * hidden`` input is not split). Head counts, kv-head counts and
-    widths are checked on every rank before any collective. ``optimizer``, built on ``model`` and without
-    state yet, is pointed at the new (DTensor) parameters. Returns ``model``; ``shard()`` comes after.
+    else found by structure in ``blocks`` (default ``find_blocks(model)``):
+
+    - an attention is a module with a head count (``heads``, ``num_heads``, ``n_heads``,
+      ``num_attention_heads``) and Linear children ``to_q/to_k/to_v`` (or ``q/k/v``, ``q_proj/k_proj/v_proj``,
+      ``query/key/value``; joint ``add_*_proj``): those column-wise; its output ``to_out``/``out``/``o``/
+      ``out_proj`` (joint ``to_add_out``) row-wise, or, without one of its own, the block's next Linear after
+      it when that maps ``heads * head_dim -> dim`` (BERT's ``attention.output.dense``); an ``nn.Embedding``
+      child over its heads (T5's ``relative_attention_bias``, ``(buckets, heads)``) splits its heads too;
+    - an MLP is a module whose Linears (outside attentions) are two chained ``dim -> hidden -> dim``, or
+      sibling inputs ``dim -> hidden`` (gated: T5's ``wi_0, wi_1``; ``hidden != dim``) then ``hidden -> dim``;
+      a fused gated ``2 * hidden`` input is not split.
+
+    Each split attention gets its local head counts and widths (``heads / tp``, ``kv_heads / tp``,
+    ``inner_dim / tp``, ``all_head_size / tp``). Head counts and widths are checked on every rank before any
+    collective. ``strict=False`` leaves blocks with nothing to split replicated instead of raising (frozen
+    encoders). ``optimizer``, built on ``model`` and without state yet, is pointed at the new (DTensor)
+    parameters. Returns ``model``; ``shard()`` / ``shard_frozen()`` come after.
     """
     _check_model(model)
     if not isinstance(mesh, DeviceMesh) or mesh.ndim != 1:
         raise ValueError(f"mesh={mesh!r}; allowed: a 1-D DeviceMesh of the tensor-parallel ranks")
     tp = mesh.size()
     if plan is None:
-        plan = getattr(model, "_tp_plan", None) or _plan_by_structure(model, blocks)
+        plan = getattr(model, "_tp_plan", None) or _plan_by_structure(model, blocks, strict)
         source = "the model's _tp_plan" if getattr(model, "_tp_plan", None) else "structure"
     else:
         source = "the given plan"
@@ -82,10 +104,13 @@ def tensor_parallel(
     norms = _head_norms(model, styles)  # these checks raise on every rank before any collective
     _set_local_heads(model, styles, tp)
     styles.update(norms)
-    if tp > 1:
+    if tp > 1 and (styles or packed):
         names = {id(p): n for n, p in model.named_parameters()}
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
         parallelize_module(model, mesh, styles)
         new = dict(model.named_parameters())
+        for name in frozen & new.keys():  # SequenceParallel's new norm weights require grad by default
+            new[name].requires_grad_(False)
         for group in optimizer.param_groups if optimizer is not None else []:
             group["params"] = [new[names[id(p)]] if id(p) in names else p for p in group["params"]]
         for name, parts in packed.items():
@@ -95,7 +120,8 @@ def tensor_parallel(
             model.get_submodule(name).register_forward_hook(_own_output)
     if dist.get_rank() == 0:
         logger.info(
-            "tensor_parallel: %d projections split over %d ranks (from %s), %d packed kept replicated",
+            "tensor_parallel: %s: %d projections split over %d ranks (from %s), %d packed kept replicated",
+            type(model).__name__,
             len(styles),
             tp,
             source,
@@ -124,61 +150,140 @@ class _GatherPacked:
         return (torch.cat(full, dim=-1), *rest)
 
 
-def _plan_by_structure(model: nn.Module, blocks: Sequence[nn.Module] | None) -> dict[str, str]:
-    """Column-wise attention inputs and MLP inputs, row-wise outputs, of every block; a block with none -> error."""
+def _plan_by_structure(model: nn.Module, blocks: Sequence[nn.Module] | None, strict: bool) -> dict[str, str]:
+    """Column-wise attention inputs and MLP inputs, row-wise outputs, of every block; a block with none ->
+    error (``strict``) or left replicated."""
     names = {id(m): n for n, m in model.named_modules()}
     plan: dict[str, str] = {}
     for block in list(blocks) if blocks is not None else find_blocks(model):
         prefix = names[id(block)]
-        found = _attention_plan(block) | _mlp_plan(block)
-        if not found:
+        attention = _attention_plan(block)
+        found = attention | _mlp_plan(block, set(attention))
+        if not found and strict:
             raise ValueError(
                 f"tensor_parallel: block {prefix!r} ({type(block).__name__}) has no linear layer the plan can "
-                "place (attention with a heads attribute and q/k/v + output Linears, or an MLP of two chained "
-                "Linears); allowed: pass plan={module name: 'colwise' | 'rowwise'} for this model"
+                f"place{_why_unplaced(block)} (attention with a heads attribute and q/k/v + output Linears, or an "
+                "MLP of two chained Linears); allowed: pass plan={module name: 'colwise' | 'rowwise' | "
+                "ParallelStyle} for this model (the facade: initialize(..., tp_plan=...))"
             )
         plan.update({f"{prefix}.{name}": style for name, style in found.items()})
     return plan
 
 
+def _heads(module: nn.Module) -> int | None:
+    """The module's head count, None if it has none."""
+    return next(
+        (
+            v
+            for a in _HEAD_ATTRS
+            if isinstance(v := getattr(module, a, None), int) and not isinstance(v, bool)
+        ),
+        None,
+    )
+
+
+def _qkv(module: nn.Module) -> tuple[str, str, str] | None:
+    return next((names for names in _QKV_NAMES if all(_is_linear(module, n) for n in names)), None)
+
+
 def _attention_plan(block: nn.Module) -> dict[str, str]:
     """Attentions with q/k/v and an output: those column-, that row-wise; joint ``add_*_proj`` (same heads) with
-    them, ``to_add_out`` row-wise when present (a context-pre-only block drops its text output)."""
+    them, ``to_add_out`` row-wise when present (a context-pre-only block drops its text output); a per-head
+    ``nn.Embedding`` (position-bias table) column-wise."""
     plan: dict[str, str] = {}
     for name, module in block.named_modules():
-        if not any(isinstance(getattr(module, a, None), int) for a in _HEAD_ATTRS):
+        heads, qkv = _heads(module), _qkv(module)
+        if heads is None or qkv is None:
             continue
         prefix = f"{name}." if name else ""
-        ins = [n for n in _INPUT_NAMES if _is_linear(module, n)]
-        outs = [n for n in _OUTPUT_NAMES if _is_linear(module, n)]
-        if len(ins) != 3 or not outs:
+        outs = [prefix + n for n in _OUTPUT_NAMES if _is_linear(module, n)]
+        output = outs[0] if outs else _following_output(block, name, module.get_submodule(qkv[0]))
+        if output is None:
             continue
+        joint_ins = [n for n in _JOINT_INPUT_NAMES if _is_linear(module, n)]
+        tables = [
+            n for n, m in module.named_children() if isinstance(m, nn.Embedding) and m.embedding_dim == heads
+        ]
+        plan.update({prefix + n: "colwise" for n in [*qkv, *joint_ins, *tables]})
         plan.update(
-            {prefix + n: "colwise" for n in ins + [n for n in _JOINT_INPUT_NAMES if _is_linear(module, n)]}
-        )
-        plan.update(
-            {
-                prefix + n: "rowwise"
-                for n in outs[:1] + [n for n in _JOINT_OUTPUT_NAMES if _is_linear(module, n)]
-            }
+            {output: "rowwise"}
+            | {prefix + n: "rowwise" for n in _JOINT_OUTPUT_NAMES if _is_linear(module, n)}
         )
     return plan
 
 
-def _mlp_plan(block: nn.Module) -> dict[str, str]:
+def _following_output(block: nn.Module, attention: str, query: nn.Linear) -> str | None:
+    """The block's first Linear after the attention ``attention`` (registration order), if it maps
+    ``heads * head_dim -> dim`` (``query``'s widths reversed): the output of an attention without its own."""
+    inside, after = f"{attention}." if attention else "", False
+    for name, module in block.named_modules():
+        if name == attention or name.startswith(inside):
+            after = True
+        elif after and isinstance(module, nn.Linear):
+            fits = module.in_features == query.out_features and module.out_features == query.in_features
+            return name if fits else None
+    return None
+
+
+def _why_unplaced(block: nn.Module) -> str:
+    """A note on the attentions of ``block`` that have q/k/v but no output the structure can place."""
+    names = [
+        n or "(the block)" for n, m in block.named_modules() if _heads(m) is not None and _qkv(m) is not None
+    ]
+    if not names:
+        return ""
+    return (
+        f": its attention {', '.join(names)} has q/k/v but no output projection of its own (a fused projection "
+        "over a concatenation, e.g. cat(attention, mlp) in a single-stream block, whose packed layout the "
+        "structure does not tell)"
+    )
+
+
+def _mlp_plan(block: nn.Module, claimed: set[str]) -> dict[str, str]:
+    """MLPs among the Linears no attention claimed, outermost first; modules holding an attention's unclaimed
+    Linears (an attention that could not be placed) are not searched as a whole."""
+    in_attention = {  # the Linears of modules with a head count and Linears of their own
+        f"{name}.{n}" if name else n
+        for name, module in block.named_modules()
+        if _heads(module) is not None and any(isinstance(c, nn.Linear) for c in module.children())
+        for n, m in module.named_modules()
+        if isinstance(m, nn.Linear)
+    }
     plan: dict[str, str] = {}
     found: list[str] = []
     for name, module in block.named_modules():
-        if not name or any(name.startswith(f"{mlp}.") for mlp in found):
+        if "" in found:  # the block itself is the MLP
+            break
+        if any(name.startswith(f"{mlp}.") for mlp in found):
             continue
-        if any(isinstance(getattr(m, a, None), int) for m in module.modules() for a in _HEAD_ATTRS):
+        prefix = f"{name}." if name else ""
+        linears = [
+            (prefix + n, m)
+            for n, m in module.named_modules()
+            if isinstance(m, nn.Linear) and prefix + n not in claimed
+        ]
+        if any(n in in_attention for n, _ in linears):
             continue
-        linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-        if len(linears) == 2 and linears[0][1].out_features == linears[1][1].in_features:
-            plan[f"{name}.{linears[0][0]}"] = "colwise"
-            plan[f"{name}.{linears[1][0]}"] = "rowwise"
+        styles = _mlp_styles(linears)
+        if styles:
+            plan.update(styles)
             found.append(name)
     return plan
+
+
+def _mlp_styles(linears: list[tuple[str, nn.Linear]]) -> dict[str, str]:
+    """``dim -> hidden -> dim`` (two chained), or sibling inputs ``dim -> hidden`` then ``hidden -> dim``."""
+    if len(linears) < 2:
+        return {}
+    *ins, (out_name, out) = linears
+    if len(ins) == 1:
+        return (
+            {ins[0][0]: "colwise", out_name: "rowwise"} if ins[0][1].out_features == out.in_features else {}
+        )
+    dim, hidden = ins[0][1].in_features, out.in_features
+    siblings = len({n.rpartition(".")[0] for n, _ in linears}) == 1
+    gated = all(m.in_features == dim and m.out_features == hidden for _, m in ins) and dim != hidden
+    return {**{n: "colwise" for n, _ in ins}, out_name: "rowwise"} if siblings and gated else {}
 
 
 def _is_linear(module: nn.Module, name: str) -> bool:
@@ -189,16 +294,16 @@ def _is_linear(module: nn.Module, name: str) -> bool:
 
 
 def _expand(model: nn.Module, plan: Plan) -> tuple[dict[str, ParallelStyle], dict[str, list[int]]]:
-    """Plan patterns -> ``{Linear name: style}`` and the packed row-wise Linears ``{name: part sizes}``."""
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    """Plan patterns -> ``{Linear / Embedding name: style}`` and the packed row-wise Linears ``{name: part sizes}``."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, _SPLITTABLE)}
     styles: dict[str, ParallelStyle] = {}
     packed: dict[str, list[int]] = {}
     for pattern, style in plan.items():
         matches = [n for n in linears if fnmatch.fnmatchcase(n, pattern)]
         if not matches:
             raise ValueError(
-                f"tensor_parallel: plan entry {pattern!r} matches no nn.Linear of {type(model).__name__}; "
-                "allowed: names or fnmatch patterns of Linear submodules"
+                f"tensor_parallel: plan entry {pattern!r} matches no nn.Linear or nn.Embedding of "
+                f"{type(model).__name__}; allowed: names or fnmatch patterns of Linear / Embedding submodules"
             )
         kind = type(style).__name__
         for name in matches:
@@ -228,10 +333,8 @@ def _head_norms(model: nn.Module, styles: dict[str, ParallelStyle]) -> dict[str,
     norms = {}
     for owner in sorted(owners):
         attention = model.get_submodule(owner)
-        heads = next(
-            (getattr(attention, a) for a in _HEAD_ATTRS if isinstance(getattr(attention, a, None), int)), 0
-        )
-        query = next((f"{owner}.{n}" for n in _INPUT_NAMES[::3] if f"{owner}.{n}" in styles), None)
+        heads = _heads(attention)
+        query = next((f"{owner}.{q}" for q, _, _ in _QKV_NAMES if f"{owner}.{q}" in styles), None)
         for name in _HEAD_NORMS:
             norm = getattr(attention, name, None)
             if not isinstance(norm, nn.Module) or not heads or query is None:
@@ -251,29 +354,34 @@ def _head_norms(model: nn.Module, styles: dict[str, ParallelStyle]) -> dict[str,
 
 
 def _set_local_heads(model: nn.Module, styles: dict[str, ParallelStyle], tp: int) -> None:
-    """Check every split width and head count against ``tp``, then give each attention its local heads."""
-    for name, style in styles.items():
-        linear = model.get_submodule(name)
-        width = linear.out_features if isinstance(style, ColwiseParallel) else linear.in_features
-        if width % tp:
-            raise ValueError(
-                f"tensor_parallel: {name} splits {width} features over tp_size={tp}; allowed: a tp_size "
-                f"dividing {width}"
-            )
+    """Check every head count and split width against ``tp``, then give each attention its local counts and
+    widths (``heads``, ``kv_heads``, ``inner_dim``, ``all_head_size``: the ones reshapes and biases use)."""
     owners = {
         name.rsplit(".", 1)[0] for name, s in styles.items() if isinstance(s, ColwiseParallel) and "." in name
     }
     changes = []
     for owner in sorted(owners):
         module = model.get_submodule(owner)
-        for attr in _HEAD_ATTRS + _KV_HEAD_ATTRS:
-            heads = getattr(module, attr, None)
-            if isinstance(heads, int) and not isinstance(heads, bool):
-                if heads % tp:
+        widths = _WIDTH_ATTRS if _heads(module) is not None else ()
+        for attr in _HEAD_ATTRS + _KV_HEAD_ATTRS + widths:
+            count = getattr(module, attr, None)
+            if isinstance(count, int) and not isinstance(count, bool):
+                if count % tp:
                     raise ValueError(
-                        f"tensor_parallel: {owner} ({type(module).__name__}) has {attr}={heads}, not divisible "
-                        f"by tp_size={tp}; allowed: tp_size in {[d for d in range(1, heads + 1) if heads % d == 0]}"
+                        f"tensor_parallel: {owner} ({type(module).__name__}) has {attr}={count}, not divisible "
+                        f"by tp_size={tp}; allowed: tp_size in {[d for d in range(1, count + 1) if count % d == 0]}"
                     )
-                changes.append((module, attr, heads // tp))
+                changes.append((module, attr, count // tp))
+    for name, style in styles.items():
+        layer = model.get_submodule(name)
+        if isinstance(layer, nn.Embedding):  # colwise: its embedding dim; rowwise: its rows
+            width = layer.embedding_dim if isinstance(style, ColwiseParallel) else layer.num_embeddings
+        else:
+            width = layer.out_features if isinstance(style, ColwiseParallel) else layer.in_features
+        if width % tp:
+            raise ValueError(
+                f"tensor_parallel: {name} splits {width} features over tp_size={tp}; allowed: a tp_size "
+                f"dividing {width}"
+            )
     for module, attr, local in changes:
         setattr(module, attr, local)
