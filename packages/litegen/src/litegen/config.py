@@ -37,6 +37,7 @@ class EncoderConfig:
 
     fsdp: bool = False  # shard each frozen module's parameters (ZeRO-3 style, gathered per block)
     group: bool = False  # shard within a node (LOCAL_WORLD_SIZE ranks) instead of the whole world
+    tp: bool = True  # with tp_size > 1: split each frozen module's attention / MLP over the TP group too
 
 
 @dataclass
@@ -448,6 +449,13 @@ def _validate(c: LiteGenConfig) -> None:
                 f.name,
                 _coerce(f"{key}.{f.name}", getattr(value, f.name), typing.get_type_hints(expected)[f.name]),
             )
+    _check(
+        c.tp_size == 1 or not (c.encoder.tp and c.encoder.fsdp and c.encoder.group),
+        "encoder.group",
+        c.encoder.group,
+        f"false with tp_size={c.tp_size} and encoder.tp: true (a split encoder shards over the dp ranks of the "
+        "TP mesh), or encoder.tp: false",
+    )
     e = c.ema
     _check(0.0 <= e.decay <= 1.0, "ema.decay", e.decay, "a number in [0, 1]")
     _check(e.warmup_gamma > 0, "ema.warmup_gamma", e.warmup_gamma, "a number > 0")

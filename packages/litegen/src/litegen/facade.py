@@ -344,19 +344,29 @@ class LiteGen:
             module.to(self.device)
 
     def _prepare_frozen(self, module: nn.Module) -> nn.Module:
-        c = self.config
+        """Frozen, on the device; split over the TP group (``encoder.tp``), then sharded (``encoder.fsdp``)."""
+        c, rt = self.config, self.runtime
         module.requires_grad_(False)
         self._to_device(module)
+        split = c.tp_size > 1 and c.encoder.tp
+        if split:  # raises on every rank before any collective
+            try:
+                litegen_zero.tensor_parallel(module, rt.tp_mesh, strict=False)
+            except ValueError as error:
+                raise ValueError(
+                    f"{error}; or encoder.tp: false to keep {type(module).__name__} whole"
+                ) from error
         if c.encoder.fsdp:
             dtype = DTYPES[c.precision] if c.precision != "fp32" else None
-            module = litegen_zero.shard_frozen(module, mesh=self.runtime.frozen_mesh, dtype=dtype)
+            # a split module shards over the dp dim of the TP mesh (FSDP2 x TP, as the trainable model)
+            module = litegen_zero.shard_frozen(
+                module, mesh=rt.zero_mesh if split else rt.frozen_mesh, dtype=dtype
+            )
         module.eval()
         if self.is_main:
-            logger.info(
-                "initialize: frozen %s -> %s, eval mode",
-                type(module).__name__,
-                "sharded" if c.encoder.fsdp else f"on {self.device}",
-            )
+            done = [f"tensor parallel over {c.tp_size} ranks"] if split else []
+            done.append("sharded" if c.encoder.fsdp else f"on {self.device}")
+            logger.info("initialize: frozen %s -> %s, eval mode", type(module).__name__, ", ".join(done))
         return module
 
     def _prepare_dataset(self, dataset: Dataset) -> ResumableLoader:
