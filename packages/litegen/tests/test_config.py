@@ -97,7 +97,7 @@ def test_the_bad_config_table_is_large_and_every_message_is_its_own():
 )
 def test_world_dependent_checks(config, world, text):
     with pytest.raises(ValueError) as info:
-        check_world(load_config(config), world)
+        check_world(load_config(config), world, world)
     assert text in str(info.value)
 
 
@@ -143,11 +143,10 @@ def test_yaml_dict_and_dataclass_give_the_same_config(tmp_path):
     assert config_as_dict(from_dict)["ema"]["enable"] is True
 
 
-def test_group_zero_true_means_the_node(monkeypatch):
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert load_config({"zero_degree": 3, "group_zero": True}).group_size == 2
-    assert load_config({"zero_degree": 3, "group_zero": 4}).group_size == 4
-    assert load_config({}).group_size is None
+def test_group_zero_true_means_the_node():
+    assert load_config({"zero_degree": 3, "group_zero": True}).group_size(2) == 2  # node size 2
+    assert load_config({"zero_degree": 3, "group_zero": 4}).group_size(2) == 4
+    assert load_config({}).group_size(2) is None
 
 
 def test_direct_construction_is_validated_too():

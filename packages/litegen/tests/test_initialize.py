@@ -144,8 +144,10 @@ def train_with_resume(root: str, cfg: dict, stop_at: int | None, total: int) -> 
             opt.zero_grad()
             if gen.ema is not None:
                 gen.ema.update(gen.start_step + len(seen))
+        if gen.start_step + steps == total:  # max_steps reached: batches() ends
+            assert next(batches, None) is None
 
-    full = {**cfg, "checkpoint_dir": root, "global_batch_size": 4}
+    full = {**cfg, "checkpoint_dir": root, "global_batch_size": 4, "max_steps": total}
     gen = LiteGen(full)
     model, opt, loader = gen.initialize(*make_model_and_optimizer(), Samples())
     first = total if stop_at is None else stop_at

@@ -307,11 +307,10 @@ def test_bad_layouts_fail_clearly_on_every_rank(runs):
     assert "tp_size=4" in world and "world size 2" in world
 
 
-def test_tp_size_must_divide_the_node_and_leave_out_grouped_zero(monkeypatch):
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+def test_tp_size_must_divide_the_node_and_leave_out_grouped_zero():
     with pytest.raises(ValueError, match=r"tp_size=4 .*node size LOCAL_WORLD_SIZE=2"):
-        check_world(LiteGenConfig(tp_size=4, zero_degree=3), 8)
-    check_world(LiteGenConfig(tp_size=2, zero_degree=3), 8)
+        check_world(LiteGenConfig(tp_size=4, zero_degree=3), 8, 2)  # 8 ranks, 2 per node
+    check_world(LiteGenConfig(tp_size=2, zero_degree=3), 8, 2)
     with pytest.raises(ValueError, match=r"tp_size=2 .*group_zero=2"):
         LiteGenConfig(tp_size=2, zero_degree=3, group_zero=2)
     with pytest.raises(ValueError, match=r"encoder.group=True .*tp_size=2 and encoder.tp: true"):

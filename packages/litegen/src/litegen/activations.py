@@ -9,10 +9,10 @@ a no-op (with one warning).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -33,38 +33,24 @@ def checkpointed_indices(num_blocks: int, selective_ratio: float) -> list[int]:
     return sorted({math.floor(i * num_blocks / count) for i in range(count)})
 
 
-def apply_activation_checkpointing(blocks: list[nn.Module], selective_ratio: float) -> list[nn.Module]:
-    """Wrap an evenly spread ``1 - selective_ratio`` of ``blocks`` in non-reentrant checkpointing.
-
-    The wrappers replace the blocks in their parent modules; returns the new block list.
-    """
-    chosen = set(checkpointed_indices(len(blocks), selective_ratio))
-    out = []
-    for i, block in enumerate(blocks):
-        out.append(
-            _replace(block, checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT))
-            if i in chosen
-            else block
-        )
-    return out
+def apply_activation_checkpointing(
+    model: nn.Module, blocks: list[nn.Module], selective_ratio: float
+) -> list[nn.Module]:
+    """Wrap an evenly spread ``1 - selective_ratio`` of ``blocks`` (submodules of ``model``) in non-reentrant
+    checkpointing; each wrapper is registered in the block's place in its parent. Returns the new block list."""
+    chosen = [blocks[i] for i in checkpointed_indices(len(blocks), selective_ratio)]
+    wrapped = {id(b): checkpoint_wrapper(b, checkpoint_impl=CheckpointImpl.NO_REENTRANT) for b in chosen}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if id(child) in wrapped:
+                parent.register_module(name, wrapped[id(child)])
+    return [wrapped.get(id(b), b) for b in blocks]
 
 
-def _replace(old: nn.Module, new: nn.Module) -> nn.Module:
-    """Put ``new`` where ``old`` sits in its parent (found through ``old``'s registered parents)."""
-    parent, name = old._litegen_parent  # type: ignore[attr-defined]
-    setattr(parent, name, new)
-    new._litegen_parent = (parent, name)  # type: ignore[attr-defined]
-    return new
-
-
-def record_parents(model: nn.Module, blocks: list[nn.Module]) -> None:
-    """Remember each block's (parent, attribute name) so wrappers can take its place."""
-    wanted = {id(b) for b in blocks}
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if id(child) in wanted:
-                child._litegen_parent = (parent, name)  # type: ignore[attr-defined]
-    missing = [b for b in blocks if not hasattr(b, "_litegen_parent")]
+def check_blocks(model: nn.Module, blocks: list[nn.Module]) -> None:
+    """Every block must be a submodule of ``model`` (the wrappers take their places there)."""
+    inside = {id(m) for m in model.modules()}
+    missing = [b for b in blocks if id(b) not in inside]
     if missing:
         raise ValueError(f"blocks: {len(missing)} of the given blocks are not submodules of the model")
 
@@ -120,13 +106,10 @@ class ActivationOffload:
         out.record_stream(torch.cuda.current_stream(self.device))
         return out
 
-    @contextmanager
+    @contextlib.contextmanager
     def block(self) -> Iterator[None]:
         """Offload what autograd saves while this context is open (one block call)."""
-        if not self.enabled:
-            yield
-            return
-        if not torch.is_grad_enabled():
+        if not self.enabled or not torch.is_grad_enabled():
             yield
             return
         group = len(self.groups)
@@ -149,12 +132,14 @@ def apply_activation_offload(
     if not offload.enabled:
         return offload
 
+    open_blocks: list[contextlib.AbstractContextManager] = []  # the block call in progress
+
     def enter(module: nn.Module, args: Any) -> None:
-        module._litegen_offload_ctx = offload.block()  # type: ignore[attr-defined]
-        module._litegen_offload_ctx.__enter__()
+        open_blocks.append(offload.block())
+        open_blocks[-1].__enter__()
 
     def leave(module: nn.Module, args: Any, output: Any) -> None:
-        module._litegen_offload_ctx.__exit__(None, None, None)
+        open_blocks.pop().__exit__(None, None, None)
 
     model.register_forward_pre_hook(lambda m, a: offload.reset())
     for block in blocks:

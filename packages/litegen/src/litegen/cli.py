@@ -23,7 +23,8 @@ import litegen_ckpt
 import torch
 from litegen_ckpt.offline import checkpoint_directory
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .config import DTYPES, raise_if
+
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 _INPUTS_HELP = (
     'JSON: this rank\'s forward arguments by name, a shape (float32) or {"shape": [...], "dtype": "int64"}, e.g. '
@@ -208,10 +209,12 @@ def _plan(args: argparse.Namespace) -> int:
     from .config import config_as_dict, split_config
 
     base = config_as_dict(split_config(_without_checkpoints(args.config)).config) if args.config else {}
-    if len(args.encoder_kwargs) not in (0, len(args.encoder)) or len(args.encoder_inputs) != len(
-        args.encoder
-    ):
-        raise ValueError("give one --encoder-inputs (and optionally one --encoder-kwargs) per --encoder")
+    raise_if(
+        len(args.encoder_kwargs) not in (0, len(args.encoder))
+        or len(args.encoder_inputs) != len(args.encoder),
+        ValueError,
+        "give one --encoder-inputs (and optionally one --encoder-kwargs) per --encoder",
+    )
     kwargs = args.encoder_kwargs or [{}] * len(args.encoder)
     workload = planner.Workload(
         model=_factory(args.model, args.model_kwargs, args.model_config),
@@ -236,8 +239,7 @@ def _plan(args: argparse.Namespace) -> int:
         for r in planner.plans(configs, workload, device_memory=args.fit, **world)
         if not isinstance(r, Exception)
     ]
-    if not results:
-        raise ValueError("no configuration could be planned for this world size and model")
+    raise_if(not results, ValueError, "no configuration could be planned for this world size and model")
     params = max(r.parts.get("parameters", 0) * r.world_size for r in results)  # the whole model's bytes
     fit = sorted(
         (r for r in results if r.fits), key=lambda r: planner.step_cost(r.config, params, r.world_size)
@@ -255,12 +257,14 @@ def _without_checkpoints(path: str) -> dict[str, Any]:
     """The config file's mapping without the keys a plan has no use for (checkpoints, resume, init weights)."""
     import yaml
 
-    if not os.path.isfile(path):
-        raise ValueError(f"--config {path!r} is not a file")
+    raise_if(not os.path.isfile(path), ValueError, f"--config {path!r} is not a file")
     with open(path) as f:
         data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path!r} holds a {type(data).__name__}; a mapping of keys is required")
+    raise_if(
+        not isinstance(data, dict),
+        ValueError,
+        f"--config {path!r} holds a {type(data).__name__}; a mapping of keys is required",
+    )
     unused = {"checkpoint_dir", "checkpoint_every", "auto_resume", "resume_from", "init_from", "results_dir"}
     if isinstance(data.get("litegen"), dict):
         return {**data, "litegen": {k: v for k, v in data["litegen"].items() if k not in unused}}
@@ -308,14 +312,14 @@ def _factory(spec: str, kwargs: dict, config_json: str | None) -> Any:
     import importlib.util
 
     where, _, name = spec.rpartition(":")
-    if not where or not name:
-        raise ValueError(
-            f"model spec {spec!r}; allowed: FILE.py:Class, package.module:Class or diffusers:Class"
-        )
+    raise_if(
+        not where or not name,
+        ValueError,
+        f"model spec {spec!r}; allowed: FILE.py:Class, package.module:Class or diffusers:Class",
+    )
     if where.endswith(".py"):
         path = os.path.abspath(where)
-        if not os.path.isfile(path):
-            raise ValueError(f"model spec {spec!r}: {where} is not a file")
+        raise_if(not os.path.isfile(path), ValueError, f"model spec {spec!r}: {where} is not a file")
         sys.path.insert(0, os.path.dirname(path))  # the file's own imports of its neighbours
         module_spec = importlib.util.spec_from_file_location(
             os.path.splitext(os.path.basename(path))[0], path
@@ -325,8 +329,7 @@ def _factory(spec: str, kwargs: dict, config_json: str | None) -> Any:
     else:
         module = importlib.import_module(where)
     cls = getattr(module, name, None)
-    if cls is None:
-        raise ValueError(f"model spec {spec!r}: {where} has no {name!r}")
+    raise_if(cls is None, ValueError, f"model spec {spec!r}: {where} has no {name!r}")
     if config_json is not None:
         with open(config_json) as f:
             loaded = json.load(f)
@@ -336,8 +339,11 @@ def _factory(spec: str, kwargs: dict, config_json: str | None) -> Any:
 
 def _inputs(spec: Any, flag: str) -> Any:
     """A builder of the forward's keyword tensors from ``{"name": shape or {"shape", "dtype"}}``."""
-    if not isinstance(spec, dict) or not spec:
-        raise ValueError(f"{flag}={spec!r}; allowed: a JSON object of argument name -> shape")
+    raise_if(
+        not isinstance(spec, dict) or not spec,
+        ValueError,
+        f"{flag}={spec!r}; allowed: a JSON object of argument name -> shape",
+    )
     shapes = {}
     for name, value in spec.items():
         shape, dtype = (
@@ -345,14 +351,16 @@ def _inputs(spec: Any, flag: str) -> Any:
             if isinstance(value, dict)
             else (value, "float32")
         )
-        if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
-            raise ValueError(
-                f"{flag}: {name}={value!r}; allowed: a list of sizes or {{'shape': [...], 'dtype': ...}}"
-            )
-        if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-            raise ValueError(
-                f"{flag}: {name} dtype {dtype!r}; allowed: a torch dtype name such as float32 or int64"
-            )
+        raise_if(
+            not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape),
+            ValueError,
+            f"{flag}: {name}={value!r}; allowed: a list of sizes or {{'shape': [...], 'dtype': ...}}",
+        )
+        raise_if(
+            not isinstance(getattr(torch, str(dtype), None), torch.dtype),
+            ValueError,
+            f"{flag}: {name} dtype {dtype!r}; allowed: a torch dtype name such as float32 or int64",
+        )
         shapes[name] = (shape, getattr(torch, dtype))
     return lambda: {
         name: torch.randn(shape, dtype=dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)

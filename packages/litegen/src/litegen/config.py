@@ -25,7 +25,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision -> dtype
+PRECISIONS = tuple(DTYPES)
 NEAR_MISS = 0.85  # difflib ratio from which an unknown top-level key is taken for a typo of a LiteGen key
 # Common trainers' keys within NEAR_MISS of a LiteGen key (global_batch_size, sp_size) that are not its typos.
 TRAINER_LOOKALIKES = frozenset({"local_batch_size", "dp_size", "pp_size", "ep_size", "cp_size"})
@@ -92,7 +95,7 @@ class LiteGenConfig:
     # optimization (None: keep the optimizer's own values)
     lr: float | None = None
     weight_decay: float | None = None
-    max_steps: int | None = None
+    max_steps: int | None = None  # gen.batches() stops after this many steps
     # checkpoints
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # a hint for trainers; 0: never
@@ -111,14 +114,11 @@ class LiteGenConfig:
     def __post_init__(self) -> None:
         _validate(self)
 
-    @property
-    def group_size(self) -> int | None:
-        """The grouped-ZeRO-3 group size, or None (True resolves to the node size)."""
+    def group_size(self, node_size: int) -> int | None:
+        """The grouped-ZeRO-3 group size, or None; ``group_zero: true`` is the node size (``LOCAL_WORLD_SIZE``)."""
         if self.group_zero is False:
             return None
-        if self.group_zero is True:
-            return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        return int(self.group_zero)
+        return node_size if self.group_zero is True else int(self.group_zero)
 
 
 class SplitConfig(NamedTuple):
@@ -181,10 +181,11 @@ def load_config(source: str | os.PathLike | dict | LiteGenConfig | None) -> Lite
 def _as_dict(source: str | os.PathLike | dict | Any) -> dict:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.is_file():
-            raise ValueError(
-                f"config: {str(path)!r} is not a file; pass a YAML path, a dict or a LiteGenConfig"
-            )
+        raise_if(
+            not path.is_file(),
+            ValueError,
+            f"config: {str(path)!r} is not a file; pass a YAML path, a dict or a LiteGenConfig",
+        )
         import yaml
 
         try:
@@ -193,17 +194,19 @@ def _as_dict(source: str | os.PathLike | dict | Any) -> dict:
             raise ValueError(f"config: {str(path)!r} is not valid YAML: {error}") from error
         if data is None:
             data = {}
-        if not isinstance(data, dict):
-            raise ValueError(
-                f"config: {str(path)!r} holds a {type(data).__name__}; a mapping of keys is required"
-            )
+        raise_if(
+            not isinstance(data, dict),
+            ValueError,
+            f"config: {str(path)!r} holds a {type(data).__name__}; a mapping of keys is required",
+        )
         return data
     if dataclasses.is_dataclass(source) and not isinstance(source, type):
         return dataclasses.asdict(source)
-    if not isinstance(source, dict):
-        raise TypeError(
-            f"config: got {type(source).__name__}; pass a YAML path, a dict, a LiteGenConfig or None"
-        )
+    raise_if(
+        not isinstance(source, dict),
+        TypeError,
+        f"config: got {type(source).__name__}; pass a YAML path, a dict, a LiteGenConfig or None",
+    )
     return source
 
 
@@ -302,8 +305,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ValueError(f"config: {key}={value!r} is not allowed; a finite number")
+            raise_if(
+                not math.isfinite(value),
+                ValueError,
+                f"config: {key}={value!r} is not allowed; a finite number",
+            )
             return float(value)
         if kind is str and isinstance(value, str):
             return value
@@ -312,8 +318,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"config: {key}={value!r} is not allowed; {allowed}")
+    raise_if(not ok, ValueError, f"config: {key}={value!r} is not allowed; {allowed}")
+
+
+def raise_if(bad: bool, error: type[Exception], message: str) -> None:
+    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective)."""
+    if bad:
+        raise error(message)
 
 
 def _validate(c: LiteGenConfig) -> None:
@@ -469,8 +480,8 @@ def _validate(c: LiteGenConfig) -> None:
     )
 
 
-def check_world(c: LiteGenConfig, world_size: int) -> None:
-    """Checks that need the world size; every rank runs them before any collective."""
+def check_world(c: LiteGenConfig, world_size: int, node_size: int) -> None:
+    """Checks that need the world and node sizes; every rank runs them before any collective."""
     _check(world_size % c.sp_size == 0, "sp_size", c.sp_size, f"a divisor of the world size {world_size}")
     _check(
         world_size % (c.sp_size * c.tp_size) == 0,
@@ -478,16 +489,14 @@ def check_world(c: LiteGenConfig, world_size: int) -> None:
         c.tp_size,
         f"a divisor of the world size {world_size} / sp_size {c.sp_size}",
     )
-    node = os.environ.get("LOCAL_WORLD_SIZE")
-    if node is not None and node.isdigit():
-        _check(
-            int(node) % c.tp_size == 0,
-            "tp_size",
-            c.tp_size,
-            f"a divisor of the node size LOCAL_WORLD_SIZE={node} (a TP group stays on one node)",
-        )
+    _check(
+        node_size % c.tp_size == 0,
+        "tp_size",
+        c.tp_size,
+        f"a divisor of the node size LOCAL_WORLD_SIZE={node_size} (a TP group stays on one node)",
+    )
     dp_size = world_size // (c.sp_size * c.tp_size)
-    group = c.group_size
+    group = c.group_size(node_size)
     if group is not None:
         _check(
             world_size % group == 0,

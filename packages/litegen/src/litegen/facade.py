@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -28,8 +30,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from .activations import apply_activation_checkpointing, apply_activation_offload, record_parents
-from .config import LiteGenConfig, config_as_dict, split_config
+from .activations import apply_activation_checkpointing, apply_activation_offload, check_blocks
+from .config import DTYPES, LiteGenConfig, config_as_dict, raise_if, split_config
 from .data import ResumableLoader, ResumableSampler
 from .meta_init import check_meta_model, materialize_meta
 from .runtime import Runtime, name_collective_timeout, seed_everything, start
@@ -37,7 +39,6 @@ from .runtime import Runtime, name_collective_timeout, seed_everything, start
 logger = logging.getLogger("litegen")
 
 STEP_DIR = re.compile(r"step_[0-9]+")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _frames_or_batch(frames: Callable[..., Any], batch: Callable[..., Any]) -> Callable[..., Any]:
@@ -132,56 +133,47 @@ class LiteGen:
     ) -> Any:
         """Optimize each object by kind and return them in the given order (one object: unwrapped).
 
-        Trainable ``nn.Module`` (exactly one) → SP, checkpointing, offload, compile, sharding, EMA;
+        Trainable ``nn.Module`` (exactly one) → TP, SP, checkpointing, offload, compile, sharding, EMA;
         ``Optimizer`` → rebuilt on the sharded parameters; frozen ``nn.Module`` → sharded encoder or
-        moved to the device, in eval mode; map-style ``Dataset`` → resumable ``DataLoader``; any other
-        callable (``vae.encode``) → time-parallel (causal video VAE) or data-parallel / sliced / compiled encode.
+        moved to the device, in eval mode; map-style ``Dataset`` → resumable ``DataLoader``; a loss (torch's
+        loss modules and functions, or a callable named ``*loss``) → unchanged; any other callable
+        (``vae.encode``) → time-parallel (causal video VAE) or data-parallel / sliced / compiled encode.
         ``sp_plan``: a ``litegen_sp.SPPlan`` for models the default plan does not fit; ``blocks``:
         the repeated blocks (default: ``litegen_zero.find_blocks``), one list for TP, SP, checkpointing and
         sharding; ``tp_plan``: torch's TP plan (``litegen_zero.tensor_parallel``) when ``tp_size`` > 1 and
         neither the model's ``_tp_plan`` nor its structure fits.
         """
-        kinds = self._classify(objs)  # raises on every rank before any collective
+        model, optimizer, prepare = self._dispatch(objs)  # raises on every rank before any collective
+        out = list(objs)
         with self._naming_timeouts("initialize()"):
-            return self._initialize(objs, kinds, sp_plan, blocks, tp_plan)
-
-    def _initialize(
-        self,
-        objs: Sequence[Any],
-        kinds: list[str],
-        sp_plan: Any,
-        blocks: Sequence[nn.Module] | None,
-        tp_plan: Any = None,
-    ) -> Any:
-        out: list[Any] = list(objs)
-        trainable = [i for i, k in enumerate(kinds) if k == "model"]
-        optimizers = [i for i, k in enumerate(kinds) if k == "optimizer"]
-        if trainable:
-            i = trainable[0]
-            opt = objs[optimizers[0]] if optimizers else None
-            model, opt = self._prepare_model(objs[i], opt, sp_plan=sp_plan, blocks=blocks, tp_plan=tp_plan)
-            out[i] = model
-            if optimizers:
-                out[optimizers[0]] = opt
-        for i, kind in enumerate(kinds):
-            if kind == "frozen":
-                out[i] = self._prepare_frozen(objs[i])
-            elif kind == "dataset":
-                out[i] = self._prepare_dataset(objs[i])
-            elif kind == "encode":
-                out[i] = self._prepare_encode(objs[i])
-        seed_everything(self.config.global_seed + 1 + self.runtime.dp_rank)  # distinct noise per dp rank
-        if self.config.resume_from is not None or self.config.auto_resume:
-            self._resume_at_start()
+            if model is not None:
+                opt = objs[optimizer] if optimizer is not None else None
+                out[model], opt = self._prepare_model(objs[model], opt, sp_plan, blocks, tp_plan)
+                if optimizer is not None:
+                    out[optimizer] = opt
+            for i, step in prepare.items():
+                out[i] = step(objs[i])
+            seed_everything(self.config.global_seed + 1 + self.runtime.dp_rank)  # distinct noise per dp rank
+            if self.config.resume_from is not None or self.config.auto_resume:
+                self._resume_at_start()
         return out[0] if len(out) == 1 else tuple(out)
 
-    def _classify(self, objs: Sequence[Any]) -> list[str]:
-        kinds = []
+    def _dispatch(
+        self, objs: Sequence[Any]
+    ) -> tuple[int | None, int | None, dict[int, Callable[[Any], Any]]]:
+        """One pass over ``initialize``'s arguments by type: the trainable model's index, the optimizer's, and
+        the step that prepares each other object (a loss has none). Refuses, naming the argument, what cannot
+        be initialized."""
+        models, optimizers, prepare = [], [], {}
         for i, obj in enumerate(objs):
-            if isinstance(obj, nn.Module):
-                kinds.append("model" if any(p.requires_grad for p in obj.parameters()) else "frozen")
+            if isinstance(obj, nn.Module) and any(p.requires_grad for p in obj.parameters()):
+                models.append(i)
+            elif _is_loss(obj):
+                self._log(f"initialize: argument {i} ({_name(obj)}) is a loss: returned unchanged")
+            elif isinstance(obj, nn.Module):
+                prepare[i] = self._prepare_frozen
             elif isinstance(obj, torch.optim.Optimizer):
-                kinds.append("optimizer")
+                optimizers.append(i)
             elif isinstance(obj, IterableDataset):
                 raise TypeError(
                     f"initialize: argument {i} is an IterableDataset ({type(obj).__name__}); "
@@ -193,150 +185,159 @@ class LiteGen:
                 and not callable(obj)
                 and not isinstance(obj, (str, bytes, dict))
             ):
-                kinds.append("dataset")
+                self._check_dataset_size(i, obj)
+                prepare[i] = self._prepare_dataset
             elif callable(obj) and not isinstance(obj, type):
-                kinds.append("encode")
+                prepare[i] = functools.partial(self._prepare_encode, index=i)
             else:
                 raise TypeError(
                     f"initialize: argument {i} has type {type(obj).__name__}; expected a trainable "
                     "nn.Module, an Optimizer, a frozen nn.Module, a map-style Dataset or a callable"
                 )
-        models = [i for i, k in enumerate(kinds) if k == "model"]
-        if len(models) > 1:
-            names = ", ".join(f"argument {i} ({type(objs[i]).__name__})" for i in models)
-            raise ValueError(
-                f"initialize: exactly one trainable nn.Module is allowed, got {names}; freeze the "
-                "others (requires_grad_(False)) to have them treated as encoders"
-            )
-        if "dataset" in kinds and self.config.global_batch_size is None:
-            raise ValueError(
-                f"config: global_batch_size is null, but argument {kinds.index('dataset')} is a "
-                "Dataset; set global_batch_size (samples per step over the whole world)"
-            )
-        for i in (i for i, k in enumerate(kinds) if k == "dataset"):
-            self._check_dataset_size(i, objs[i])
-        optimizers = [i for i, k in enumerate(kinds) if k == "optimizer"]
-        if len(optimizers) > 1:
-            raise ValueError(f"initialize: at most one optimizer is allowed, got arguments {optimizers}")
-        if optimizers and not models:
-            raise ValueError(
-                f"initialize: the optimizer (argument {optimizers[0]}) needs its trainable model "
-                "in the same call"
-            )
-        if models and self.model is not None:
-            raise ValueError("initialize: a trainable model was already initialized by this LiteGen")
-        return kinds
+        names = ", ".join(f"argument {i} ({type(objs[i]).__name__})" for i in models)
+        raise_if(
+            len(models) > 1,
+            ValueError,
+            f"initialize: exactly one trainable nn.Module is allowed, got {names}; freeze the "
+            "others (requires_grad_(False)) to have them treated as encoders",
+        )
+        raise_if(
+            len(optimizers) > 1,
+            ValueError,
+            f"initialize: at most one optimizer is allowed, got arguments {optimizers}",
+        )
+        raise_if(
+            bool(optimizers) and not models,
+            ValueError,
+            f"initialize: the optimizer (argument {(optimizers or [None])[0]}) needs its trainable model in the "
+            "same call",
+        )
+        raise_if(
+            bool(models) and self.model is not None,
+            ValueError,
+            "initialize: a trainable model was already initialized by this LiteGen",
+        )
+        return (models or [None])[0], (optimizers or [None])[0], prepare
 
     def _check_dataset_size(self, index: int, dataset: Any) -> None:
         """An epoch must give every data-parallel rank at least one batch, or ``batches()`` never yields."""
         c, dp = self.config, self.runtime.dp_size
+        raise_if(
+            c.global_batch_size is None,
+            ValueError,
+            f"config: global_batch_size is null, but argument {index} is a Dataset; set global_batch_size "
+            "(samples per step over the whole world)",
+        )
         size, batch = len(dataset), c.global_batch_size // dp
         per_rank = size // dp if c.drop_last else -(-size // dp)
-        if per_rank < batch:
-            raise ValueError(
-                f"initialize: argument {index} ({type(dataset).__name__}) has {size} samples, so an epoch "
-                f"gives each of the dp_size={dp} data-parallel ranks {per_rank}, less than its batch of "
-                f"{batch} (global_batch_size={c.global_batch_size} / dp_size={dp}); allowed: a dataset "
-                f"of at least {batch * dp} samples, or a smaller global_batch_size"
-            )
+        raise_if(
+            per_rank < batch,
+            ValueError,
+            f"initialize: argument {index} ({type(dataset).__name__}) has {size} samples, so an epoch "
+            f"gives each of the dp_size={dp} data-parallel ranks {per_rank}, less than its batch of "
+            f"{batch} (global_batch_size={c.global_batch_size} / dp_size={dp}); allowed: a dataset "
+            f"of at least {batch * dp} samples, or a smaller global_batch_size",
+        )
 
     def _prepare_model(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
-        *,
         sp_plan: Any,
         blocks: Sequence[nn.Module] | None,
-        tp_plan: Any = None,
+        tp_plan: Any,
     ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+        """The trainable model's steps, in order; each logs its line."""
         c, rt = self.config, self.runtime
         self._model_config = _model_config(model)
         meta = check_meta_model(model, from_file=c.init_from is not None)  # raises before any collective
-        if meta and c.zero_degree < 2:  # DDP holds the whole model on every rank anyway
-            materialize_meta(model, self.device, seed=c.global_seed, reset=c.init_from is None)
-        if c.zero_degree < 2:  # FSDP2 (degrees 2/3) moves each unit's shard itself: never the whole model
-            self._to_device(model)
         block_list = list(blocks) if blocks is not None else litegen_zero.find_blocks(model)
-        done = []
+        check_blocks(model, block_list)
+        self._log(f"initialize: trainable {type(model).__name__}, {len(block_list)} blocks")
+        if c.zero_degree < 2:  # DDP holds the whole model on every rank; FSDP2 moves each unit's shard itself
+            if meta:
+                materialize_meta(model, self.device, seed=c.global_seed, reset=c.init_from is None)
+            self._to_device(model)
         if c.tp_size > 1:
             litegen_zero.tensor_parallel(
                 model, rt.tp_mesh, plan=tp_plan, blocks=block_list, optimizer=optimizer
             )
-            done.append(f"tensor parallel over {c.tp_size} ranks")
+            self._log(f"initialize: tensor parallel over {c.tp_size} ranks")
         if c.sp_size > 1:
             litegen_sp.sequence_parallel(
                 model, rt.sp_group, plan=sp_plan, blocks=block_list, splits=rt.sp_splits
             )
             split = "per attention call" if c.sp_ring is None else f"{c.sp_size // c.sp_ring} x {c.sp_ring}"
-            done.append(f"sequence parallel over {c.sp_size} ranks (Ulysses x Ring {split})")
-        if c.selective_ratio < 1.0 or c.ac_offload or c.compile:
-            record_parents(model, block_list)
+            self._log(f"initialize: sequence parallel over {c.sp_size} ranks (Ulysses x Ring {split})")
         if c.selective_ratio < 1.0:
-            block_list = apply_activation_checkpointing(block_list, c.selective_ratio)
-            done.append(f"activation checkpointing ({1 - c.selective_ratio:.0%} of {len(block_list)} blocks)")
+            block_list = apply_activation_checkpointing(model, block_list, c.selective_ratio)
+            self._log(f"initialize: activation checkpointing ({1 - c.selective_ratio:.0%} of the blocks)")
         if c.ac_offload:
             apply_activation_offload(model, block_list, self.device)
-            done.append("activation offload")
+            self._log("initialize: activation offload")
         if c.compile:
             for block in block_list:
                 block.compile()
-            done.append("torch.compile per block")
+            self._log("initialize: torch.compile per block")
+        model, optimizer = self._shard(model, optimizer, block_list, meta)
+        if c.init_from is not None:
+            litegen_ckpt.load_safetensors(model, c.init_from)
+            self._log(f"initialize: weights from {c.init_from}")
+        if c.ema.enable:
+            e = c.ema
+            warmup = (e.warmup_gamma, e.warmup_power) if e.warmup else None
+            self.ema = litegen_ema.ShardedEMA(
+                model, e.decay, warmup=warmup, update_after_step=e.update_after_step, sharded=e.sharded
+            )
+            self._log("initialize: EMA (sharded)" if e.sharded else "initialize: EMA (replicated)")
+        self.model, self.optimizer = model, optimizer
+        return model, optimizer
+
+    def _shard(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, blocks: list[nn.Module], meta: bool
+    ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+        """The config's ``lr`` / ``weight_decay``, the ZeRO degree, a meta model's shards, mixed precision."""
+        c, rt = self.config, self.runtime
         if optimizer is not None:
             self._override_hyperparameters(optimizer)
-        param_dtype = DTYPES[c.precision] if c.precision != "fp32" and c.zero_degree >= 2 else None
-        reduce_dtype = DTYPES[c.grad_precision] if c.grad_precision not in (None, c.precision) else None
+        sharded = c.zero_degree >= 2
         model, optimizer = litegen_zero.shard(
             model,
             optimizer,
             degree=c.zero_degree,
             mesh=rt.zero_mesh,
-            param_dtype=param_dtype,
-            reduce_dtype=reduce_dtype,
+            param_dtype=DTYPES[c.precision] if c.precision != "fp32" and sharded else None,
+            reduce_dtype=DTYPES[c.grad_precision] if c.grad_precision not in (None, c.precision) else None,
             offload=c.cpu_offload,
-            blocks=block_list,
+            blocks=blocks,
         )
-        done.append(f"ZeRO degree {c.zero_degree}" + (f", grouped by {c.group_size}" if c.group_size else ""))
-        if meta and c.zero_degree >= 2:  # FSDP2 sharded the meta parameters: allocate local shards only
+        self._log(
+            f"initialize: ZeRO degree {c.zero_degree}"
+            + (f", grouped by {rt.group_size}" if rt.group_size else "")
+        )
+        if meta and sharded:  # FSDP2 sharded the meta parameters: allocate local shards only
             device = torch.device("cpu") if c.cpu_offload else self.device
             materialize_meta(model, device, seed=c.global_seed, reset=c.init_from is None)
-            done.append("meta model materialised shard by shard")
+            self._log("initialize: meta model materialised shard by shard")
         self._precision = litegen_zero.MixedPrecision(
-            optimizer,
-            DTYPES[c.precision],
-            device=self.device,
-            autocast=c.zero_degree < 2,
-            sharded=c.zero_degree >= 2,
+            optimizer, DTYPES[c.precision], device=self.device, autocast=not sharded, sharded=sharded
         )
         if c.precision != "fp32":
-            cast = "autocast, fp32 weights" if c.zero_degree < 2 else "FSDP2 parameters, fp32 master weights"
-            done.append(
-                f"{c.precision} ({cast}" + (", dynamic loss scaling)" if c.precision == "fp16" else ")")
-            )
-        if c.init_from is not None:
-            litegen_ckpt.load_safetensors(model, c.init_from)
-            done.append(f"weights from {c.init_from}")
-        if c.ema.enable:
-            e = c.ema
-            self.ema = litegen_ema.ShardedEMA(
-                model,
-                decay=e.decay,
-                warmup=(e.warmup_gamma, e.warmup_power) if e.warmup else None,
-                update_after_step=e.update_after_step,
-                sharded=e.sharded,
-            )
-            done.append("EMA (sharded)" if e.sharded else "EMA (replicated)")
-        self.model, self.optimizer = model, optimizer
-        if self.is_main:
-            logger.info("initialize: trainable %s -> %s", type(model).__name__, "; ".join(done))
+            cast = "FSDP2 parameters, fp32 master weights" if sharded else "autocast, fp32 weights"
+            scaling = ", dynamic loss scaling" if c.precision == "fp16" else ""
+            self._log(f"initialize: {c.precision} ({cast}{scaling})")
         return model, optimizer
 
     def _override_hyperparameters(self, optimizer: torch.optim.Optimizer) -> None:
         """Config ``lr`` sets every group's lr; ``weight_decay`` sets every group that had decay (>0)."""
+        c = self.config
         for group in optimizer.param_groups:
-            if self.config.lr is not None:
-                group["lr"] = self.config.lr
-            if self.config.weight_decay is not None and group.get("weight_decay", 0.0) > 0:
-                group["weight_decay"] = self.config.weight_decay
+            if c.lr is not None:
+                group["lr"] = c.lr
+            if c.weight_decay is not None and group.get("weight_decay", 0.0) > 0:
+                group["weight_decay"] = c.weight_decay
+        if c.lr is not None or c.weight_decay is not None:
+            self._log(f"initialize: optimizer lr={c.lr}, weight_decay={c.weight_decay} from the config")
 
     def _to_device(self, module: nn.Module) -> None:
         """Move ``module`` to the device unless it is there (also a no-op for fake tensors, when planning)."""
@@ -389,16 +390,13 @@ class LiteGen:
             collate_fn=getattr(dataset, "collate_fn", None),
         )
         self.dataloader = loader
-        if self.is_main:
-            logger.info(
-                "initialize: dataset %s -> DataLoader, %d samples per rank per step, %d steps per epoch",
-                type(dataset).__name__,
-                loader.batch_size,
-                len(loader),
-            )
+        self._log(
+            f"initialize: dataset {type(dataset).__name__} -> DataLoader, {loader.batch_size} samples per rank "
+            f"per step, {len(loader)} steps per epoch"
+        )
         return loader
 
-    def _prepare_encode(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _prepare_encode(self, fn: Callable[..., Any], index: int) -> Callable[..., Any]:
         """``vae.encode`` of a causal video VAE → time-parallel over the SP group (then sliced); any other
         callable → compiled → sliced → batch split over the SP group (frames too only with ``per_frame``)."""
         v, sp, done = self.config.vae, self.runtime.sp_size, []
@@ -424,8 +422,9 @@ class LiteGen:
         elif parallel and time_split is None:
             fn = litegen_vae.data_parallel(fn, self.sp_group)
             done.append(f"batch split over the {sp} SP ranks (frames never: set vae.per_frame if per-frame)")
-        if self.is_main:
-            logger.info("initialize: encode callable -> %s", ", ".join(done) or "unchanged")
+        self._log(
+            f"initialize: argument {index} ({_name(fn)}) is the encode callable -> {', '.join(done) or 'unchanged'}"
+        )
         return fn
 
     def _time_parallel(self, fn: Callable[..., Any]) -> litegen_vae.TimeParallelEncode | None:
@@ -438,9 +437,14 @@ class LiteGen:
         except TypeError:  # not a causal video VAE
             return None
         except ValueError as error:
-            if self.is_main:
-                logger.warning("initialize: %s; whole clips are split over the SP ranks instead", error)
+            self._log(
+                f"initialize: {error}; whole clips are split over the SP ranks instead", logging.WARNING
+            )
             return None
+
+    def _log(self, message: str, level: int = logging.INFO) -> None:
+        if self.is_main:
+            logger.log(level, message)
 
     # ---- training-state API --------------------------------------------------------------------
     def _statefuls(self) -> dict[str, Any]:
@@ -504,8 +508,7 @@ class LiteGen:
         self._partly_loaded = None
         if loaded is not None:
             self.start_step = loaded
-            if self.is_main:
-                logger.info("resumed from step %d", loaded)
+            self._log(f"resumed from step {loaded}")
             if self._layout.saved != self._layout.current:
                 self._reseed_after_layout_change(loaded)
         return loaded
@@ -515,18 +518,11 @@ class LiteGen:
         rt, saved = self.runtime, self._layout.saved
         key = f"{self.config.global_seed}/{step}/{rt.dp_rank}".encode()
         seed_everything(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") % 2**63)
-        if self.is_main:
-            logger.info(
-                "resume: checkpoint saved at dp %d x sp %d (world %d), resumed at dp %d x sp %d (world %d): "
-                "RNG streams re-derived from (global_seed, step %d, dp_rank)",
-                saved["dp_size"],
-                saved["sp_size"],
-                saved["world_size"],
-                rt.dp_size,
-                rt.sp_size,
-                rt.world_size,
-                step,
-            )
+        self._log(
+            f"resume: checkpoint saved at dp {saved['dp_size']} x sp {saved['sp_size']} (world "
+            f"{saved['world_size']}), resumed at dp {rt.dp_size} x sp {rt.sp_size} (world {rt.world_size}): "
+            f"RNG streams re-derived from (global_seed, step {step}, dp_rank)"
+        )
 
     def _resume_at_start(self) -> None:
         """``resume_from`` loads exactly that checkpoint; ``auto_resume`` the newest one that verifies."""
@@ -649,11 +645,25 @@ class LiteGen:
             raise named from error
 
     def batches(self) -> Iterator[Any]:
-        """Batches forever (epoch after epoch) from the initialized dataset, resuming where it stopped."""
-        if self.dataloader is None:
-            raise ValueError("no dataset: pass a Dataset to initialize() first")
-        while True:
-            yield from self.dataloader
+        """Batches epoch after epoch from the initialized dataset, resuming where it stopped; one batch per step
+        until ``max_steps`` steps are done (counting the ``start_step`` a resume restored), forever without it."""
+        raise_if(self.dataloader is None, ValueError, "no dataset: pass a Dataset to initialize() first")
+        left = None if self.config.max_steps is None else max(self.config.max_steps - self.start_step, 0)
+        epochs = (batch for _ in itertools.count() for batch in self.dataloader)
+        yield from itertools.islice(epochs, left)
+
+
+def _is_loss(obj: Any) -> bool:
+    """torch's loss modules and functions (``nn.MSELoss()``, ``F.mse_loss``) and callables named ``*loss``."""
+    name = getattr(obj, "__name__", "")
+    return isinstance(obj, nn.modules.loss._Loss) or (
+        callable(obj) and not isinstance(obj, nn.Module) and isinstance(name, str) and name.endswith("loss")
+    )
+
+
+def _name(obj: Any) -> str:
+    """A callable's qualified name (``AutoencoderKL.encode``), else its type's name."""
+    return str(getattr(obj, "__qualname__", None) or type(obj).__name__)
 
 
 def _model_config(model: nn.Module) -> bytes | None:

@@ -44,7 +44,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from .config import LiteGenConfig, config_as_dict, load_config
+from .config import LiteGenConfig, config_as_dict, load_config, raise_if
 
 logger = logging.getLogger("litegen")
 
@@ -175,13 +175,13 @@ def plans(
             or (name == "world_size" and value < 1)
         ):
             raise ValueError(f"{name}={value!r}; allowed: an int >= {1 if name == 'world_size' else 0}")
-    if rank >= world_size:
-        raise ValueError(f"rank={rank!r}; allowed: 0 <= rank < world_size={world_size}")
-    if dist.is_initialized():
-        raise ValueError(
-            "plan: torch.distributed is already initialized; plan in a fresh process (the litegen plan command "
-            "does), which it joins to a fake world of world_size ranks"
-        )
+    raise_if(rank >= world_size, ValueError, f"rank={rank!r}; allowed: 0 <= rank < world_size={world_size}")
+    raise_if(
+        dist.is_initialized(),
+        ValueError,
+        "plan: torch.distributed is already initialized; plan in a fresh process (the litegen plan command "
+        "does), which it joins to a fake world of world_size ranks",
+    )
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     node = gpus_per_node or world_size

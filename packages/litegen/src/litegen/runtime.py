@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from .config import LiteGenConfig, check_world
+from .config import LiteGenConfig, check_world, raise_if
 
 logger = logging.getLogger("litegen")
 
@@ -47,7 +47,6 @@ class Runtime:
     world_size: int
     dp_rank: int
     dp_size: int
-    sp_rank: int
     sp_size: int
     mesh: DeviceMesh  # ("dp", "sp")
     zero_mesh: (
@@ -58,6 +57,8 @@ class Runtime:
     owns_process_group: bool
     frozen_mesh: DeviceMesh | None = None  # encoder.fsdp's: the world, or ("replicate", "shard") by node
     tp_size: int = 1
+    node_size: int = 1  # ranks per node (LOCAL_WORLD_SIZE): grouped ZeRO-3's group, encoder.group's shards
+    group_size: int | None = None  # grouped ZeRO-3's shard-group size
 
     @property
     def tp_mesh(self) -> DeviceMesh | None:
@@ -185,8 +186,9 @@ def detect_launch(env: Mapping[str, str]) -> Launch:
     nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST", ""))
     per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""), len(nodes))
     node = _int_var(env, "SLURM_NODEID", 0)
-    if not 0 <= node < len(nodes):
-        raise ValueError(f"SLURM_NODEID={node} is outside the step's node list {nodes}")
+    raise_if(
+        not 0 <= node < len(nodes), ValueError, f"SLURM_NODEID={node} is outside the step's node list {nodes}"
+    )
     port = (
         _int_var(env, "MASTER_PORT", 0)
         or 10000 + (_int_var(env, "SLURM_JOB_ID", 0) * 31 + _int_var(env, "SLURM_STEP_ID", 0)) % 50000
@@ -201,16 +203,22 @@ def _int_var(env: Mapping[str, str], name: str, default: int | None = None) -> i
     value = env.get(name)
     if value is None and default is not None:
         return default
-    if value is None or not re.fullmatch(r"[0-9]+", value.strip()):
-        raise ValueError(f"environment variable {name}={value!r}; allowed: a non-negative integer")
+    raise_if(
+        value is None or not re.fullmatch(r"[0-9]+", value.strip()),
+        ValueError,
+        f"environment variable {name}={value!r}; allowed: a non-negative integer",
+    )
     return int(value)
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
     """SLURM's compact host list -> host names: ``"a,b"``, ``"node[01-03]"``, ``"gpu[1,3-4],cpu7"``."""
     items = re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist)
-    if not items:
-        raise ValueError(f"SLURM_STEP_NODELIST={nodelist!r}; allowed: SLURM's host list, e.g. node[01-04]")
+    raise_if(
+        not items,
+        ValueError,
+        f"SLURM_STEP_NODELIST={nodelist!r}; allowed: SLURM's host list, e.g. node[01-04]",
+    )
     return [host for item in items for host in _expand_hosts(item, nodelist)]
 
 
@@ -224,8 +232,11 @@ def _expand_hosts(item: str, nodelist: str) -> list[str]:
     hosts = []
     for part in ranges.split(","):
         first, _, last = part.partition("-")
-        if not re.fullmatch(r"[0-9]+", first) or not re.fullmatch(r"[0-9]*", last):
-            raise ValueError(f"SLURM_STEP_NODELIST={nodelist!r}: cannot read the range {part!r}")
+        raise_if(
+            not re.fullmatch(r"[0-9]+", first) or not re.fullmatch(r"[0-9]*", last),
+            ValueError,
+            f"SLURM_STEP_NODELIST={nodelist!r}: cannot read the range {part!r}",
+        )
         for number in range(int(first), int(last or first) + 1):
             hosts += [f"{prefix}{str(number).zfill(len(first))}{tail}" for tail in tails]
     return hosts
@@ -236,8 +247,11 @@ def tasks_per_node(spec: str, nodes: int) -> list[int]:
     counts = []
     for part in spec.split(","):
         match = re.fullmatch(r"([0-9]+)(?:\(x([0-9]+)\))?", part.strip())
-        if match is None:
-            raise ValueError(f"SLURM_STEP_TASKS_PER_NODE={spec!r}; allowed: SLURM's form, e.g. 8(x2),4")
+        raise_if(
+            match is None,
+            ValueError,
+            f"SLURM_STEP_TASKS_PER_NODE={spec!r}; allowed: SLURM's form, e.g. 8(x2),4",
+        )
         counts += [int(match.group(1))] * int(match.group(2) or 1)
     if len(counts) == 1 and nodes > 1:
         counts *= nodes
@@ -279,9 +293,10 @@ def start(config: LiteGenConfig) -> Runtime:
             MASTER_PORT=str(launch.master_port),
         )  # fmt: skip
     if not dist.is_initialized():
-        check_world(config, launch.world_size)  # every rank, before any collective
+        check_world(config, launch.world_size, launch.local_world_size)  # every rank, before any collective
     owns = _init_process_group(config.collective_timeout, launch)
     world, rank = dist.get_world_size(), dist.get_rank()
+    node = launch.local_world_size if launch.launcher != "none" else world  # a group made outside: one node
     if owns and rank == 0:
         logger.info(
             "%s; layout dp %d x sp %d x tp %d",
@@ -290,7 +305,7 @@ def start(config: LiteGenConfig) -> Runtime:
             config.sp_size,
             config.tp_size,
         )
-    check_world(config, world)
+    check_world(config, world, node)
     if "nccl" in str(dist.get_backend()):
         device = torch.device("cuda", torch.cuda.current_device())
     else:
@@ -303,7 +318,7 @@ def start(config: LiteGenConfig) -> Runtime:
         mesh = _mesh(device.type, (world // sp, sp), ("dp", "sp"), timeout)
     splits = usp_meshes(device.type, world // sp, sp, config.sp_ring, timeout)
     splits[sp] = (mesh.get_group("sp"), None)
-    group = config.group_size if config.zero_degree == 3 else None
+    group = config.group_size(node) if config.zero_degree == 3 else None
     zero_mesh = (
         grouped_mesh(device.type, group, timeout)
         if group is not None
@@ -313,14 +328,14 @@ def start(config: LiteGenConfig) -> Runtime:
         zero_mesh = mesh["dp"]
     frozen_mesh = None  # what encoder.fsdp shards frozen modules over: the world, or each node
     if config.encoder.fsdp:
-        node = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if config.encoder.group else None
-        if node is not None and world % node:
-            raise ValueError(
-                f"config: encoder.group=True needs LOCAL_WORLD_SIZE={node} to divide the world size {world}"
-            )
+        raise_if(
+            config.encoder.group and world % node != 0,
+            ValueError,
+            f"config: encoder.group=True needs LOCAL_WORLD_SIZE={node} to divide the world size {world}",
+        )
         frozen_mesh = (
             grouped_mesh(device.type, node, timeout)
-            if node
+            if config.encoder.group
             else _mesh(device.type, (world,), ("shard",), timeout)
         )
     if config.allow_tf32 and device.type == "cuda":
@@ -332,7 +347,6 @@ def start(config: LiteGenConfig) -> Runtime:
         world_size=world,
         dp_rank=rank // (sp * tp),
         dp_size=world // (sp * tp),
-        sp_rank=rank // tp % sp,
         sp_size=sp,
         tp_size=tp,
         mesh=mesh,
@@ -340,6 +354,8 @@ def start(config: LiteGenConfig) -> Runtime:
         frozen_mesh=frozen_mesh,
         owns_process_group=owns,
         sp_splits=splits,
+        node_size=node,
+        group_size=group,
     )
 
 
