@@ -2,13 +2,15 @@
 
 Tests take the ``dist_pool`` fixture and call ``dist_pool.run(fn, *args, world_size=N)``; see
 ``tests/dist_harness.py``. The pool's worker processes live for the whole pytest (or xdist worker)
-process and are reused by every test.
+process and are reused by every test. The bad-input property tests' tally (``tests/bad_input.py``) is
+summed over the xdist workers and reported once, at the end.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -25,3 +27,33 @@ def dist_pool():
     pool = DistPool(max_workers=4)
     yield pool
     pool.shutdown()
+
+
+BAD_INPUTS = pytest.StashKey[Counter]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[BAD_INPUTS] = Counter()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """This process's tally, handed to the xdist controller when this is a worker."""
+    tally = session.config.stash[BAD_INPUTS]
+    if "bad_input" in sys.modules:  # imported by a test_bad_input.py that ran here
+        tally.update(sys.modules["bad_input"].OUTCOMES)
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["bad_inputs"] = dict(tally)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    node.config.stash[BAD_INPUTS].update(node.workeroutput.get("bad_inputs", {}))
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    tally = config.stash[BAD_INPUTS]
+    if tally:
+        terminalreporter.write_line(
+            f"bad-input property tests: {tally['named']} bad inputs refused with a named ValueError/TypeError, "
+            f"{tally['valid']} generated inputs were valid and gave correct results"
+        )
