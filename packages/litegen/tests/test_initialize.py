@@ -290,3 +290,29 @@ def test_a_failed_resume_says_the_objects_are_partly_loaded_and_save_refuses_unt
     assert "does not match the checksum" in resume and "may now hold part of this checkpoint" in resume
     assert "save(3): the live objects may hold part of a checkpoint" in save
     assert (good, save_again) == ("ok", "ok")
+
+
+def losses_and_an_encode() -> list[str]:
+    """initialize(model, optimizer, two losses, an encode): the losses come back as they are; the log lines."""
+    messages = Messages()
+    logging.getLogger("litegen").addHandler(messages)
+    gen = LiteGen({})
+    mse = nn.MSELoss()
+    try:
+        out = gen.initialize(*make_model_and_optimizer(), mse, F.mse_loss, lambda x: x * 2)
+    finally:
+        logging.getLogger("litegen").removeHandler(messages)
+        gen.close()
+    assert out[2] is mse and out[3] is F.mse_loss
+    assert torch.equal(out[4](torch.ones(2)), torch.full((2,), 2.0))
+    return messages.lines
+
+
+def test_a_loss_is_returned_unchanged_and_the_log_names_the_encode(dist_pool):
+    (lines,) = dist_pool.run(losses_and_an_encode, world_size=1)
+    assert "initialize: argument 2 (MSELoss) is a loss: returned unchanged" in lines, lines
+    assert "initialize: argument 3 (mse_loss) is a loss: returned unchanged" in lines, lines
+    assert any(
+        line.startswith("initialize: argument 4 (losses_and_an_encode.<locals>.<lambda>) is the encode")
+        for line in lines
+    ), lines
