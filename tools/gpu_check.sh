@@ -6,7 +6,7 @@
 #
 # Runs from the working tree with the host's own python3 (or $PYTHON): every packages/*/src, tools/ and tests/ go
 # on PYTHONPATH, nothing is installed. Each section appends one line to OUTDIR/summary.txt as it ends (name, exit
-# code, seconds, its ENV / RESULT / SKIP / NOT MEASURED lines), its whole output goes to OUTDIR/<section>.log, so a run
+# code, seconds, its ENV / RESULT / SKIP / NOT MEASURED / FAILED lines), its whole output goes to OUTDIR/<section>.log, so a run
 # cut short still reports the sections before. Sections whose feature is missing print a SKIP line. On one GPU the
 # whole run takes under 7 minutes (the limits below add up to 420 s). --tiny runs the same sections at tiny sizes
 # on a CPU (the CUDA tests then skip) in about a minute: tools/tests/test_gpu_check.py runs it with the test suite.
@@ -36,7 +36,7 @@ export PYTHONPATH="${SRC}$ROOT/tools:$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 if [ -n "$TINY" ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-  LIMITS=(env=60 cuda_tests=120 gpu_dit=180 planner=120 ring=90)
+  LIMITS=(env=30 cuda_tests=200 gpu_dit=200 planner=200 ring=150)  # only against hangs: CPUs here are shared
 else
   LIMITS=(env=15 cuda_tests=140 gpu_dit=190 planner=55 ring=20)
 fi
@@ -53,7 +53,7 @@ section() {
   rc=$?
   took=$(awk -v a="$begin" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
   [ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "TIMEOUT after ${seconds} s" >>"$log"
-  lines=$(grep -E '^(ENV|RESULT|SKIP|NOT MEASURED|TIMEOUT) ' "$log" | tr '\n' ';' | sed 's/;$//; s/;/ | /g')
+  lines=$(grep -E '^(ENV|RESULT|SKIP|NOT MEASURED|TIMEOUT|FAILED) ' "$log" | tr '\n' ';' | sed 's/;$//; s/;/ | /g')
   echo "$name rc=$rc seconds=$took limit=$seconds${lines:+ | $lines}" >>"$SUMMARY"
   echo "$name rc=$rc seconds=$took"
   return $rc
@@ -91,9 +91,10 @@ cuda_tests() {
     [ -e "$f" ] && files+=("$f")
   done
   [ ${#files[@]} -eq 0 ] && { echo "SKIP cuda_tests: no test_cuda*.py"; return 0; }
-  # no xdist, no addopts of the repo (its plugins may be absent here); diffusers-free files only
-  "$PY" -m pytest -m cuda -p no:cacheprovider -p no:xdist -o addopts= --import-mode=importlib -q -rfEs \
-    --junitxml="$OUT/cuda_tests.xml" "${files[@]}"
+  # no xdist, not the repo's addopts (plugins may be absent here), 90 s a test where pytest-timeout is installed;
+  # diffusers-free files only. -v: a cut-off run still shows each test's outcome.
+  "$PY" -m pytest -m cuda -p no:cacheprovider -p no:xdist -o addopts= -o timeout=90 --import-mode=importlib \
+    -v --tb=short -rfEs --durations=8 --junitxml="$OUT/cuda_tests.xml" "${files[@]}"
   local rc=$?
   "$PY" - "$OUT/cuda_tests.xml" <<'EOF'
 import sys, xml.etree.ElementTree as ET

@@ -32,10 +32,13 @@ import logging
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ (dit.py)
@@ -168,7 +171,7 @@ def out_of_memory(error: BaseException) -> bool:
     )
 
 
-def throughput(args: argparse.Namespace, device: torch.device, ceiling: float) -> None:
+def throughput(args: argparse.Namespace, device: torch.device, ceiling: float) -> bool:
     """Eager PyTorch vs LiteGen at the image length, interleaved rounds; prints the first two RESULT lines."""
     size = args.image_size
     tokens = (size // PATCH) ** 2
@@ -197,6 +200,7 @@ def throughput(args: argparse.Namespace, device: torch.device, ceiling: float) -
         )
     print(f"RESULT mfu_litegen={flops / median['litegen'] / ceiling:.3f}")
     print(f"RESULT litegen_over_eager_tokens_per_s={median['eager'] / median['litegen']:.3f}", flush=True)
+    return True
 
 
 def longest(args: argparse.Namespace, config: dict, device: torch.device) -> int:
@@ -264,6 +268,56 @@ def cap_memory(args: argparse.Namespace, device: torch.device) -> None:
     )
 
 
+def phase(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, or None after printing why it failed: one GPU run should report every phase it can."""
+    try:
+        return fn(*args)
+    except Exception as error:  # reported; the next phase runs
+        print(
+            f"FAILED gpu_dit {name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        )
+        traceback.print_exc(file=sys.stdout)
+    if dist.is_initialized():  # a LiteGen left open by the failure
+        dist.destroy_process_group()
+    free(torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    return None
+
+
+def sequences(args: argparse.Namespace, device: torch.device) -> dict[str, int]:
+    """The longest sequence (frames) of each strategy under the memory cap; prints ``offload_max_seq_gain``."""
+    if device.type == "cuda":
+        cap_memory(args, device)
+    frame_tokens = (args.frame_size // PATCH) ** 2
+    best = {}
+    for label, config in STRATEGIES.items():
+        start = time.perf_counter()
+        best[label] = longest(args, config, device)
+        bound = " (the search's upper end: a lower bound)" if best[label] == args.max_frames else ""
+        print(
+            f"{label:16s} longest={best[label]} frames = {best[label] * frame_tokens} tokens per sample{bound} "
+            f"(searched in {time.perf_counter() - start:.1f} s)",
+            flush=True,
+        )
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    print(f"RESULT offload_max_seq_gain={best['full_ac_offload'] / max(best['full_ac'], 1):.3f}", flush=True)
+    return best
+
+
+def offload_cost(args: argparse.Namespace, device: torch.device, best: dict[str, int]) -> bool:
+    """Step times of full checkpointing with and without offload at full checkpointing's longest sequence."""
+    at = max(best["full_ac"], 1)
+    times = {
+        label: step_time(args, STRATEGIES[label], at, device, 3) for label in ("full_ac", "full_ac_offload")
+    }
+    print(
+        f"at {at * (args.frame_size // PATCH) ** 2} tokens per sample: full_ac {times['full_ac'] * 1e3:.1f} ms, "
+        f"full_ac_offload {times['full_ac_offload'] * 1e3:.1f} ms"
+    )
+    print(f"RESULT offload_step_time_cost={times['full_ac_offload'] / times['full_ac']:.3f}", flush=True)
+    return True
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dim", type=int, default=1536)
@@ -290,34 +344,10 @@ def main() -> None:
 
     ceiling = matmul_ceiling(device, 8192 if device.type == "cuda" and not args.tiny else 256)
     print(f"bf16 matrix-product ceiling: {ceiling / 1e12:.1f} TFLOP/s", flush=True)
-    throughput(args, device, ceiling)
-
-    if device.type == "cuda":
-        cap_memory(args, device)
-    frame_tokens = (args.frame_size // PATCH) ** 2
-    best = {}
-    for label, config in STRATEGIES.items():
-        start = time.perf_counter()
-        best[label] = longest(args, config, device)
-        bound = " (the search's upper end: a lower bound)" if best[label] == args.max_frames else ""
-        print(
-            f"{label:16s} longest={best[label]} frames = {best[label] * frame_tokens} tokens{bound} "
-            f"(searched in {time.perf_counter() - start:.1f} s)",
-            flush=True,
-        )
-    print(f"RESULT offload_max_seq_gain={best['full_ac_offload'] / max(best['full_ac'], 1):.3f}", flush=True)
-    if device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
-
-    at = max(best["full_ac"], 1)
-    times = {
-        label: step_time(args, STRATEGIES[label], at, device, 3) for label in ("full_ac", "full_ac_offload")
-    }
-    print(
-        f"at {at * frame_tokens} tokens: full_ac {times['full_ac'] * 1e3:.1f} ms, "
-        f"full_ac_offload {times['full_ac_offload'] * 1e3:.1f} ms"
-    )
-    print(f"RESULT offload_step_time_cost={times['full_ac_offload'] / times['full_ac']:.3f}", flush=True)
+    measured = phase("throughput", throughput, args, device, ceiling)
+    best = phase("longest sequence", sequences, args, device)
+    costed = best is not None and phase("offload step time", offload_cost, args, device, best)
+    sys.exit(0 if measured and costed else 1)
 
 
 if __name__ == "__main__":

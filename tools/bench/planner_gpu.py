@@ -22,6 +22,7 @@ import argparse
 import gc
 import math
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -96,7 +97,7 @@ def main() -> None:
         names, plans([CONFIGS[n] for n in names], workload(args, "cpu"), world_size=1), strict=True
     ):
         if isinstance(plan, Exception):
-            print(f"{name}: not planned: {plan}")
+            print(f"FAILED planner {name}: not planned: {type(plan).__name__}: {plan}")
             continue
         predicted[name] = plan.peak
     if cuda:
@@ -106,8 +107,15 @@ def main() -> None:
     )
     errors: dict[str, list[float]] = {"cuda": [], "tracked": []}
     print(f"{'config':<22}{'predicted':>12}{'tracked':>12}{'max_alloc':>12}{'err':>8}{'trk err':>9}")
+    failed = False
     for name in predicted:
-        tracked, allocated = measured(CONFIGS[name], workload(args, device), cuda)
+        try:
+            tracked, allocated = measured(CONFIGS[name], workload(args, device), cuda)
+        except Exception as error:  # reported; the next configuration runs
+            failed = True
+            print(f"FAILED planner {name}: {type(error).__name__}: {error}")
+            traceback.print_exc(file=sys.stdout)
+            continue
         p_ = predicted[name]
         errors["tracked"].append(abs(p_ - tracked) / tracked)
         if allocated is not None:
@@ -123,6 +131,7 @@ def main() -> None:
         print("NOT MEASURED planner_cuda_max_rel_error: no CUDA (the tracker only)")
     print(f"RESULT planner_cuda_max_rel_error={max(errors['cuda'], default=math.nan):.4f}")
     print(f"RESULT planner_cuda_tracked_max_rel_error={max(errors['tracked'], default=math.nan):.4f}")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
