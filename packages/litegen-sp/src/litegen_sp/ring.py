@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 NEG_INF = float("-inf")
@@ -39,20 +40,40 @@ def _take(x: Tensor, index: Tensor | None, dim: int) -> Tensor:
     return x if index is None else x.index_select(dim, index)
 
 
+def _flash(q: Tensor, bias: Tensor | None) -> bool:
+    """CUDA flash kernel: fp16/bf16, no bias, a head dim it takes unpadded (a multiple of 8, at most 256)."""
+    d = q.shape[-1]
+    return (
+        q.is_cuda and bias is None and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
+    )
+
+
+def _efficient_bias(bias: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
+    """The bias as the CUDA memory-efficient kernel takes it (what SDPA prepares): ``(b, h, sq, sk)``, broadcast
+    dims expanded with stride 0, rows stored at a multiple of 16 elements."""
+    if bias is None:
+        return None
+    b, h, sq, sk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    bias = bias.expand(*bias.shape[:-1], sk)
+    if sk % 16:
+        bias = F.pad(bias, (0, -sk % 16))[..., :sk]
+    return bias.expand(b, h, sq, sk)
+
+
 def _kernel(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float | None
 ) -> tuple[Tensor, Tensor]:
     """Attention and its log-sum-exp; q, k, v ``(b, h, s, d)`` (k, v expanded to q's heads)."""
-    if q.is_cuda and bias is None and q.dtype in (torch.float16, torch.bfloat16):
+    if _flash(q, bias):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, False, False, scale=scale
         )[:2]
         return out, lse
     if q.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, bias, True, 0.0, False, scale=scale
+            q, k, v, _efficient_bias(bias, q, k), True, 0.0, False, scale=scale
         )[:2]
-        return out, lse[..., : q.shape[2]]
+        return out, lse[..., : q.shape[2]]  # the kernel pads the queries to a multiple of 32
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, False, attn_mask=bias, scale=scale
     )
@@ -69,7 +90,7 @@ def _kernel_backward(
     scale: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one chunk's attention, given the merged output and log-sum-exp of all chunks."""
-    if q.is_cuda and bias is None and q.dtype in (torch.float16, torch.bfloat16):
+    if _flash(q, bias):
         empty = torch.empty(0, device=q.device, dtype=torch.int64)
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
             grad,
@@ -95,9 +116,9 @@ def _kernel_backward(
             q,
             k,
             v,
-            bias,
+            _efficient_bias(bias, q, k),
             out,
-            lse.float().contiguous(),
+            F.pad(lse.float(), (0, -lse.shape[-1] % 32)),  # padded to 32 queries, as the forward returns it
             seed,
             offset,
             0.0,

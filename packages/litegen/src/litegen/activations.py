@@ -77,7 +77,12 @@ class ActivationOffload:
         self.fetched: dict[int, list[torch.Tensor]] = {}
 
     def _pack(self, group: int, tensor: torch.Tensor) -> Any:
-        if tensor.device.type != "cuda" or tensor.numel() * tensor.element_size() < MIN_OFFLOAD_BYTES:
+        if (
+            tensor.device.type != "cuda"
+            or tensor.numel() * tensor.element_size() < MIN_OFFLOAD_BYTES
+            or isinstance(tensor, nn.Parameter)  # alive anyway: a host copy would free nothing
+            or (tensor.is_leaf and tensor.requires_grad)
+        ):
             return tensor
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         self.d2h.wait_stream(torch.cuda.current_stream(self.device))
