@@ -745,11 +745,10 @@ def _region(model: nn.Module, blocks: Sequence[nn.Module]) -> tuple[list[nn.Modu
         f"sequence_parallel: blocks={type(blocks).__name__}; allowed: a list of the model's blocks",
     )
     blocks = list(blocks)
-    raise_if(
-        not blocks or not all(isinstance(b, nn.Module) for b in blocks),
-        ValueError,
-        f"sequence_parallel: blocks must be a non-empty list of modules, got {blocks!r}",
-    )
+    if not blocks or not all(
+        isinstance(b, nn.Module) for b in blocks
+    ):  # the message only then: reprs of blocks
+        raise ValueError(f"sequence_parallel: blocks must be a non-empty list of modules, got {blocks!r}")
     qualified = {id(m): name for name, m in model.named_modules()}
     missing = [type(b).__name__ for b in blocks if id(b) not in qualified]
     if missing:

@@ -289,12 +289,11 @@ def _resolve_blocks(model: nn.Module, blocks: Blocks | None) -> list[nn.Module]:
         found = is_type and any(isinstance(m, item) for m in below_root)
         found = found or any(m is item for m in below_root)
         container = issubclass(item, _CONTAINERS) if is_type else isinstance(item, _CONTAINERS)
-        raise_if(
-            not found or container,
-            ValueError,
-            f"blocks entry {item!r} is not in the model; allowed: nn.Module subclasses with instances "
-            "inside the model, or submodules of it (not the root, not a ModuleList / ModuleDict)",
-        )
+        if not found or container:  # the message only then: a block's repr is the whole block
+            raise ValueError(
+                f"blocks entry {item!r} is not in the model; allowed: nn.Module subclasses with instances "
+                "inside the model, or submodules of it (not the root, not a ModuleList / ModuleDict)"
+            )
     kinds = tuple(item for item in items if isinstance(item, type))
     return [m for m in below_root if isinstance(m, kinds) or any(m is item for item in items)]
 
