@@ -16,6 +16,7 @@ hides from a query) never enters the merge for it. Layout: ``(batch, seq, heads,
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,17 @@ class Chunk:
 
 
 def _take(x: Tensor, index: Tensor | None, dim: int) -> Tensor:
+    """The tokens of ``x`` at ``index`` along ``dim`` (None: all of them)."""
     return x if index is None else x.index_select(dim, index)
+
+
+def _put(x: Tensor, index: Tensor | None, length: int, dim: int) -> Tensor:
+    """Inverse of ``_take``: ``x``'s tokens at ``index`` along ``dim`` among ``length`` zeros (None: ``x``)."""
+    if index is None:
+        return x
+    shape = list(x.shape)
+    shape[dim] = length
+    return x.new_zeros(shape).index_copy(dim, index, x)
 
 
 def _flash(q: Tensor, bias: Tensor | None) -> bool:
@@ -142,12 +153,11 @@ def _reduce(grad: Tensor, kv_heads: int) -> Tensor:
 
 
 class _Ring:
-    """The static facts of one ring call: group, chunks, masks, scale."""
+    """The static facts of one ring call: group, key chunks, masks, scale."""
 
     def __init__(
         self,
         group: dist.ProcessGroup,
-        q_chunk: Chunk,
         kv_chunks: list[Chunk],
         key_mask: Tensor | None,
         whole_mask: Tensor | None,
@@ -157,25 +167,31 @@ class _Ring:
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
-        self.q_chunk, self.kv_chunks = q_chunk, kv_chunks
+        self.kv_chunks = kv_chunks
         self.key_mask, self.whole_mask = key_mask, whole_mask
         self.scale = scale
 
-    def source(self, step: int) -> int:
-        return (self.rank - step) % self.size
+    def steps(self, k: Tensor, v: Tensor) -> Iterator[tuple[Chunk, list[Tensor]]]:
+        """Each ring rank's chunk in turn, this rank's first: its ``Chunk`` and its ``[k, v, key mask]``; the
+        next chunk travels in while the caller attends this one."""
+        blocks = [t.contiguous() for t in (k, v, self.key_mask) if t is not None]
+        for step in range(self.size):
+            incoming, works = self.swap(blocks) if step + 1 < self.size else (blocks, [])
+            yield self.kv_chunks[(self.rank - step) % self.size], blocks
+            _wait(works)
+            blocks = incoming
 
-    def bias(self, step: int, key_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-        """The additive bias for the chunk attended at ``step``: its per-key mask and/or whole-mask columns."""
-        chunk = self.kv_chunks[self.source(step)]
-        bias = None
-        if key_mask is not None:
-            bias = _take(key_mask, chunk.real, 3)
+    def inputs(self, chunk: Chunk, blocks: list[Tensor], q: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A chunk's real keys and values expanded to ``q``'s heads, and its additive bias in ``q``'s dtype:
+        its per-key mask and/or the whole mask's columns for its keys."""
+        k, v = (_expand(_take(t, chunk.real, 2), q.shape[1]) for t in blocks[:2])
+        bias = None if self.key_mask is None else _take(blocks[2], chunk.real, 3)
         if self.whole_mask is not None:
             cols = self.whole_mask.index_select(3, chunk.positions)
             bias = cols if bias is None else bias + cols
         if bias is not None and bias.dtype == torch.bool:
-            bias = torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill(~bias, NEG_INF)
-        return None if bias is None else bias.to(dtype)
+            bias = torch.zeros(bias.shape, dtype=q.dtype, device=bias.device).masked_fill(~bias, NEG_INF)
+        return k, v, None if bias is None else bias.to(q.dtype)
 
     def swap(self, tensors: list[Tensor]) -> tuple[list[Tensor], list]:
         """Start sending ``tensors`` to the next rank and receiving the previous rank's into new buffers."""
@@ -196,34 +212,25 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, ring: _Ring) -> Tensor:
-        heads, acc = q.shape[1], torch.promote_types(q.dtype, torch.float32)
+        acc = torch.promote_types(q.dtype, torch.float32)
         out = torch.zeros((*q.shape[:3], v.shape[3]), dtype=acc, device=q.device)
         lse = torch.full(q.shape[:3], NEG_INF, dtype=acc, device=q.device)
-        k, v = k.contiguous(), v.contiguous()
-        blocks = [k, v] + ([ring.key_mask.contiguous()] if ring.key_mask is not None else [])
-        for step in range(ring.size):
-            works = []
-            if step + 1 < ring.size:
-                incoming, works = ring.swap(blocks)
-            chunk = ring.kv_chunks[ring.source(step)]
+        for chunk, blocks in ring.steps(k, v):
             if chunk.count and q.shape[2]:
-                key_mask = blocks[2] if ring.key_mask is not None else None
-                bias = ring.bias(step, key_mask, q.dtype)
-                kk, vv = (_expand(_take(t, chunk.real, 2), heads) for t in blocks[:2])
-                o, l_ = _kernel(q, kk, vv, bias, ring.scale)
-                l_ = l_.to(acc)
+                kk, vv, bias = ring.inputs(chunk, blocks, q)
+                chunk_out, chunk_lse = _kernel(q, kk, vv, bias, ring.scale)
+                chunk_lse = chunk_lse.to(acc)
                 if (
                     bias is not None
-                ):  # a query all of whose keys here are masked gets no say (the kernel says lse 0)
-                    l_ = l_.masked_fill(torch.isneginf(bias).all(-1).expand_as(l_), NEG_INF)
-                merged = torch.logaddexp(lse, l_)
+                ):  # a query all of whose keys here are masked gets no say (the kernel says 0)
+                    chunk_lse = chunk_lse.masked_fill(
+                        torch.isneginf(bias).all(-1).expand_as(chunk_lse), NEG_INF
+                    )
+                merged = torch.logaddexp(lse, chunk_lse)
                 old = torch.exp(lse - merged).nan_to_num(0.0).unsqueeze(-1)
-                new = torch.exp(l_ - merged).nan_to_num(0.0).unsqueeze(-1)
-                out = out * old + o.to(acc) * new
+                new = torch.exp(chunk_lse - merged).nan_to_num(0.0).unsqueeze(-1)
+                out = out * old + chunk_out.to(acc) * new
                 lse = merged
-            _wait(works)
-            if step + 1 < ring.size:
-                blocks = incoming
         lse = lse.masked_fill(
             torch.isneginf(lse), 0.0
         )  # a query with no key at all: output 0, as SDPA's kernels
@@ -236,44 +243,29 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         ring: _Ring = ctx.ring
-        heads, kv_heads, acc = q.shape[1], k.shape[1], lse.dtype
+        acc = lse.dtype
         grad = grad.contiguous()
         dq = torch.zeros_like(q, dtype=acc)
-        blocks = [k, v] + ([ring.key_mask.contiguous()] if ring.key_mask is not None else [])
         own = travel = None
         travel_works: list = []
-        for step in range(ring.size):
-            works = []
-            if step + 1 < ring.size:
-                incoming, works = ring.swap(blocks)
-            chunk = ring.kv_chunks[ring.source(step)]
-            dk = torch.zeros_like(k, dtype=acc)
-            dv = torch.zeros_like(v, dtype=acc)
+        for step, (chunk, blocks) in enumerate(ring.steps(k, v)):
             if chunk.count and q.shape[2]:
-                key_mask = blocks[2] if ring.key_mask is not None else None
-                bias = ring.bias(step, key_mask, q.dtype)
-                kk, vv = (_expand(_take(t, chunk.real, 2), heads) for t in blocks[:2])
-                dq_, dk_, dv_ = _kernel_backward(grad, q, kk, vv, out, lse, bias, ring.scale)
+                kk, vv, bias = ring.inputs(chunk, blocks, q)
+                dq_, dk, dv = _kernel_backward(grad, q, kk, vv, out, lse, bias, ring.scale)
                 dq += dq_.to(acc)
-                dk_, dv_ = _reduce(dk_.to(acc), kv_heads), _reduce(dv_.to(acc), kv_heads)
-                if chunk.real is None:
-                    dk, dv = dk_, dv_
-                else:
-                    dk.index_copy_(2, chunk.real, dk_)
-                    dv.index_copy_(2, chunk.real, dv_)
+                dkv = [_put(_reduce(d.to(acc), k.shape[1]), chunk.real, k.shape[2], 2) for d in (dk, dv)]
+            else:
+                dkv = [torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)]
             if step == 0:
-                own = [dk, dv]
+                own = dkv
             else:  # add to the gradient travelling with this chunk and pass it on (to its owner, at the end)
                 if step > 1:
                     _wait(travel_works)
-                    dk, dv = dk + travel[0], dv + travel[1]
-                travel, travel_works = ring.swap([dk, dv])
-            _wait(works)
-            if step + 1 < ring.size:
-                blocks = incoming
+                    dkv = [mine + theirs for mine, theirs in zip(dkv, travel, strict=True)]
+                travel, travel_works = ring.swap(dkv)
         if ring.size > 1:
             _wait(travel_works)
-            own = [own[0] + travel[0], own[1] + travel[1]]
+            own = [mine + theirs for mine, theirs in zip(own, travel, strict=True)]
         return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype), None
 
 
@@ -297,12 +289,10 @@ def ring_attention_chunks(
     ``whole_mask``: rows of a whole query x key mask for the real queries, ``(b|1, h|1, real q, seq_kv)``.
     Returns ``(b, s_chunk, h, d_v)`` with zeros for pad queries.
     """
-    ring = _Ring(group, q_chunk, kv_chunks, key_mask, whole_mask, scale)
+    ring = _Ring(group, kv_chunks, key_mask, whole_mask, scale)
     q_real = _take(q, q_chunk.real, 1).transpose(1, 2)
     out = _RingAttention.apply(q_real, k.transpose(1, 2), v.transpose(1, 2), ring).transpose(1, 2)
-    if q_chunk.real is None:
-        return out
-    return out.new_zeros((*q.shape[:3], v.shape[3])).index_copy(1, q_chunk.real, out)
+    return _put(out, q_chunk.real, q.shape[1], 1)
 
 
 def usp_split(

@@ -26,11 +26,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ring import Chunk, ring_attention_chunks
+from .ring import Chunk, _put, _take, ring_attention_chunks
 
 AttentionFn = Callable[..., Tensor]
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256
+SEQ, HEADS = 1, 2  # the dims of (batch, seq, heads, head_dim)
+
+
+def raise_if(bad: bool, error: type[Exception], message: str) -> None:
+    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective)."""
+    if bad:
+        raise error(message)
 
 
 @dataclass(frozen=True)
@@ -48,26 +55,37 @@ class SequenceInfo:
         return self.padded_len // self.group_size
 
 
-def _group_size_and_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
+def _group_size_and_rank(group: dist.ProcessGroup | None, where: str, name: str = "group") -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("litegen_sp needs an initialized torch.distributed process group")
+        raise RuntimeError(f"{where} needs an initialized torch.distributed process group")
     raise_if(
         group is not None and not isinstance(group, dist.ProcessGroup),
         TypeError,
-        f"group={group!r} ({type(group).__name__}); allowed: a ProcessGroup or None (the world)",
+        f"{where}: {name}={group!r} ({type(group).__name__}); allowed: a ProcessGroup or None (the world)",
     )
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _normalize_dim(dim: int, ndim: int, name: str, shape: torch.Size) -> int:
+def _normalize_dim(dim: int, x: Tensor, where: str) -> int:
     raise_if(
         isinstance(dim, bool) or not isinstance(dim, int),
         TypeError,
-        f"{name}: dim={dim!r} ({type(dim).__name__}); allowed: an int",
+        f"{where}: dim={dim!r} ({type(dim).__name__}); allowed: an int",
     )
-    if not -ndim <= dim < ndim:
-        raise ValueError(f"{name}: dim={dim} is out of range for a tensor of shape {tuple(shape)}")
-    return dim % ndim
+    raise_if(
+        not -x.dim() <= dim < x.dim(),
+        ValueError,
+        f"{where}: dim={dim} is out of range for a tensor of shape {tuple(x.shape)}",
+    )
+    return dim % x.dim()
+
+
+def _all_gather(x: Tensor, group: dist.ProcessGroup | None, size: int, dim: int) -> Tensor:
+    """Every rank's ``x`` concatenated along ``dim`` (>= 0), in rank order."""
+    x = x.contiguous()
+    gathered = x.new_empty((size * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(gathered, x, group=group)
+    return gathered.unflatten(0, (size, x.shape[0])).movedim(0, dim).flatten(dim, dim + 1)
 
 
 # ----------------------------------------------------------------------------- split / gather
@@ -80,34 +98,20 @@ class _GatherSequence(torch.autograd.Function):
     def forward(
         ctx, x_local: Tensor, group: dist.ProcessGroup | None, info: SequenceInfo, dim: int
     ) -> Tensor:
-        ctx.group_size, ctx.rank = _group_size_and_rank(group)
-        ctx.info, ctx.dim = info, dim
-        x_local = x_local.contiguous()
-        gathered = x_local.new_empty((info.group_size * x_local.shape[0], *x_local.shape[1:]))
-        dist.all_gather_into_tensor(gathered, x_local, group=group)
-        full = (
-            gathered.unflatten(0, (info.group_size, x_local.shape[0])).movedim(0, dim).flatten(dim, dim + 1)
-        )  # (..., padded_len, ...)
-        return full.narrow(dim, 0, info.seq_len)
+        ctx.info, ctx.dim, ctx.rank = info, dim, dist.get_rank(group)
+        return _all_gather(x_local, group, info.group_size, dim).narrow(dim, 0, info.seq_len)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        info, dim = ctx.info, ctx.dim
-        local = _local_slice(grad, info, dim, ctx.rank)
-        return local * ctx.group_size, None, None, None
+        return _local_slice(grad, ctx.info, ctx.dim, ctx.rank) * ctx.info.group_size, None, None, None
 
 
 def _local_slice(x: Tensor, info: SequenceInfo, dim: int, rank: int) -> Tensor:
     """This rank's ``local_len`` tokens of the unpadded ``x`` along ``dim``, zero-padded at the end."""
     start = min(rank * info.local_len, info.seq_len)
-    stop = min(start + info.local_len, info.seq_len)
-    real = x.narrow(dim, start, stop - start)
-    pad = info.local_len - (stop - start)
-    if pad == 0:
-        return real.contiguous()
-    pad_shape = list(x.shape)
-    pad_shape[dim] = pad
-    return torch.cat([real, x.new_zeros(pad_shape)], dim=dim)
+    real = x.narrow(dim, start, min(info.local_len, info.seq_len - start))
+    pad = info.local_len - real.shape[dim]
+    return F.pad(real, [0, 0] * (x.dim() - 1 - dim) + [0, pad]).contiguous()  # F.pad lists dims from the last
 
 
 def split_sequence(
@@ -124,11 +128,12 @@ def split_sequence(
     raise_if(
         not isinstance(x, Tensor), TypeError, f"split_sequence: x must be a Tensor, got {type(x).__name__}"
     )
-    dim = _normalize_dim(dim, x.dim(), "split_sequence (x)", x.shape)
+    dim = _normalize_dim(dim, x, "split_sequence (x)")
     seq_len = x.shape[dim]
-    if seq_len == 0:
-        raise ValueError(f"split_sequence: x has no tokens along dim={dim} (shape {tuple(x.shape)})")
-    size, rank = _group_size_and_rank(group)
+    raise_if(
+        seq_len == 0, ValueError, f"split_sequence: x has no tokens along dim={dim} (shape {tuple(x.shape)})"
+    )
+    size, rank = _group_size_and_rank(group, "split_sequence")
     fewest = -(-seq_len // size)
     raise_if(
         local_len is not None
@@ -159,74 +164,60 @@ def gather_sequence(
         TypeError,
         f"gather_sequence: info must be the SequenceInfo from split_sequence, got {info!r}",
     )
-    dim = _normalize_dim(
-        info.dim if dim is None else dim, x_local.dim(), "gather_sequence (x_local)", x_local.shape
+    dim = _normalize_dim(info.dim if dim is None else dim, x_local, "gather_sequence (x_local)")
+    size, _ = _group_size_and_rank(group, "gather_sequence")
+    raise_if(
+        size != info.group_size,
+        ValueError,
+        f"gather_sequence: the group has {size} ranks but info was made for {info.group_size}",
     )
-    size, _ = _group_size_and_rank(group)
-    if size != info.group_size:
-        raise ValueError(
-            f"gather_sequence: the group has {size} ranks but info was made for {info.group_size}"
-        )
-    if x_local.shape[dim] != info.local_len:
-        raise ValueError(
-            f"gather_sequence: x_local has shape {tuple(x_local.shape)}, {x_local.shape[dim]} tokens along "
-            f"dim={dim}; info expects local_len={info.local_len} (seq_len={info.seq_len}, P={size})"
-        )
+    raise_if(
+        x_local.shape[dim] != info.local_len,
+        ValueError,
+        f"gather_sequence: x_local has shape {tuple(x_local.shape)}, {x_local.shape[dim]} tokens along "
+        f"dim={dim}; info expects local_len={info.local_len} (seq_len={info.seq_len}, P={size})",
+    )
     return _GatherSequence.apply(x_local, group, info, dim)
 
 
 # ----------------------------------------------------------------------------- all-to-all
 
 
-def _exchange(pieces: Sequence[Tensor], group: dist.ProcessGroup | None) -> list[Tensor]:
-    """One ``all_to_all_single`` for several tensors of shape ``(P, ...)``: piece ``[j]`` goes to rank j.
-
-    Returns tensors of the same shapes whose ``[j]`` came from rank j.
-    """
-    size = pieces[0].shape[0]
+def _all_to_all(
+    tensors: Sequence[Tensor], group: dist.ProcessGroup | None, scatter: int, gather: int
+) -> tuple[Tensor, ...]:
+    """One ``all_to_all_single`` for several tensors: each one's dim ``scatter`` is cut into ``P`` parts, part
+    ``j`` going to rank ``j``; the parts received are laid along dim ``gather``, in rank order."""
+    size = dist.get_world_size(group)
+    pieces = [t.unflatten(scatter, (size, -1)).movedim(scatter, 0) for t in tensors]  # (P, ...)
     numels = [piece[0].numel() for piece in pieces]
     send = pieces[0].new_empty((size, sum(numels)))
     for piece, chunk in zip(pieces, send.split(numels, dim=1), strict=True):
         chunk.view(piece.shape).copy_(piece)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    return [chunk.view(piece.shape) for piece, chunk in zip(pieces, recv.split(numels, dim=1), strict=True)]
+    received = [
+        chunk.view(piece.shape) for piece, chunk in zip(pieces, recv.split(numels, dim=1), strict=True)
+    ]
+    return tuple(r.movedim(0, gather).flatten(gather, gather + 1) for r in received)
 
 
-def _seq_to_heads(tensors: Sequence[Tensor], group: dist.ProcessGroup | None) -> tuple[Tensor, ...]:
-    """``(b, s_local, h, d)`` per rank -> ``(b, P * s_local, h / P, d)``: all tokens, this rank's heads."""
-    size = dist.get_world_size(group)
-    pieces = [t.unflatten(2, (size, t.shape[2] // size)).permute(2, 0, 1, 3, 4) for t in tensors]
-    return tuple(r.permute(1, 0, 2, 3, 4).flatten(1, 2) for r in _exchange(pieces, group))
+# ``(b, s_local, h, d)`` per rank -> ``(b, P * s_local, h / P, d)``: all tokens, this rank's heads; and back.
+_seq_to_heads = functools.partial(_all_to_all, scatter=HEADS, gather=SEQ)
+_heads_to_seq = functools.partial(_all_to_all, scatter=SEQ, gather=HEADS)
 
 
-def _heads_to_seq(tensors: Sequence[Tensor], group: dist.ProcessGroup | None) -> tuple[Tensor, ...]:
-    """``(b, P * s_local, h / P, d)`` per rank -> ``(b, s_local, h, d)``: this rank's tokens, all heads."""
-    size = dist.get_world_size(group)
-    pieces = [t.unflatten(1, (size, t.shape[1] // size)).permute(1, 0, 2, 3, 4) for t in tensors]
-    return tuple(r.permute(1, 2, 0, 3, 4).flatten(2, 3) for r in _exchange(pieces, group))
+class _AllToAll(torch.autograd.Function):
+    """``_all_to_all`` with autograd: the backward trades back (``scatter`` and ``gather`` swapped)."""
 
-
-class _SeqToHeads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, group: dist.ProcessGroup | None, *tensors: Tensor) -> tuple[Tensor, ...]:
-        ctx.group = group
-        return _seq_to_heads(tensors, group)
+    def forward(ctx, group: dist.ProcessGroup | None, scatter: int, gather: int, *tensors: Tensor):
+        ctx.group, ctx.dims = group, (gather, scatter)
+        return _all_to_all(tensors, group, scatter, gather)
 
     @staticmethod
     def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        return (None, *_heads_to_seq(grads, ctx.group))
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, group: dist.ProcessGroup | None, *tensors: Tensor) -> tuple[Tensor, ...]:
-        ctx.group = group
-        return _heads_to_seq(tensors, group)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        return (None, *_seq_to_heads(grads, ctx.group))
+        return (None, None, None, *_all_to_all(grads, ctx.group, *ctx.dims))
 
 
 # ----------------------------------------------------------------------------- local kernel
@@ -341,11 +332,12 @@ def _layout(where: str, spec: int | Sequence[SequenceInfo] | None, local_len: in
     if spec is None or (isinstance(spec, int) and not isinstance(spec, bool)):
         padded = local_len * size
         seq_len = padded if spec is None else spec
-        if not padded - size < seq_len <= padded:
-            raise ValueError(
-                f"ulysses_attention: {where}={spec!r} does not fit a local length of {local_len} on {size} "
-                f"ranks; allowed: {max(1, padded - size + 1)}..{padded} (SequenceInfo.seq_len)"
-            )
+        raise_if(
+            not padded - size < seq_len <= padded,
+            ValueError,
+            f"ulysses_attention: {where}={spec!r} does not fit a local length of {local_len} on {size} ranks; "
+            f"allowed: {max(1, padded - size + 1)}..{padded} (SequenceInfo.seq_len)",
+        )
         return (SequenceInfo(seq_len=seq_len, padded_len=padded, dim=1, group_size=size),)
     raise_if(
         isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence) or not spec,
@@ -358,67 +350,47 @@ def _layout(where: str, spec: int | Sequence[SequenceInfo] | None, local_len: in
         f"ulysses_attention: {where}={spec!r}; allowed: the SequenceInfos that split_sequence returned on "
         f"this group of {size} ranks",
     )
-    if sum(info.local_len for info in spec) != local_len:
-        raise ValueError(
-            f"ulysses_attention: {where} describes {sum(info.local_len for info in spec)} local tokens "
-            f"({' + '.join(str(info.local_len) for info in spec)}), but the tensor has {local_len}"
-        )
+    lengths = [info.local_len for info in spec]
+    raise_if(
+        sum(lengths) != local_len,
+        ValueError,
+        f"ulysses_attention: {where} describes {sum(lengths)} local tokens "
+        f"({' + '.join(map(str, lengths))}), but the tensor has {local_len}",
+    )
     return tuple(spec)
 
 
-def _real_tokens(layout: Layout, device: torch.device, ranks: range) -> Tensor | None:
-    """Positions of the real tokens among ``ranks``' local tokens laid end to end; None: no pad among them.
+def _chunk(layout: Layout, device: torch.device, ranks: range, whole: bool, pads: bool = False) -> Chunk:
+    """``ranks``' local tokens laid end to end, as a rank holds them after the sequence-to-heads exchange: rank
+    ``r``'s slice of each sequence of the layout, in order, after rank ``r - 1``'s; real tokens first in each.
 
-    After the sequence-to-heads exchange, rank ``r``'s local tokens (its slice of each sequence of the
-    layout, in order) follow those of rank ``r - 1``; each slice holds its real tokens first.
+    ``Chunk.real`` indexes the real ones among them (None: no pad); with ``whole`` (a query x key mask),
+    ``Chunk.positions`` gives their places in the whole sequence, the layout's sequences one after another
+    (``pads``: every token's, a pad at its sequence's first token).
     """
-    if all(
-        min(i.local_len, max(0, i.seq_len - r * i.local_len)) == i.local_len for r in ranks for i in layout
-    ):
-        return None
-    pieces, start = [], 0
+    real, positions, start = [], [], 0
     for rank in ranks:
+        offset = 0
         for info in layout:
-            real = min(info.local_len, max(0, info.seq_len - rank * info.local_len))
-            pieces.append(torch.arange(start, start + real, device=device))
-            start += info.local_len
-    return torch.cat(pieces)
-
-
-def _positions(layout: Layout, device: torch.device, ranks: range, pads: bool = False) -> Tensor:
-    """Where ``ranks``' real tokens sit in the whole sequence (the layout's sequences one after another),
-    in the order of ``_real_tokens``; ``pads``: every local token, a pad pointing at its sequence's start."""
-    offsets = [sum(info.seq_len for info in layout[:j]) for j in range(len(layout))]
-    pieces = []
-    for rank in ranks:
-        for info, offset in zip(layout, offsets, strict=True):
             first = rank * info.local_len
-            count = info.local_len if pads else min(info.local_len, max(0, info.seq_len - first))
-            local = torch.arange(first, first + count, device=device)
-            pieces.append(offset + local.where(local < info.seq_len, 0))
-    return torch.cat(pieces)
-
-
-def _drop_pad(x: Tensor, index: Tensor | None, dim: int = 1) -> Tensor:
-    """``x``: gathered tokens along ``dim`` -> only the real ones."""
-    return x if index is None else x.index_select(dim, index)
-
-
-def _restore_pad(x: Tensor, index: Tensor | None, padded_len: int) -> Tensor:
-    """Inverse of ``_drop_pad`` along dim 1: pad tokens come back as zeros."""
-    if index is None:
-        return x
-    return x.new_zeros((x.shape[0], padded_len, *x.shape[2:])).index_copy(1, index, x)
+            count = min(info.local_len, max(0, info.seq_len - first))
+            real.append(range(start, start + count))
+            if whole:
+                local = torch.arange(first, first + (info.local_len if pads else count), device=device)
+                positions.append(offset + local.where(local < info.seq_len, 0))
+            start, offset = start + info.local_len, offset + info.seq_len
+    total = sum(len(r) for r in real)
+    index = (
+        None if total == start else torch.cat([torch.arange(r.start, r.stop, device=device) for r in real])
+    )
+    return Chunk(index, torch.cat(positions) if whole else None, total)
 
 
 def _gather_keys(mask: Tensor, group: dist.ProcessGroup | None, size: int) -> Tensor:
-    """All ranks' key slices of a per-key mask, concatenated in rank order along the last dim."""
-    mask = mask.detach()
-    wire = mask.to(torch.uint8) if mask.dtype == torch.bool else mask  # gloo has no bool collectives
-    gathered = wire.new_empty((size * wire.shape[0], *wire.shape[1:]))
-    dist.all_gather_into_tensor(gathered, wire.contiguous(), group=group)
-    gathered = gathered.unflatten(0, (size, wire.shape[0])).movedim(0, -2).flatten(-2)
-    return gathered.bool() if mask.dtype == torch.bool else gathered
+    """All ranks' key slices of a per-key mask ``(b, h, 1, keys)``, concatenated in rank order."""
+    if mask.dtype == torch.bool:  # gloo has no bool collectives
+        return _all_gather(mask.detach().to(torch.uint8), group, size, 3).bool()
+    return _all_gather(mask.detach(), group, size, 3)
 
 
 def _check_mask(
@@ -443,23 +415,6 @@ def _check_mask(
             f"key): {allowed}; per-key masks are split like k, query x key masks are whole"
         )
     return mask.reshape(shape)
-
-
-def _check_ulysses_inputs(q: Tensor, k: Tensor, v: Tensor, ulysses: int, kv_replicated: bool) -> None:
-    """Validate shapes on every rank before any collective."""
-    _check_attention_shapes("ulysses_attention", q, k, v)
-    raise_if(
-        not isinstance(kv_replicated, bool),
-        TypeError,
-        f"ulysses_attention: kv_replicated={kv_replicated!r}; allowed: True or False",
-    )
-    heads, kv_heads = q.shape[2], k.shape[2]
-    if not kv_replicated and (heads % ulysses or kv_heads % ulysses):
-        raise ValueError(
-            f"ulysses_attention: heads={heads} and kv_heads={kv_heads} must both be divisible by the "
-            f"Ulysses group size {ulysses} (q {tuple(q.shape)}, k {tuple(k.shape)}); a ring_group takes the rest "
-            "of the sequence-parallel degree"
-        )
 
 
 def ulysses_attention(
@@ -498,8 +453,10 @@ def ulysses_attention(
     ``(batch|1, heads|1, seq, seq_kv)`` over the true sequences (SDPA's convention). Returns
     ``(batch, seq_local, heads, head_dim_v)``.
     """
-    ulysses, u_rank = _group_size_and_rank(group)
-    ring, r_rank = (1, 0) if ring_group is None else _group_size_and_rank(ring_group)
+    ulysses, u_rank = _group_size_and_rank(group, "ulysses_attention")
+    ring, r_rank = (
+        (1, 0) if ring_group is None else _group_size_and_rank(ring_group, "ulysses_attention", "ring_group")
+    )
     size, rank = ulysses * ring, r_rank * ulysses + u_rank
     if (
         isinstance(attn_mask, Tensor)
@@ -508,8 +465,20 @@ def ulysses_attention(
         and attn_mask.stride(-2) == 0
     ):
         attn_mask = attn_mask[..., :1, :]  # a per-key mask expanded over the queries (Lumina-Next) is per key
-    _check_ulysses_inputs(q, k, v, ulysses, kv_replicated)
+    _check_attention_shapes("ulysses_attention", q, k, v)
     _check_options("ulysses_attention", causal, scale, dropout_p)
+    raise_if(
+        not isinstance(kv_replicated, bool),
+        TypeError,
+        f"ulysses_attention: kv_replicated={kv_replicated!r}; allowed: True or False",
+    )
+    raise_if(
+        not kv_replicated and (q.shape[2] % ulysses or k.shape[2] % ulysses),
+        ValueError,
+        f"ulysses_attention: heads={q.shape[2]} and kv_heads={k.shape[2]} must both be divisible by the Ulysses "
+        f"group size {ulysses} (q {tuple(q.shape)}, k {tuple(k.shape)}); a ring_group takes the rest of the "
+        "sequence-parallel degree",
+    )
     raise_if(
         attn_fn is not None and not callable(attn_fn),
         TypeError,
@@ -524,14 +493,17 @@ def ulysses_attention(
         forms = [(1, k.shape[1]), (q.shape[1], k.shape[1]), (_true_len(q_layout), k.shape[1])]
         mask = _check_mask(attn_mask, q, forms, "ulysses_attention")
         if mask is not None and mask.shape[2] not in (1, q.shape[1]):  # whole query x key: this rank's rows
-            mask = mask.index_select(2, _positions(q_layout, q.device, range(rank, rank + 1), pads=True))
+            mask = mask.index_select(
+                2, _chunk(q_layout, q.device, range(rank, rank + 1), True, pads=True).positions
+            )
         out = kernel(q, k, v, causal=False, scale=scale, attn_mask=mask, dropout_p=dropout_p)
         return _checked_output(out, (*q.shape[:3], v.shape[3]))
-    if kv_seq_len is None and k.shape[1] != q.shape[1]:
-        raise ValueError(
-            f"ulysses_attention: k/v have {k.shape[1]} local tokens and q {q.shape[1]}; pass kv_seq_len when k/v "
-            "are split from other sequences, or kv_replicated=True when every rank holds the whole k/v"
-        )
+    raise_if(
+        kv_seq_len is None and k.shape[1] != q.shape[1],
+        ValueError,
+        f"ulysses_attention: k/v have {k.shape[1]} local tokens and q {q.shape[1]}; pass kv_seq_len when k/v "
+        "are split from other sequences, or kv_replicated=True when every rank holds the whole k/v",
+    )
     kv_layout = q_layout if kv_seq_len is None else _layout("kv_seq_len", kv_seq_len, k.shape[1], size)
     raise_if(
         causal and (len(q_layout) > 1 or kv_layout != q_layout or ring > 1),
@@ -546,68 +518,46 @@ def ulysses_attention(
     forms = [(1, k.shape[1]), (_true_len(q_layout), _true_len(kv_layout))]
     mask = _check_mask(attn_mask, q, forms, "ulysses_attention")
     keyed = mask is not None and mask.shape[2] == 1 and mask.shape[3] == k.shape[1]  # split like k
+    whole = mask is not None and not keyed and mask.shape[2] > 1  # query x key over the true sequences
     if keyed and ulysses > 1:  # this Ulysses group's keys, like k after the exchange
         mask = _gather_keys(mask, group, ulysses)
     if mask is not None and mask.shape[1] > 1:
         local = q.shape[2] // ulysses
         mask = mask[:, u_rank * local : (u_rank + 1) * local]
-    q_heads, k_heads, v_heads = _SeqToHeads.apply(group, q, k, v) if ulysses > 1 else (q, k, v)
+    q_heads, k_heads, v_heads = _AllToAll.apply(group, HEADS, SEQ, q, k, v) if ulysses > 1 else (q, k, v)
     mine = range(r_rank * ulysses, (r_rank + 1) * ulysses)  # the SP ranks whose tokens this rank now holds
-    q_index = _real_tokens(q_layout, q.device, mine)
-    if ring > 1:
-        out = _ring(q_heads, k_heads, v_heads, ring_group, q_layout, kv_layout, mine, mask, keyed, scale)
+    q_chunk = _chunk(q_layout, q.device, mine, whole)
+    if (
+        ring > 1
+    ):  # ring attention over the Ulysses groups' chunks: chunk i holds SP ranks i * U ... (i + 1) * U - 1
+        kv_chunks = [
+            _chunk(kv_layout, q.device, range(i * ulysses, (i + 1) * ulysses), whole) for i in range(ring)
+        ]
+        out = ring_attention_chunks(
+            q_heads, k_heads, v_heads, group=ring_group, q_chunk=q_chunk, kv_chunks=kv_chunks,
+            key_mask=mask if keyed else None, whole_mask=mask.index_select(2, q_chunk.positions) if whole else None,
+            scale=scale,
+        )  # fmt: skip
     else:
-        kv_index = q_index if kv_layout == q_layout else _real_tokens(kv_layout, q.device, mine)
+        kv_chunk = q_chunk if kv_layout == q_layout else _chunk(kv_layout, q.device, mine, whole)
         if keyed:
-            mask = _drop_pad(mask, kv_index, dim=3)
-        elif mask is not None and mask.shape[2] > 1 and (q_index is not None or kv_index is not None):
-            rows, cols = _positions(q_layout, q.device, mine), _positions(kv_layout, q.device, mine)
-            mask = mask.index_select(2, rows).index_select(3, cols)
+            mask = _take(mask, kv_chunk.real, 3)
+        elif whole and (q_chunk.real is not None or kv_chunk.real is not None):
+            mask = mask.index_select(2, q_chunk.positions).index_select(3, kv_chunk.positions)
         out = kernel(
-            _drop_pad(q_heads, q_index),
-            _drop_pad(k_heads, kv_index),
-            _drop_pad(v_heads, kv_index),
+            _take(q_heads, q_chunk.real, 1),
+            _take(k_heads, kv_chunk.real, 1),
+            _take(v_heads, kv_chunk.real, 1),
             causal=causal,
             scale=scale,
             attn_mask=mask,
             dropout_p=dropout_p,
         )
         out = _checked_output(out, (q.shape[0], _true_len(q_layout), q.shape[2] // ulysses, v.shape[3]))
-        out = _restore_pad(out, q_index, q_heads.shape[1])
+        out = _put(out, q_chunk.real, q_heads.shape[1], 1)
     if ulysses > 1:
-        (out,) = _HeadsToSeq.apply(group, out)
+        (out,) = _AllToAll.apply(group, SEQ, HEADS, out)
     return out
-
-
-def _ring(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    ring_group: dist.ProcessGroup,
-    q_layout: Layout,
-    kv_layout: Layout,
-    mine: range,
-    mask: Tensor | None,
-    keyed: bool,
-    scale: float | None,
-) -> Tensor:
-    """Ring attention over the Ulysses groups' chunks: chunk i holds SP ranks ``i * U ... (i + 1) * U - 1``."""
-    ulysses, ring = len(mine), dist.get_world_size(ring_group)
-    whole = mask is not None and not keyed and mask.shape[2] > 1
-
-    def chunk(layout: Layout, i: int) -> Chunk:
-        ranks = range(i * ulysses, (i + 1) * ulysses)
-        real = _real_tokens(layout, q.device, ranks)
-        count = ulysses * sum(info.local_len for info in layout) if real is None else real.numel()
-        return Chunk(real, _positions(layout, q.device, ranks) if whole else None, count)
-
-    q_chunk = chunk(q_layout, mine.start // ulysses)
-    kv_chunks = [chunk(kv_layout, i) for i in range(ring)]
-    rows = mask.index_select(2, q_chunk.positions) if whole else None
-    return ring_attention_chunks(
-        q, k, v, group=ring_group, q_chunk=q_chunk, kv_chunks=kv_chunks,
-        key_mask=mask if keyed else None, whole_mask=rows, scale=scale,
-    )  # fmt: skip
 
 
 def _true_len(layout: Layout) -> int:
@@ -615,15 +565,10 @@ def _true_len(layout: Layout) -> int:
 
 
 def _checked_output(out: Tensor, expected: tuple[int, ...]) -> Tensor:
-    if tuple(out.shape) != expected:
-        raise ValueError(
-            f"ulysses_attention: attn_fn returned shape {tuple(out.shape)}, expected {expected} "
-            "(batch, seq, heads, head_dim)"
-        )
+    raise_if(
+        tuple(out.shape) != expected,
+        ValueError,
+        f"ulysses_attention: attn_fn returned shape {tuple(out.shape)}, expected {expected} "
+        "(batch, seq, heads, head_dim)",
+    )
     return out
-
-
-def raise_if(bad: bool, error: type[Exception], message: str) -> None:
-    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective)."""
-    if bad:
-        raise error(message)
