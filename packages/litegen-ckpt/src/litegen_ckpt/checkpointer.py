@@ -43,8 +43,9 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
@@ -52,21 +53,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from .statefuls import Adapter, ModelState, OptimizerState, RNGState, StatefulState, ZeroOptimizerState
+from .statefuls import Adapter, RNGState, adapters
 from .storage import (
     SHARD_FILE,
     CheckpointError,
     DigestingWriter,
     agree,
-    disk_full,
+    named_failures,
+    naming_a_full_disk,
+    on_rank_0,
     raise_if,
-    raise_named_failure,
+    rank_and_size,
     read_checkpoint,
     read_metadata,
     single_process_quiet,
@@ -160,8 +161,7 @@ class Checkpointer:
         self._run: str | None = None  # the run this Checkpointer saves for (set by a load or the first save)
         self._loaded: int | None = None  # the step it loaded: never rotated away
         self._group = process_group
-        self._rank = dist.get_rank(process_group) if self._distributed else 0
-        self._world_size = dist.get_world_size(process_group) if self._distributed else 1
+        self._rank, self._world_size = rank_and_size(process_group)
         self._pending: Future[None] | None = None
         self._async_group: dist.ProcessGroup | None = None
         if async_save:
@@ -175,25 +175,12 @@ class Checkpointer:
     def save(self, step: int, **statefuls: Any) -> None:
         """Write ``root/step_<step>/`` from the live objects, then point ``latest`` at it."""
         raise_if(not _is_step(step), ValueError, f"step={step!r}; expected an int >= 0")
-        adapters = _adapters(statefuls, self._rank)
-        self._finish_pending()  # the barrier below also orders it before this save
-        self._claim()
-        work_dir = self.root / f"step_{step}.{self._run}.tmp"
-        problem = None
-        if self._rank == 0:
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-                for stale in [
-                    *self.root.glob(f"step_*.{self._run}.tmp"),
-                    *self.root.glob("step_*.removing-*.tmp"),
-                ]:
-                    shutil.rmtree(stale, ignore_errors=True)  # left by a crashed save of this run
-            except OSError as error:
-                problem = error
-        agree(problem, self._group)
-        state = {name: adapter.state_dict() for name, adapter in adapters.items()}
+        state_of = adapters(statefuls, self._rank)
+        self._finish_pending()  # the collective below also orders it before this save
+        self._run = on_rank_0(self._prepare_root, self._group)
+        state = {name: adapter.state_dict() for name, adapter in state_of.items()}
         start = time.perf_counter()
-        writer = DigestingWriter(work_dir)
+        writer = DigestingWriter(self.root / f"step_{step}.{self._run}.tmp")
         if self.async_save:
             upload = dcp.async_save(
                 state,
@@ -202,21 +189,18 @@ class Checkpointer:
                 async_stager=self._stager,
                 no_dist=not self._distributed,
             )
-            self._pending = self._executor.submit(self._finish, upload, step, writer, sorted(state))
+            self._pending = self._executor.submit(
+                self._complete, upload.result, step, writer, sorted(state), self._async_group
+            )
             self._log(
                 f"step {step}: state staged in {time.perf_counter() - start:.2f} s, writing in the background"
             )
             return
-        try:
-            with single_process_quiet():
-                dcp.save(
-                    state, storage_writer=writer, process_group=self._group, no_dist=not self._distributed
-                )
-        except dcp.CheckpointException as error:
-            raise_named_failure(error)
-            raise
-        checksums = self._write_digests(writer, self._group)
-        self._publish_everywhere(step, work_dir, sorted(state), checksums, self._group)
+        write = partial(
+            dcp.save, state, storage_writer=writer, process_group=self._group, no_dist=not self._distributed
+        )
+        with single_process_quiet():
+            self._complete(write, step, writer, sorted(state), self._group)
         self._log(
             f"step {step}: saved to {self.root / f'step_{step}'} in {time.perf_counter() - start:.2f} s"
         )
@@ -240,73 +224,59 @@ class Checkpointer:
             ValueError,
             f'fall_back={fall_back!r} with step={step!r}; allowed: False, or True with "latest"',
         )
-        adapters = _adapters(statefuls, self._rank)
+        state_of = adapters(statefuls, self._rank)
         self.wait()
-        choice: tuple[list[str], list[str]] | BaseException | None = None
-        if self._rank == 0:  # one view of the root for every rank, whatever each node's file system shows
+        # one view of the root for every rank, whatever each node's file system shows
+        names, problems = on_rank_0(partial(self._candidates, step, fall_back), self._group)
+        for name in names:
             try:
-                if fall_back:
-                    found, problems = self._candidates()
-                else:
-                    directory = self._directory(step)
-                    found, problems = ([] if directory is None else [directory]), []
-                choice = ([d.name for d in found], problems)
-            except (FileNotFoundError, CheckpointError) as error:
-                choice = error
-        choice = self._broadcast(choice)
-        if isinstance(choice, BaseException):
-            raise type(choice)(str(choice))
-        candidates, problems = [self.root / name for name in choice[0]], choice[1]
-        for directory in candidates:
-            try:
-                info = verify_checkpoint(directory, self._group)
-                self._load_from(directory, info, adapters)
+                return self._load_from(self.root / name, state_of, problems)
             except (CheckpointError, FileNotFoundError) as error:
                 if not fall_back:
                     raise
                 problems.append(str(error))
-                continue
-            if problems:
-                self._log(
-                    f"loaded {directory} instead of newer checkpoints that do not verify: "
-                    + "; ".join(problems),
-                    logging.WARNING,
-                )
-            else:
-                self._log(f"step {info['step']}: loaded from {directory}")
-            self._run, self._loaded = _run_of(info), info["step"]
-            return info["step"]
         if problems:
             raise CheckpointError(f"no checkpoint under {self.root} verifies: " + "; ".join(problems))
         return None
 
-    def _load_from(self, directory: Path, info: dict[str, Any], adapters: dict[str, Adapter]) -> None:
-        """Read a checkpoint whose files were checked into the live objects; raise if an item does not verify."""
+    def _load_from(self, directory: Path, state_of: dict[str, Adapter], skipped: list[str]) -> int:
+        """Verify a checkpoint and read it into the live objects; return its step. ``skipped``: what was wrong with
+        the newer ones (``fall_back``), for the warning."""
+        info = verify_checkpoint(directory, self._group)
         if info["world_size"] != self._world_size:
-            rng = [name for name, adapter in adapters.items() if isinstance(adapter, RNGState)]
+            rng = [name for name, adapter in state_of.items() if isinstance(adapter, RNGState)]
             for name in rng:
                 self._log(
                     f"{name}: not restored, saved by {info['world_size']} ranks, loading on {self._world_size}",
                     logging.WARNING,
                 )
-            adapters = {name: adapter for name, adapter in adapters.items() if name not in rng}
+            state_of = {name: adapter for name, adapter in state_of.items() if name not in rng}
         saved = read_metadata(directory)
-        state = {name: adapter.template(saved, name) for name, adapter in adapters.items()}
+        state = {name: adapter.template(saved, name) for name, adapter in state_of.items()}
         _check_compatible(state, saved, directory)
         read_checkpoint(
             state, directory, metadata=saved, process_group=self._group, no_dist=not self._distributed
         )
-        for name, adapter in adapters.items():
+        for name, adapter in state_of.items():
             adapter.load(state[name])
+        if skipped:
+            self._log(
+                f"loaded {directory} instead of newer checkpoints that do not verify: " + "; ".join(skipped),
+                logging.WARNING,
+            )
+        else:
+            self._log(f"step {info['step']}: loaded from {directory}")
+        self._run, self._loaded = _run_of(info), info["step"]
+        return info["step"]
 
     def wait(self) -> None:
         """Block until a background save is written and published, on every rank."""
-        if self._finish_pending():
-            self._barrier(self._async_group)
+        if self._finish_pending() and self._distributed:
+            dist.barrier(group=self._async_group)
 
     def steps(self) -> list[int]:
         """The steps of the complete checkpoints under ``root``, ascending."""
-        return sorted(_step_of(d) for d in _complete_dirs(self.root))
+        return [_step_of(d) for d in _complete_dirs(self.root)]
 
     def close(self) -> None:
         """Finish a background save and free the async resources (the CPU copy, the thread, the group)."""
@@ -318,68 +288,56 @@ class Checkpointer:
                 dist.destroy_process_group(self._async_group)
                 self._async_group = None
 
-    def _candidates(self) -> tuple[list[Path], list[str]]:
-        """The checkpoint ``latest`` names, then the other complete ones of its run, highest step first; and
-        what is wrong so far. Without a readable ``latest``: every complete checkpoint, highest step first."""
+    def _candidates(self, step: int | str, fall_back: bool) -> tuple[list[str], list[str]]:
+        """Rank 0: the checkpoints to try, in order, and what is wrong so far.
+
+        ``step``: that one. ``"latest"``: the one ``latest`` names (none in an empty root); with ``fall_back``,
+        then the other complete ones of its run, highest step first (without a readable ``latest``: every
+        complete checkpoint, highest step first).
+        """
+        if step != "latest":
+            directory = self.root / f"step_{step}"
+            if not (directory / INFO_FILE).is_file():
+                raise FileNotFoundError(
+                    f"step={step}: no complete checkpoint {directory}; complete steps: {self.steps()}"
+                )
+            return [directory.name], []
         problems: list[str] = []
         try:
             candidates = [d for d in [latest_directory(self.root)] if d is not None]
         except FileNotFoundError as error:
+            if not fall_back:
+                raise
             candidates, problems = [], [str(error)]
-        if not candidates and not problems and _complete_dirs(self.root):
-            problems.append(f"{self.root / LATEST_FILE} is missing")
+        if not fall_back:
+            return [d.name for d in candidates], []
         latest_info = _info_or_none(candidates[0]) if candidates else None
         run = None if latest_info is None else _run_of(latest_info)  # unknown: every run's steps
-        others = (d for d in _complete_dirs(self.root) if d not in candidates)
-        candidates += sorted(
-            (d for d in others if run is None or _run_of(_info_or_none(d)) == run), key=_step_of, reverse=True
-        )
-        return candidates, problems
+        others = [d for d in reversed(_complete_dirs(self.root, run)) if d not in candidates]
+        if others and not candidates and not problems:
+            problems.append(f"{self.root / LATEST_FILE} is missing")
+        return [d.name for d in candidates + others], problems
 
-    def _claim(self) -> None:
-        """Before the first save of a Checkpointer that loaded nothing: a new run id, in a root no other run uses."""
-        if self._run is not None:
-            return
-        decision: tuple[str, str] | None = None
-        if self._rank == 0:
-            complete = sorted(_complete_dirs(self.root), key=_step_of)
-            unfinished = (
-                sorted(d.name for d in self.root.glob("step_*.tmp") if ".removing-" not in d.name)
-                if self.root.is_dir()
-                else []
-            )
+    def _prepare_root(self) -> str:
+        """Rank 0, before a save: create the root, clear the run's crashed saves and removals left behind; return
+        the run's id. The first save of a Checkpointer that loaded nothing starts a new run, in a root no other run
+        uses."""
+        run = self._run
+        if run is None:
+            complete = _complete_dirs(self.root)
+            unfinished = sorted(d.name for d in self.root.glob("step_*.tmp") if ".removing-" not in d.name)
             if complete or unfinished:
-                runs = sorted({_run_of(_info_or_none(d)) for d in complete})
-                decision = (
-                    "error",
+                raise ValueError(
                     f"root={str(self.root)!r} holds another run's checkpoints (steps {[_step_of(d) for d in complete]}, "
-                    f"runs {runs}) or unfinished saves {unfinished}; load one first to continue that run (the facade: "
-                    "auto_resume or resume_from), or give this run a root of its own",
+                    f"runs {sorted({_run_of(_info_or_none(d)) for d in complete})}) or unfinished saves {unfinished}; "
+                    "load one first to continue that run (the facade: auto_resume or resume_from), or give this run "
+                    "a root of its own",
                 )
-            else:
-                decision = ("run", uuid.uuid4().hex[:12])
-        kind, value = self._broadcast(decision)
-        if kind == "error":
-            raise ValueError(value)
-        self._run = value
-
-    def _broadcast(self, value: Any) -> Any:
-        """Rank 0's ``value`` on every rank of the group."""
-        if not self._distributed or self._world_size == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, group_src=0, group=self._group)
-        return box[0]
-
-    def _directory(self, step: int | str) -> Path | None:
-        if step == "latest":
-            return latest_directory(self.root)
-        directory = self.root / f"step_{step}"
-        if not (directory / INFO_FILE).is_file():
-            raise FileNotFoundError(
-                f"step={step}: no complete checkpoint {directory}; complete steps: {self.steps()}"
-            )
-        return directory
+            run = uuid.uuid4().hex[:12]
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in [*self.root.glob(f"step_*.{run}.tmp"), *self.root.glob("step_*.removing-*.tmp")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        return run
 
     def _finish_pending(self) -> bool:
         """Wait for this rank's background save (rank 0 publishes it); return whether there was one."""
@@ -388,92 +346,70 @@ class Checkpointer:
             pending.result()
         return pending is not None
 
-    def _finish(self, upload: Future, step: int, writer: DigestingWriter, names: list[str]) -> None:
-        try:
-            upload.result()
-        except dcp.CheckpointException as error:
-            raise_named_failure(error)
-            raise
-        checksums = self._write_digests(writer, self._async_group)
-        self._publish_everywhere(step, Path(writer.path), names, checksums, self._async_group)
-
-    def _publish_everywhere(
+    def _complete(
         self,
+        write: Callable[[], Any],
         step: int,
-        work_dir: Path,
+        writer: DigestingWriter,
         names: list[str],
-        checksums: dict[str, str],
         group: dist.ProcessGroup | None,
     ) -> None:
-        """Rank 0 publishes; a failure there (a full disk) is raised on every rank."""
-        problem = None
-        if self._rank == 0:
-            try:
-                self._publish(step, work_dir, names, checksums)
-            except OSError as error:
-                problem = disk_full(error, work_dir) or error
-        agree(problem, group)
-
-    def _write_digests(self, writer: DigestingWriter, group: dist.ProcessGroup | None) -> dict[str, str]:
-        """Each rank writes the checksums of the items it wrote; return ``{digest file: CRC-32}`` of all ranks."""
-        name = crc = problem = None
+        """Finish a save, the same now or in the background: ``write`` (or wait for) every rank's shards, then each
+        rank writes the checksums of its items and rank 0 publishes. A failure on any rank is raised on all."""
+        with named_failures():
+            write()
+        digest_file = problem = None
         try:
-            name, crc = writer.write_digest_file(self._rank)
-        except OSError as error:
-            problem = disk_full(error, Path(writer.path)) or error
-        agree(problem, group)
-        if not self._distributed:
-            return {name: crc}
-        gathered: list[tuple[str, str] | None] = [None] * self._world_size
-        dist.all_gather_object(gathered, (name, crc), group=group)
-        return dict(part for part in gathered if part is not None)
+            digest_file = writer.write_digest_file(self._rank)
+        except Exception as error:  # a full disk, say: every rank learns it in the gather below
+            problem = error
+        checksums = dict(agree(problem, group, digest_file))
+        on_rank_0(partial(self._publish, step, Path(writer.path), names, checksums), group)
 
     def _publish(self, step: int, work_dir: Path, names: list[str], checksums: dict[str, str]) -> None:
         """Rank 0, after every rank wrote its shards: record the files, rename, move ``latest``, rotate."""
-        checksums = {**checksums, METADATA_FILE: _crc32(work_dir / METADATA_FILE)}
-        for name, data in self._files.items():
-            write_durably(work_dir / name, data)
-            checksums[name] = f"{zlib.crc32(data):08x}"
-        files = {p.name: p.stat().st_size for p in sorted(work_dir.iterdir()) if p.is_file()}
-        unchecked = {name for name in files if not SHARD_FILE.fullmatch(name)} ^ set(checksums)
-        if unchecked:
-            raise RuntimeError(f"{work_dir}: no CRC-32 for, or no file of, {sorted(unchecked)}")
-        info = {
-            "format": FORMAT,
-            "step": step,
-            "run": self._run,
-            "world_size": self._world_size,
-            "time": time.time(),
-            "litegen_version": _version(),
-            "torch_version": torch.__version__,
-            "entries": names,
-            "files": files,
-            "crc32": checksums,
-        }
-        write_durably(work_dir / INFO_FILE, json.dumps(info, indent=1).encode())
-        final = self.root / f"step_{step}"
-        mine = [d for d in _complete_dirs(self.root) if _run_of(_info_or_none(d)) == self._run]
-        retired = [_discard(d) for d in mine if _step_of(d) > step]  # a rewind: later steps are abandoned
-        replaced = _discard(final) if final.exists() else None
-        os.replace(work_dir, final)
-        _fsync_directory(self.root)  # the complete directory is on disk before latest names it
-        write_durably(self.root / f"{LATEST_FILE}.tmp", final.name.encode())
-        os.replace(self.root / f"{LATEST_FILE}.tmp", self.root / LATEST_FILE)
-        _fsync_directory(self.root)
-        mine = sorted(
-            (d for d in _complete_dirs(self.root) if _run_of(_info_or_none(d)) == self._run), key=_step_of
-        )
-        old = mine[: -self.keep] if self.keep else []
-        old = [d for d in old if d != final and _step_of(d) != self._loaded]
-        for directory in [replaced, *retired, *(_discard(d) for d in old)]:
-            if directory is not None:  # deleting GBs takes a while: off the training loop's path
-                threading.Thread(
-                    target=shutil.rmtree, args=(directory,), kwargs={"ignore_errors": True}
-                ).start()
-
-    def _barrier(self, group: dist.ProcessGroup | None) -> None:
-        if self._distributed:
-            dist.barrier(group=group)
+        with naming_a_full_disk(work_dir):
+            checksums = {**checksums, METADATA_FILE: _crc32(work_dir / METADATA_FILE)}
+            for name, data in self._files.items():
+                write_durably(work_dir / name, data)
+                checksums[name] = f"{zlib.crc32(data):08x}"
+            files = {p.name: p.stat().st_size for p in sorted(work_dir.iterdir()) if p.is_file()}
+            unchecked = {name for name in files if not SHARD_FILE.fullmatch(name)} ^ set(checksums)
+            if unchecked:
+                raise RuntimeError(f"{work_dir}: no CRC-32 for, or no file of, {sorted(unchecked)}")
+            info = {
+                "format": FORMAT,
+                "step": step,
+                "run": self._run,
+                "world_size": self._world_size,
+                "time": time.time(),
+                "litegen_version": _version(),
+                "torch_version": torch.__version__,
+                "entries": names,
+                "files": files,
+                "crc32": checksums,
+            }
+            write_durably(work_dir / INFO_FILE, json.dumps(info, indent=1).encode())
+            final = self.root / f"step_{step}"
+            # a rewind: the run's later steps are abandoned
+            retired = [_discard(d) for d in _complete_dirs(self.root, self._run) if _step_of(d) > step]
+            replaced = _discard(final) if final.exists() else None
+            os.replace(work_dir, final)
+            _fsync_directory(self.root)  # the complete directory is on disk before latest names it
+            write_durably(self.root / f"{LATEST_FILE}.tmp", final.name.encode())
+            os.replace(self.root / f"{LATEST_FILE}.tmp", self.root / LATEST_FILE)
+            _fsync_directory(self.root)
+            mine = _complete_dirs(self.root, self._run)
+            old = (
+                [d for d in mine[: -self.keep] if d != final and _step_of(d) != self._loaded]
+                if self.keep
+                else []
+            )
+            for directory in [replaced, *retired, *(_discard(d) for d in old)]:
+                if directory is not None:  # deleting GBs takes a while: off the training loop's path
+                    threading.Thread(
+                        target=shutil.rmtree, args=(directory,), kwargs={"ignore_errors": True}
+                    ).start()
 
     def _log(self, message: str, level: int = logging.INFO) -> None:
         if self._rank == 0:
@@ -503,22 +439,14 @@ def verify_checkpoint(directory: Path, group: dist.ProcessGroup | None = None) -
     rank of ``group`` must call it: each reads its share of the files and all raise the same error. Returns the
     parsed ``litegen.json``.
     """
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if distributed else (0, 1)
-    info: dict[str, Any] = {}
-    problem: tuple[str, str] | None = None
+    rank, world = rank_and_size(group)
+    info, problem = {}, None
     try:
         info = _read_info(directory)
-        _check_files(directory, info, rank, world)
+        problem = next(file_problems(directory, info, rank, world), None)
     except (ValueError, FileNotFoundError) as error:
-        problem = (type(error).__name__, str(error))
-    if distributed and world > 1:
-        problems: list[tuple[str, str] | None] = [None] * world
-        dist.all_gather_object(problems, problem, group=group)
-        problem = next((p for p in problems if p is not None), None)
-    if problem is not None:
-        kind, message = problem
-        raise (FileNotFoundError if kind == "FileNotFoundError" else CheckpointError)(message)
+        problem = error if isinstance(error, FileNotFoundError) else CheckpointError(str(error))
+    agree(problem, group)
     return info
 
 
@@ -572,24 +500,26 @@ def _attachable(files: Mapping[str, bytes] | None) -> dict[str, bytes]:
     return dict(files)
 
 
-def _check_files(directory: Path, info: dict[str, Any], rank: int, world: int) -> None:
-    """Sizes of every listed file; CRC-32 (recorded for all but the shards) of this rank's share of them."""
+def file_problems(
+    directory: Path, info: dict[str, Any], rank: int = 0, world: int = 1
+) -> Iterator[CheckpointError | FileNotFoundError]:
+    """Each file ``info`` lists that is missing or of another size than recorded, and each of this rank's share of
+    them (every ``world``-th, from ``rank``) whose CRC-32 (recorded for all but the shards) differs."""
     checksums = info.get("crc32", {})
     for index, (name, size) in enumerate(sorted(info["files"].items())):
         path = directory / name
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint file {path} is missing (listed in {INFO_FILE})")
-        if path.stat().st_size != size:
-            raise CheckpointError(
+            yield FileNotFoundError(f"checkpoint file {path} is missing (listed in {INFO_FILE})")
+        elif path.stat().st_size != size:
+            yield CheckpointError(
                 f"checkpoint file {path} has {path.stat().st_size} bytes but {INFO_FILE} records {size}: "
                 "it was truncated or modified"
             )
-        raise_if(
-            index % world == rank and name in checksums and _crc32(path) != checksums[name],
-            CheckpointError,
-            f"checkpoint file {path} does not match the CRC-32 {INFO_FILE} records: it was modified, "
-            "or comes from another checkpoint",
-        )
+        elif index % world == rank and name in checksums and _crc32(path) != checksums[name]:
+            yield CheckpointError(
+                f"checkpoint file {path} does not match the CRC-32 {INFO_FILE} records: it was modified, "
+                "or comes from another checkpoint"
+            )
 
 
 def _crc32(path: Path) -> str:
@@ -598,38 +528,6 @@ def _crc32(path: Path) -> str:
         while chunk := f.read(1 << 24):
             crc = zlib.crc32(chunk, crc)
     return f"{crc:08x}"
-
-
-def _adapters(statefuls: dict[str, Any], rank: int) -> dict[str, Adapter]:
-    """Classify the keyword statefuls; raise on anything that cannot be checkpointed."""
-    raise_if(
-        not statefuls, ValueError, "no statefuls given; pass e.g. model=model, optimizer=optimizer, rng=True"
-    )
-    models = [name for name, obj in statefuls.items() if isinstance(obj, nn.Module)]
-    adapters: dict[str, Adapter] = {}
-    for name, obj in statefuls.items():
-        if isinstance(obj, torch.optim.Optimizer):
-            if len(models) != 1:
-                raise TypeError(
-                    f"{name}= is an optimizer: pass exactly one nn.Module in the same call (the model it "
-                    f"optimizes), got {len(models)}: {models}"
-                )
-            model = statefuls[models[0]]
-            zero = isinstance(obj, ZeroRedundancyOptimizer)
-            adapters[name] = ZeroOptimizerState(model, obj) if zero else OptimizerState(model, obj)
-        elif isinstance(obj, nn.Module):
-            adapters[name] = ModelState(obj)
-        elif name == "rng" and isinstance(obj, bool):
-            if obj:
-                adapters[name] = RNGState(rank)
-        elif callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None)):
-            adapters[name] = StatefulState(obj)
-        else:
-            raise TypeError(
-                f"{name}={type(obj).__name__}: expected an nn.Module, a torch Optimizer, rng=True/False, "
-                "or an object with state_dict() and load_state_dict()"
-            )
-    return adapters
 
 
 def _is_step(step: Any) -> bool:
@@ -656,10 +554,12 @@ def _check_compatible(state: dict[str, Any], saved: Metadata, directory: Path) -
                 )
 
 
-def _complete_dirs(root: Path) -> list[Path]:
+def _complete_dirs(root: Path, run: str | None = None) -> list[Path]:
+    """The complete checkpoints under ``root`` (of ``run`` only, if given), by step."""
     if not root.is_dir():
         return []
-    return [d for d in root.iterdir() if STEP_DIR.fullmatch(d.name) and (d / INFO_FILE).is_file()]
+    found = [d for d in root.iterdir() if STEP_DIR.fullmatch(d.name) and (d / INFO_FILE).is_file()]
+    return sorted((d for d in found if run is None or _run_of(_info_or_none(d)) == run), key=_step_of)
 
 
 def _info_or_none(directory: Path) -> dict[str, Any] | None:

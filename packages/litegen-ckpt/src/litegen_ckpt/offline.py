@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,14 +20,8 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from .checkpointer import (
-    INFO_FILE,
-    LATEST_FILE,
-    STEP_DIR,
-    _check_files,
-    _read_info,
-    latest_directory,
-)
+from .checkpointer import INFO_FILE, LATEST_FILE, _complete_dirs, _read_info, file_problems, latest_directory
+from .statefuls import _empty_like_saved
 from .storage import CheckpointError, VerifyingReader, raise_if, read_checkpoint, read_metadata
 
 CONFIG_FILE = "config.json"  # the model's config, attached by the trainer (``Checkpointer(files=...)``)
@@ -64,12 +59,14 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     for key, meta in metadata.state_dict_metadata.items():
         entry = entries.setdefault(key.split(".")[0], {"tensors": 0, "elements": 0, "bytes": 0, "dtypes": []})
         if isinstance(meta, TensorStorageMetadata):
-            numel = meta.size.numel()
-            dtype = str(meta.properties.dtype).removeprefix("torch.")
             entry["tensors"] += 1
-            entry["elements"] += numel
-            entry["bytes"] += numel * meta.properties.dtype.itemsize
-            entry["dtypes"] = sorted({*entry["dtypes"], dtype})
+            entry["elements"] += meta.size.numel()
+            entry["bytes"] += _bytes(meta, None)
+            entry["dtypes"] = sorted({*entry["dtypes"], str(meta.properties.dtype).removeprefix("torch.")})
+    # the layout LiteGen's facade saves (dp_size, sp_size, world_size), read as data
+    layout = {
+        key: key.removeprefix("layout.") for key in metadata.state_dict_metadata if key.startswith("layout.")
+    }
     root = directory.parent
     latest = (
         (root / LATEST_FILE).read_text(errors="replace").strip() if (root / LATEST_FILE).is_file() else None
@@ -80,7 +77,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "step": info["step"],
         "time": datetime.datetime.fromtimestamp(info.get("time", 0), datetime.timezone.utc).isoformat(),
         "world_size": info["world_size"],
-        "layout": _layout(directory, metadata),
+        "layout": _read(directory, metadata, layout) if layout else None,
         "format": info.get("format", 1),
         "litegen_version": info.get("litegen_version"),
         "torch_version": info.get("torch_version"),
@@ -92,21 +89,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "bytes_on_disk": sum(info["files"].values()),
         "config": (directory / CONFIG_FILE).is_file(),
         "latest": latest,
-        "checkpoints": sorted(
-            (d.name for d in root.iterdir() if STEP_DIR.fullmatch(d.name) and (d / INFO_FILE).is_file()),
-            key=lambda name: int(name.removeprefix("step_")),
-        ),
+        "checkpoints": [d.name for d in _complete_dirs(root)],
     }
-
-
-def _layout(directory: Path, metadata: Metadata) -> dict[str, int] | None:
-    """The ``layout`` entry LiteGen's facade saves (dp_size, sp_size, world_size), read as data; None if absent."""
-    keys = [key for key in metadata.state_dict_metadata if key.startswith("layout.")]
-    if not keys:
-        return None
-    state: dict[str, Any] = {key: None for key in keys}
-    read_checkpoint(state, directory, metadata=metadata, no_dist=True)
-    return {key.removeprefix("layout."): value for key, value in state.items()}
 
 
 def verify(path: str | os.PathLike) -> list[str]:
@@ -117,12 +101,7 @@ def verify(path: str | os.PathLike) -> list[str]:
         info = _read_info(directory)
     except (CheckpointError, FileNotFoundError) as error:
         return [str(error)]
-    problems = []
-    for name in sorted(info["files"]):
-        try:
-            _check_files(directory, {**info, "files": {name: info["files"][name]}}, 0, 1)
-        except (CheckpointError, FileNotFoundError) as error:
-            problems.append(str(error))
+    problems = [str(problem) for problem in file_problems(directory, info)]
     try:
         problems += VerifyingReader(directory).problems()
     except (CheckpointError, FileNotFoundError) as error:  # an unreadable index: no item can be checked
@@ -182,22 +161,15 @@ def export(
         raise CheckpointError(f"checkpoint {directory} does not verify: " + "; ".join(problems[:5]))
     metadata = read_metadata(directory)
     names = entry_names(metadata, name, directory)
-    config_text = _config_text(directory, config) if not single else None
+    config_text = None if single else _config_text(directory, config)
     size = {key: _bytes(metadata.state_dict_metadata[key], dtype) for key in names}
-    if single:
-        shards = [list(names)]
-    else:
-        shards = list(_shards(list(names), size, max_shard_bytes or 5 * 10**9))
-    stem = "model" if config_text and _is_transformers(config_text) else "diffusion_pytorch_model"
-    if single:
-        files = [out]
-    elif len(shards) == 1:
-        files = [out / f"{stem}.safetensors"]
-    else:
-        files = [out / f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not single:
-        out.mkdir(exist_ok=True)
+    shards = list(_shards(list(names), size, math.inf if single else (max_shard_bytes or 5 * 10**9)))
+    parsed = json.loads(config_text) if config_text else {}  # a transformers config: no diffusers _class_name
+    transformers = "_class_name" not in parsed and ("model_type" in parsed or "architectures" in parsed)
+    stem = "model" if transformers else "diffusion_pytorch_model"
+    files = [out / f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if len(shards) == 1:
+        files = [out if single else out / f"{stem}.safetensors"]
     done, total = 0, sum(size.values())
     for keys, file in zip(shards, files, strict=True):
         tensors = {}
@@ -210,7 +182,7 @@ def export(
     written = list(files)
     if len(shards) > 1:
         index = {
-            "metadata": {"total_size": sum(size.values())},
+            "metadata": {"total_size": total},
             "weight_map": {
                 names[key]: file.name for keys, file in zip(shards, files, strict=True) for key in keys
             },
@@ -265,17 +237,15 @@ def _shards(keys: list[str], size: dict[str, int], limit: int) -> Iterator[list[
 
 
 def _read(
-    directory: Path, metadata: Metadata, names: dict[str, str], dtype: torch.dtype | None
-) -> dict[str, torch.Tensor]:
-    """Read whole tensors (checksums checked) in this process: ``{exported name: tensor}``."""
-    state = {}
-    for key in names:
-        meta = metadata.state_dict_metadata[key]
-        state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    directory: Path, metadata: Metadata, names: dict[str, str], dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """Read saved values whole (checksums checked) in this process: ``{names[stored key]: value}``, floating
+    tensors cast to ``dtype`` if given."""
+    state = {key: _empty_like_saved(metadata.state_dict_metadata[key]) for key in names}
     read_checkpoint(state, directory, metadata=metadata, no_dist=True)
     return {
-        names[key]: t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        for key, t in state.items()
+        names[key]: value.to(dtype) if dtype is not None and value.is_floating_point() else value
+        for key, value in state.items()
     }
 
 
@@ -324,9 +294,3 @@ def _config_text(directory: Path, config: str | os.PathLike | None) -> str | Non
         f"config={str(config)!r} holds a {type(parsed).__name__}; expected a JSON object",
     )
     return text
-
-
-def _is_transformers(config_text: str) -> bool:
-    """A transformers config (``model_type`` / ``architectures``, no diffusers ``_class_name``)."""
-    parsed = json.loads(config_text)
-    return "_class_name" not in parsed and ("model_type" in parsed or "architectures" in parsed)

@@ -9,10 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -23,7 +21,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from .checkpointer import verify_checkpoint
 from .offline import _read, _save, checkpoint_directory, entry_names
-from .storage import agree, disk_full, raise_if, read_metadata
+from .storage import agree, naming_a_full_disk, on_rank_0, raise_if, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -55,31 +53,32 @@ def export_safetensors(source: Any, path: str | os.PathLike, *, name: str = "mod
         ValueError,
         f"path={str(path)!r} is a directory; expected the path of the .safetensors file to write",
     )
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
+    checkpoint = None
     if isinstance(source, nn.Module):
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        tensors = get_model_state_dict(source, options=options)
+        tensors = get_model_state_dict(
+            source, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     elif callable(getattr(source, "full_state_dict", None)):
         tensors = source.full_state_dict()
-    elif isinstance(source, (str, os.PathLike)):
-        directory, metadata, names = _checkpoint_entry(Path(source), name)
-        tensors = {}
+    elif isinstance(source, (str, os.PathLike)):  # every rank verifies it, rank 0 reads it
+        directory = checkpoint_directory(source, "source")
+        verify_checkpoint(directory)
+        metadata = read_metadata(directory)
+        checkpoint = (directory, metadata, entry_names(metadata, name, directory))
     else:
         raise TypeError(
             f"source={type(source).__name__}: expected an nn.Module, an object with full_state_dict(), "
             "or a checkpoint directory path"
         )
-    problem = None
-    if rank == 0:  # rank 0 reads (a checkpoint) and writes; the others learn how it went, not by a timeout
-        try:
-            if isinstance(source, (str, os.PathLike)):
-                tensors = _read(directory, metadata, names, None)
-            _save(tensors, Path(path))
-            logger.info(f"exported {len(tensors)} tensors to {path}")
-        except (OSError, ValueError) as error:
-            problem = (disk_full(error, Path(path)) if isinstance(error, OSError) else None) or error
-    agree(problem)
+
+    def write() -> None:
+        """Rank 0: read the checkpoint (if that is the source) and write the file."""
+        exported = tensors if checkpoint is None else _read(*checkpoint)
+        with naming_a_full_disk(Path(path)):
+            _save(exported, Path(path))
+        logger.info(f"exported {len(exported)} tensors to {path}")
+
+    on_rank_0(write)  # the other ranks learn how it went, not by a timeout
 
 
 _FOLDER_FILES = tuple(
@@ -231,11 +230,3 @@ def _read_owned(f: Any, key: str, target: torch.Tensor) -> None:
         target.to_local().copy_(f.get_tensor(key))
     else:
         target.copy_(f.get_tensor(key))
-
-
-def _checkpoint_entry(source: Path, name: str) -> tuple[Path, Metadata, dict[str, str]]:
-    """The checkpoint ``source`` means, its index and ``{stored key: exported name}``; verified on every rank."""
-    directory = checkpoint_directory(source, "source")
-    verify_checkpoint(directory)
-    metadata = read_metadata(directory)
-    return directory, metadata, entry_names(metadata, name, directory)

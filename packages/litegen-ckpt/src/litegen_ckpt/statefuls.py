@@ -1,6 +1,6 @@
 """What a checkpoint stores for each kind of live object, as DCP state dicts keyed by clean FQNs.
 
-Each adapter has three methods:
+``adapters`` picks one adapter per keyword of a save or load. Each has three methods:
     state_dict()              what to save (DTensor shards where the object is sharded)
     template(saved, prefix)   the tensors DCP loads into, shaped for the live object
     load(state)               puts the loaded ``template`` back into the live object
@@ -13,6 +13,8 @@ or FSDP optimizer and the other way round.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -28,6 +30,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
+from .storage import raise_if
+
 try:
     import numpy
 except ImportError:  # numpy is optional: its RNG is saved only when it is installed
@@ -42,36 +46,53 @@ class Adapter(Protocol):
     def load(self, state: dict[str, Any]) -> None: ...
 
 
-class ModelState:
-    """A model of any degree (plain, DDP, FSDP2, HSDP, checkpoint-wrapped): parameters and buffers."""
+def adapters(statefuls: dict[str, Any], rank: int) -> dict[str, Adapter]:
+    """Classify the keyword statefuls of a save or load; raise on anything that cannot be checkpointed."""
+    raise_if(
+        not statefuls, ValueError, "no statefuls given; pass e.g. model=model, optimizer=optimizer, rng=True"
+    )
+    models = [name for name, obj in statefuls.items() if isinstance(obj, nn.Module)]
+    found: dict[str, Adapter] = {}
+    for name, obj in statefuls.items():
+        if isinstance(obj, torch.optim.Optimizer):
+            if len(models) != 1:
+                raise TypeError(
+                    f"{name}= is an optimizer: pass exactly one nn.Module in the same call (the model it "
+                    f"optimizes), got {len(models)}: {models}"
+                )
+            model = statefuls[models[0]]
+            if isinstance(obj, ZeroRedundancyOptimizer):
+                found[name] = ZeroOptimizerState(model, obj)
+            else:  # torch's FQN-keyed (flattened) optimizer state dict, plain or FSDP2
+                found[name] = InPlaceState(
+                    partial(get_optimizer_state_dict, model, obj, options=FLAT_OPTIMIZER),
+                    partial(set_optimizer_state_dict, model, obj, options=FLAT_OPTIMIZER),
+                )
+        elif isinstance(obj, nn.Module):  # any degree: plain, DDP, FSDP2, HSDP, checkpoint-wrapped
+            found[name] = InPlaceState(partial(get_model_state_dict, obj), partial(set_model_state_dict, obj))
+        elif name == "rng" and isinstance(obj, bool):
+            if obj:
+                found[name] = RNGState(rank)
+        elif callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None)):
+            found[name] = InPlaceState(obj.state_dict, obj.load_state_dict)  # EMA, sampler, LR scheduler, ...
+        else:
+            raise TypeError(
+                f"{name}={type(obj).__name__}: expected an nn.Module, a torch Optimizer, rng=True/False, "
+                "or an object with state_dict() and load_state_dict()"
+            )
+    return found
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
 
-    def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.model)
+class InPlaceState:
+    """An object saved as its ``state_dict()``, which is also the template DCP loads into, and restored by ``load``."""
+
+    def __init__(
+        self, state_dict: Callable[[], dict[str, Any]], load: Callable[[dict[str, Any]], None]
+    ) -> None:
+        self.state_dict, self.load = state_dict, load
 
     def template(self, saved: Metadata, prefix: str) -> dict[str, Any]:
         return self.state_dict()
-
-    def load(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state)
-
-
-class OptimizerState:
-    """A plain or FSDP2 optimizer, through torch's FQN-keyed (flattened) optimizer state dict."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer, options=FLAT_OPTIMIZER)
-
-    def template(self, saved: Metadata, prefix: str) -> dict[str, Any]:
-        return self.state_dict()
-
-    def load(self, state: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state, options=FLAT_OPTIMIZER)
 
 
 class ZeroOptimizerState:
@@ -102,22 +123,14 @@ class ZeroOptimizerState:
 
     def template(self, saved: Metadata, prefix: str) -> dict[str, Any]:
         fqns, owned = parameter_fqns(self.model), self._owned()
-        wanted = {
-            f"{prefix}.state.{fqns[p]}."
-            for g in self.optimizer.param_groups
-            for p in g["params"]
-            if id(p) in owned
+        groups = self.optimizer.param_groups
+        wanted = {f"{prefix}.state.{fqns[p]}" for g in groups for p in g["params"] if id(p) in owned}
+        wanted |= {f"{prefix}.param_groups.{fqns[g['params'][0]]}" for g in groups if g["params"]}
+        return {
+            key[len(prefix) + 1 :]: _empty_like_saved(meta)
+            for key, meta in saved.state_dict_metadata.items()
+            if key.rpartition(".")[0] in wanted
         }
-        wanted |= {
-            f"{prefix}.param_groups.{fqns[g['params'][0]]}."
-            for g in self.optimizer.param_groups
-            if g["params"]
-        }
-        template = {}
-        for key, meta in saved.state_dict_metadata.items():
-            if key.rpartition(".")[0] + "." in wanted:
-                template[key[len(prefix) + 1 :]] = _empty_like_saved(meta)
-        return template
 
     def load(self, state: dict[str, Any]) -> None:
         """Rebuild torch's index-keyed state dict for the owned parameters and let ZeRO load it."""

@@ -31,7 +31,8 @@ import re
 import shutil
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from itertools import groupby
 from pathlib import Path
 from typing import IO, Any
 
@@ -134,22 +135,16 @@ class DigestingWriter(dcp.FileSystemWriter):
                 pickled.add(item.index)
             else:
                 self.records.append(_record(item.index, "digest", tensor_digest(planner.resolve_data(item))))
-        try:
+        # torch.save's zip writer reports a full disk as a RuntimeError
+        with naming_a_full_disk(Path(self.path), (OSError, RuntimeError)):
             written = super().write_data(plan, _Contiguous(planner))
-        except (
-            OSError,
-            RuntimeError,
-        ) as error:  # torch.save's zip writer reports a full disk as RuntimeError
-            raise disk_full(error, Path(self.path)) or error from error
-        per_file: dict[
-            str, list[WriteResult]
-        ] = {}  # torch.save's bytes of a python object vary (an id): read back
-        for result in written.wait():
-            if result.index in pickled:
-                per_file.setdefault(result.storage_data.relative_path, []).append(result)
-        for relative_path, results in per_file.items():
+        # torch.save's bytes of a python object vary (an id): read them back, each file once
+        results = sorted(
+            (r for r in written.wait() if r.index in pickled), key=lambda r: r.storage_data.relative_path
+        )
+        for relative_path, in_file in groupby(results, key=lambda r: r.storage_data.relative_path):
             with open(self.fs.concat_path(self.path, relative_path), "rb") as stream:
-                for result in results:
+                for result in in_file:
                     stream.seek(result.storage_data.offset)
                     crc = zlib.crc32(stream.read(result.storage_data.length))
                     self.records.append(_record(result.index, "crc32", f"{crc:08x}"))
@@ -159,7 +154,8 @@ class DigestingWriter(dcp.FileSystemWriter):
         """Write ``digests_<rank>.json`` (fsync'd) next to the shards; return its name and CRC-32."""
         name = DIGEST_FILE.format(rank=rank)
         data = json.dumps({"items": self.records}).encode()
-        write_durably(Path(self.fs.concat_path(self.path, name)), data)
+        with naming_a_full_disk(Path(self.path)):
+            write_durably(Path(self.fs.concat_path(self.path, name)), data)
         return name, f"{zlib.crc32(data):08x}"
 
 
@@ -279,27 +275,17 @@ class VerifyingReader(dcp.FileSystemReader):
         }
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        per_file: dict[str, list[ReadItem]] = {}
-        for item in plan.items:
-            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
-        for relative_path, items in per_file.items():
+        items = sorted(plan.items, key=lambda item: self._place(item.storage_index))  # sequential reads
+        for relative_path, in_file in groupby(items, key=lambda item: self._place(item.storage_index)[0]):
             path = Path(self.fs.concat_path(self.path, relative_path))
             with self.fs.create_stream(path, "rb") as stream:
-                items.sort(key=lambda i: self.storage_data[i.storage_index].offset)  # sequential reads
-                for item in items:
-                    info = self.storage_data[item.storage_index]
-                    kind, expected = self._expectation(relative_path, item.storage_index, path)
-                    if info.transform_descriptors:
-                        raise CheckpointError(
-                            f"checkpoint file {path}: {item.storage_index.fqn} was written with DCP stream "
-                            f"transforms {list(info.transform_descriptors)}, which LiteGen does not write"
-                        )
+                for item in in_file:
                     if item.type == LoadItemType.BYTE_IO:
-                        data = _read_exactly(stream, info.offset, info.length, path, item.storage_index)
-                        _check(kind, expected, "crc32", f"{zlib.crc32(data):08x}", path, item.storage_index)
-                        planner.load_bytes(item, io.BytesIO(data))
+                        planner.load_bytes(
+                            item, io.BytesIO(self._read_item(stream, path, item.storage_index))
+                        )
                     else:
-                        self._read_tensor(stream, path, item, planner, kind, expected)
+                        self._read_tensor(stream, path, item, planner)
         done: Future[None] = Future()
         done.set_result(None)
         return done
@@ -307,85 +293,104 @@ class VerifyingReader(dcp.FileSystemReader):
     def problems(self) -> Iterator[str]:
         """Check every item of the checkpoint against its recorded checksum, one chunk in memory at a time; yield
         one message per item that fails (naming the file and the tensor) or per file that cannot be read."""
-        metadata = self.read_metadata()
-        self.set_up_storage_reader(metadata, True)
-        per_file: dict[str, list[MetadataIndex]] = {}
-        for index, info in self.storage_data.items():
-            per_file.setdefault(info.relative_path, []).append(index)
-        for relative_path, indices in sorted(per_file.items()):
-            path = Path(self.fs.concat_path(self.path, relative_path))
+        self.set_up_storage_reader(self.read_metadata(), True)
+        ordered = sorted(self.storage_data, key=self._place)
+        for relative_path, in_file in groupby(ordered, key=lambda index: self._place(index)[0]):
+            path, indices = Path(self.fs.concat_path(self.path, relative_path)), list(in_file)
             try:
                 stream = open(path, "rb")  # noqa: SIM115 - closed below, a missing file is one problem
             except OSError as error:
                 yield f"checkpoint file {path} cannot be read ({error}): {len(indices)} items are unchecked"
                 continue
             with stream:
-                for index in sorted(indices, key=lambda i: self.storage_data[i].offset):
+                for index in indices:
                     try:
-                        self._check_item(stream, path, relative_path, index)
+                        self._read_item(stream, path, index)
                     except (CheckpointError, FileNotFoundError) as error:
                         yield str(error)
 
-    def _check_item(self, stream: IO[bytes], path: Path, relative_path: str, index: MetadataIndex) -> None:
-        """Read one saved item and compare its checksum with the recorded one; raise a ``CheckpointError`` if not."""
+    def _place(self, index: MetadataIndex) -> tuple[str, int]:
+        """Where a saved item lies: its file and offset."""
         info = self.storage_data[index]
-        kind, expected = self._expectation(relative_path, index, path)
-        if index not in self._chunks:  # a pickled python value
-            data = _read_exactly(stream, info.offset, info.length, path, index)
-            _check(kind, expected, "crc32", f"{zlib.crc32(data):08x}", path, index)
-        elif (start := self._data_start(stream, path, info, index)) is None:
-            _check(
-                kind, expected, "digest", tensor_digest(self._load(stream, path, info, index)), path, index
-            )
-        else:
-            shape, dtype = self._chunks[index]
-            buffer = torch.empty(shape.numel() * dtype.itemsize, dtype=torch.uint8)
-            _check(kind, expected, "digest", _read_into(stream, start, buffer, path, index), path, index)
+        return info.relative_path, info.offset
 
-    def _read_tensor(
-        self,
-        stream: IO[bytes],
-        path: Path,
-        item: ReadItem,
-        planner: LoadPlanner,
-        kind: str,
-        expected: str,
-    ) -> None:
-        """Read one tensor request (a region of a saved chunk) into its destination, checking the chunk's digest."""
-        index, info = item.storage_index, self.storage_data[item.storage_index]
-        target = planner.resolve_tensor(item).detach()
-        if (start := self._data_start(stream, path, info, index)) is None:
-            chunk = self._load(stream, path, info, index)
-            _check(kind, expected, "digest", tensor_digest(chunk), path, index)
-        else:
-            shape, dtype = self._chunks[index]
-            whole = list(item.storage_offsets) == [0] * len(shape) and list(item.lengths) == list(shape)
-            if whole and target.device.type == "cpu" and target.is_contiguous() and target.dtype == dtype:
-                digest = _read_into(stream, start, _bytes_of(target), path, index)
-                _check(kind, expected, "digest", digest, path, index)
-                planner.commit_tensor(item, target)
-                return
-            buffer = torch.empty(shape.numel() * dtype.itemsize, dtype=torch.uint8)
-            digest = _read_into(stream, start, buffer, path, index)
-            _check(kind, expected, "digest", digest, path, index)
-            chunk = buffer.view(dtype).view(shape)
-        source = narrow_tensor_by_index(chunk, item.storage_offsets, item.lengths)
-        if source.shape != target.shape:
-            raise CheckpointError(
-                f"checkpoint file {path}: {index.fqn} at {list(item.storage_offsets)} has shape "
-                f"{tuple(source.shape)}, the destination {tuple(target.shape)}"
-            )
-        target.copy_(source)
+    def _read_tensor(self, stream: IO[bytes], path: Path, item: ReadItem, planner: LoadPlanner) -> None:
+        """Read one tensor request (a region of a saved chunk) into its destination: straight into it where it is
+        the whole chunk, on CPU, contiguous and of the saved dtype; else the chunk is read whole, then copied."""
+        index, target = item.storage_index, planner.resolve_tensor(item).detach()
+        shape, dtype = self._chunks[index]
+        whole = list(item.storage_offsets) == [0] * len(shape) and list(item.lengths) == list(shape)
+        direct = whole and target.device.type == "cpu" and target.is_contiguous() and target.dtype == dtype
+        chunk = self._read_item(stream, path, index, target if direct else None)
+        if chunk is not target:
+            source = narrow_tensor_by_index(chunk, item.storage_offsets, item.lengths)
+            if source.shape != target.shape:
+                raise CheckpointError(
+                    f"checkpoint file {path}: {index.fqn} at {list(item.storage_offsets)} has shape "
+                    f"{tuple(source.shape)}, the destination {tuple(target.shape)}"
+                )
+            target.copy_(source)
         planner.commit_tensor(item, target)
 
+    def _read_item(
+        self, stream: IO[bytes], path: Path, index: MetadataIndex, into: torch.Tensor | None = None
+    ) -> bytes | torch.Tensor:
+        """Read one saved item and check it against its recorded checksum; raise a ``CheckpointError`` if it differs.
+
+        Returns a python value's bytes, or a tensor chunk ``(chunk shape)``: read into ``into`` where given (CPU,
+        contiguous, the chunk's shape and dtype) and torch can say where the chunk's bytes lie (``_data_start``).
+        """
+        info = self.storage_data[index]
+        if info.transform_descriptors:
+            raise CheckpointError(
+                f"checkpoint file {path}: {index.fqn} was written with DCP stream transforms "
+                f"{list(info.transform_descriptors)}, which LiteGen does not write"
+            )
+        expected = self._expectation(index, path)
+        if index not in self._chunks:  # a pickled python value
+            stream.seek(info.offset)
+            data = stream.read(info.length)
+            raise_if(
+                len(data) != info.length,
+                CheckpointError,
+                f"checkpoint file {path} ends inside {index.fqn}: it was truncated",
+            )
+            actual = ("crc32", f"{zlib.crc32(data):08x}")
+        elif (start := self._data_start(stream, path, info, index)) is None:  # torch.load it, as DCP does
+            try:
+                data = torch.load(self._slice_file(stream, info), map_location="cpu", weights_only=True)
+            except Exception as error:  # torch raises RuntimeError, pickle.UnpicklingError, ValueError, ...
+                raise CheckpointError(
+                    f"checkpoint file {path}: the entry of {index.fqn} at byte {info.offset} is not a tensor torch "
+                    f"can read ({error}); the file is corrupted"
+                ) from error
+            if not isinstance(data, torch.Tensor):
+                raise CheckpointError(
+                    f"checkpoint file {path}: the entry of {index.fqn} at byte {info.offset} holds a "
+                    f"{type(data).__name__}, not a tensor; the file is corrupted"
+                )
+            actual = ("digest", tensor_digest(data))
+        else:
+            shape, dtype = self._chunks[index]
+            data = torch.empty(shape, dtype=dtype) if into is None else into
+            actual = ("digest", _read_into(stream, start, _bytes_of(data), path, index))
+        raise_if(
+            actual != expected,
+            CheckpointError,
+            f"checkpoint file {path} does not match the checksum recorded for {index.fqn} (chunk at "
+            f"{None if index.offset is None else list(index.offset)}): it was modified, or comes from another "
+            "checkpoint",
+        )
+        return data
+
     def _data_start(self, stream: IO[bytes], path: Path, info: Any, index: MetadataIndex) -> int | None:
-        """Where the saved chunk's bytes start in the file: the one storage record of its ``torch.save`` entry.
+        """Where a saved chunk's bytes start in the file: the one storage record of its ``torch.save`` entry.
 
         The chunk was written contiguous (``DigestingWriter``), so those bytes are its values in row-major order,
         as the checkpoint's metadata describes them. None where torch's reader cannot say (older torch): that
         chunk is read with ``torch.load``, as DCP does.
         """
-        if index not in self._chunks or not hasattr(torch._C.PyTorchFileReader, "get_record_size"):
+        if not hasattr(torch._C.PyTorchFileReader, "get_record_size"):
             return None
         shape, dtype = self._chunks[index]
         try:
@@ -404,26 +409,9 @@ class VerifyingReader(dcp.FileSystemReader):
             )
         return info.offset + offset
 
-    def _load(
-        self, stream: IO[bytes], path: Path, info: Any, index: MetadataIndex, map_location: str = "cpu"
-    ) -> torch.Tensor:
-        """``torch.load`` one tensor entry (weights only), naming the file if it is not one."""
-        try:
-            tensor = torch.load(self._slice_file(stream, info), map_location=map_location, weights_only=True)
-        except Exception as error:  # torch raises RuntimeError, pickle.UnpicklingError, ValueError, ...
-            raise CheckpointError(
-                f"checkpoint file {path}: the entry of {index.fqn} at byte {info.offset} is not a tensor torch can "
-                f"read ({error}); the file is corrupted"
-            ) from error
-        if not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(
-                f"checkpoint file {path}: the entry of {index.fqn} at byte {info.offset} holds a "
-                f"{type(tensor).__name__}, not a tensor; the file is corrupted"
-            )
-        return tensor
-
-    def _expectation(self, relative_path: str, index: MetadataIndex, path: Path) -> tuple[str, str]:
-        match = SHARD_FILE.fullmatch(relative_path)
+    def _expectation(self, index: MetadataIndex, path: Path) -> tuple[str, str]:
+        """The recorded ``(kind, checksum)`` of a saved item, from the digest file of the rank that wrote it."""
+        match = SHARD_FILE.fullmatch(self.storage_data[index].relative_path)
         writer = int(match.group(1)) if match else 0
         if writer not in self._expected:
             digest_file = Path(self.fs.concat_path(self.path, DIGEST_FILE.format(rank=writer)))
@@ -455,63 +443,85 @@ def read_checkpoint(
     no_dist: bool = False,
 ) -> None:
     """``dcp.load`` into ``state`` with a ``VerifyingReader``; a rank's ``CheckpointError`` is raised on every rank."""
-    reader = VerifyingReader(directory, metadata)
+    with single_process_quiet(), named_failures():
+        dcp.load(
+            state,
+            storage_reader=VerifyingReader(directory, metadata),
+            planner=SafeLoadPlanner(),
+            process_group=process_group,
+            no_dist=no_dist,
+        )
+
+
+@contextlib.contextmanager
+def named_failures() -> Iterator[None]:
+    """DCP gathers every rank's failure into one exception: raise the lowest rank's named one, the same everywhere."""
     try:
-        with single_process_quiet():
-            dcp.load(
-                state,
-                storage_reader=reader,
-                planner=SafeLoadPlanner(),
-                process_group=process_group,
-                no_dist=no_dist,
-            )
+        yield
     except dcp.CheckpointException as error:
-        raise_named_failure(error)
+        for _, (failure, _) in sorted(error.failures.items()):
+            if isinstance(failure, (CheckpointError, FileNotFoundError)):
+                raise type(failure)(str(failure)) from None
         raise
 
 
-def raise_named_failure(error: dcp.CheckpointException) -> None:
-    """DCP gathers every rank's failure into one exception: raise the lowest rank's named one, the same everywhere."""
-    for _, (failure, _) in sorted(error.failures.items()):
-        if isinstance(failure, (CheckpointError, FileNotFoundError)):
-            raise type(failure)(str(failure)) from None
+@contextlib.contextmanager
+def naming_a_full_disk(path: Path, errors: tuple[type[Exception], ...] = (OSError,)) -> Iterator[None]:
+    """Raise a write error of the block as a ``CheckpointError`` naming ``path`` and the free space if the disk is full.
 
-
-def disk_full(error: BaseException, path: Path) -> CheckpointError | None:
-    """A ``CheckpointError`` naming ``path`` and the free space for a full disk; None for other errors.
-
-    ``ENOSPC``, or any write error with under ``FULL_BYTES`` left on the device (torch's zip writer turns
+    Full: ``ENOSPC``, or any of ``errors`` with under ``FULL_BYTES`` left on the device (torch's zip writer turns
     ``ENOSPC`` into a ``RuntimeError`` about the file position).
     """
-    folder = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
-    free = shutil.disk_usage(folder).free
-    if getattr(error, "errno", None) != errno.ENOSPC and free >= FULL_BYTES:
-        return None
-    return CheckpointError(
-        f"no space left on the device writing {path} ({free} bytes free in {folder}): the save was abandoned and "
-        "the previous checkpoint stays latest; free space or save elsewhere"
-    )
+    try:
+        yield
+    except errors as error:
+        folder = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+        free = shutil.disk_usage(folder).free
+        if getattr(error, "errno", None) != errno.ENOSPC and free >= FULL_BYTES:
+            raise
+        raise CheckpointError(
+            f"no space left on the device writing {path} ({free} bytes free in {folder}): the save was abandoned "
+            "and the previous checkpoint stays latest; free space or save elsewhere"
+        ) from error
 
 
-def agree(problem: BaseException | None, group: Any = None) -> None:
-    """Every rank passes its own problem (or None); every rank raises the lowest rank's, as the same error.
+def rank_and_size(group: Any = None) -> tuple[int, int]:
+    """This process's rank in ``group`` and the group's size; ``(0, 1)`` without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def agree(problem: BaseException | None, group: Any = None, value: Any = None) -> list[Any]:
+    """Every rank passes its own problem (or None) and a value; every rank raises the lowest rank's problem, as the
+    same error, or returns every rank's value, in rank order.
 
     One ``all_gather_object`` over ``group``: it replaces the barrier after a step one rank may fail alone,
     so the others learn why instead of waiting for the collective timeout.
     """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        problems: list[tuple[str, str] | None] = [None] * dist.get_world_size(group)
-        mine = None if problem is None else (type(problem).__name__, str(problem))
-        dist.all_gather_object(problems, mine, group=group)
-        first = next((p for p in problems if p is not None), None)
-    else:
-        first = None if problem is None else (type(problem).__name__, str(problem))
+    mine = (value, None if problem is None else (type(problem).__name__, str(problem)))
+    outcomes = [mine] * rank_and_size(group)[1]
+    if len(outcomes) > 1:
+        dist.all_gather_object(outcomes, mine, group=group)
+    first = next((described for _, described in outcomes if described is not None), None)
     if first is not None:  # the same class where it is ours or a builtin one (FileNotFoundError, ...)
         name, message = first
         kind = CheckpointError if name == "CheckpointError" else getattr(builtins, name, None)
         if isinstance(kind, type) and issubclass(kind, Exception):
-            raise kind(message)
-        raise RuntimeError(f"{name}: {message}")
+            raise kind(message) from problem
+        raise RuntimeError(f"{name}: {message}") from problem
+    return [value for value, _ in outcomes]
+
+
+def on_rank_0(work: Callable[[], Any], group: Any = None) -> Any:
+    """Rank 0 of ``group`` runs ``work``; every rank returns its result, or raises its error (see ``agree``)."""
+    result = problem = None
+    if rank_and_size(group)[0] == 0:
+        try:
+            result = work()
+        except Exception as error:  # any: the other ranks learn it now, not from a collective timeout
+            problem = error
+    return agree(problem, group, result)[0]
 
 
 @contextlib.contextmanager
@@ -534,26 +544,9 @@ def _record(index: MetadataIndex, kind: str, value: str) -> list[Any]:
     return [index.fqn, None if index.offset is None else list(index.offset), kind, value]
 
 
-def _check(kind: str, expected: str, actual_kind: str, actual: str, path: Path, index: MetadataIndex) -> None:
-    if kind != actual_kind or expected != actual:
-        raise CheckpointError(
-            f"checkpoint file {path} does not match the checksum recorded for {index.fqn} "
-            f"(chunk at {None if index.offset is None else list(index.offset)}): it was modified, or comes from "
-            "another checkpoint"
-        )
-
-
 def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor's bytes as a 1-D uint8 view ``(nbytes,)``."""
     return tensor.reshape(-1).view(torch.uint8)
-
-
-def _read_exactly(stream: IO[bytes], offset: int, length: int, path: Path, index: MetadataIndex) -> bytes:
-    stream.seek(offset)
-    data = stream.read(length)
-    if len(data) != length:
-        raise CheckpointError(f"checkpoint file {path} ends inside {index.fqn}: it was truncated")
-    return data
 
 
 def _read_into(stream: IO[bytes], offset: int, dest: torch.Tensor, path: Path, index: MetadataIndex) -> str:
