@@ -327,13 +327,24 @@ def raise_if(bad: bool, error: type[Exception], message: str) -> None:
         raise error(message)
 
 
+def _coerce_fields(obj: Any, prefix: str = "") -> None:
+    """Type-check (``_coerce``) every field of a config dataclass in place, the nested sections too."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, hint):
+                raise TypeError(
+                    f"config: {prefix + f.name!r} must be a {hint.__name__} or a mapping, got {value!r}"
+                )
+            _coerce_fields(value, f"{prefix}{f.name}.")
+        else:
+            setattr(obj, f.name, _coerce(prefix + f.name, value, hint))
+
+
 def _validate(c: LiteGenConfig) -> None:
     """Range and consistency checks that do not need the world size (see ``check_world``)."""
-    for f in fields(c):  # direct construction, e.g. LiteGenConfig(zero_degree="3"), is type-checked too
-        if not dataclasses.is_dataclass(getattr(c, f.name)):
-            setattr(
-                c, f.name, _coerce(f.name, getattr(c, f.name), typing.get_type_hints(LiteGenConfig)[f.name])
-            )
+    _coerce_fields(c)  # direct construction, e.g. LiteGenConfig(zero_degree="3"), is type-checked too
     _check(
         c.zero_degree in (0, 1, 2, 3),
         "zero_degree",
@@ -450,16 +461,6 @@ def _validate(c: LiteGenConfig) -> None:
         c.log_level,
         "DEBUG, INFO, WARNING or ERROR",
     )
-    for key, value in [("encoder", c.encoder), ("ema", c.ema), ("vae", c.vae)]:
-        expected = typing.get_type_hints(LiteGenConfig)[key]
-        if not isinstance(value, expected):
-            raise TypeError(f"config: {key!r} must be a {expected.__name__} or a mapping, got {value!r}")
-        for f in fields(value):
-            setattr(
-                value,
-                f.name,
-                _coerce(f"{key}.{f.name}", getattr(value, f.name), typing.get_type_hints(expected)[f.name]),
-            )
     _check(
         c.tp_size == 1 or not (c.encoder.tp and c.encoder.fsdp and c.encoder.group),
         "encoder.group",

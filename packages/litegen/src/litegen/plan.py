@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -185,7 +186,7 @@ def plans(
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     node = gpus_per_node or world_size
-    with _environ(LOCAL_WORLD_SIZE=str(node), WORLD_SIZE=str(world_size), RANK=str(rank)):
+    with mock.patch.dict(os.environ, LOCAL_WORLD_SIZE=str(node), WORLD_SIZE=str(world_size), RANK=str(rank)):
         dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
         try:
             for config in configs:
@@ -331,20 +332,6 @@ def _first_tensor(out: Any) -> torch.Tensor:
 
 def _local_bytes(tensor: torch.Tensor) -> int:
     return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).nbytes
-
-
-@contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    old = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def candidates(base: dict[str, Any], world_size: int, gpus_per_node: int) -> list[dict[str, Any]]:
