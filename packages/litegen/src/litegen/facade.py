@@ -364,10 +364,12 @@ class LiteGen:
                 module, mesh=rt.zero_mesh if split else rt.frozen_mesh, dtype=dtype
             )
         module.eval()
-        if self.is_main:
-            done = [f"tensor parallel over {c.tp_size} ranks"] if split else []
-            done.append("sharded" if c.encoder.fsdp else f"on {self.device}")
-            logger.info("initialize: frozen %s -> %s, eval mode", type(module).__name__, ", ".join(done))
+        where = "sharded" if c.encoder.fsdp else f"on {self.device}"
+        self._log(
+            f"initialize: frozen {type(module).__name__} -> "
+            + (f"tensor parallel over {c.tp_size} ranks, " if split else "")
+            + f"{where}, eval mode"
+        )
         return module
 
     def _prepare_dataset(self, dataset: Dataset) -> ResumableLoader:
