@@ -40,9 +40,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .ring import usp_split
-from .ulysses import SequenceInfo, gather_sequence, raise_if, split_sequence, ulysses_attention
+from .ulysses import (
+    SequenceInfo,
+    _group_size_and_rank,
+    gather_sequence,
+    raise_if,
+    split_sequence,
+    ulysses_attention,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -127,17 +135,22 @@ class _Forward:
     batch: int
     joined: dict[int, tuple[str, ...] | None] = field(default_factory=dict)
 
-    def local(self, length: int) -> SequenceInfo | None:
-        return next((i for i in self.streams.values() if i.local_len == length), None)
+    def keys(self, length: int) -> tuple[str, ...] | None:
+        """The streams ``length`` local tokens are made of: one stream, or streams joined in this order (None:
+        neither, or joined in two orders)."""
+        key = next((k for k, i in self.streams.items() if i.local_len == length), None)
+        return (key,) if key is not None else self.joined.get(length)
 
-    def joint_lengths(self) -> dict[int, tuple[str, str]]:
-        """Full length of each pair of streams with different lengths -> the pair."""
+    def lengths(self) -> dict[int, tuple[str, ...]]:
+        """Full length of each stream, and of each two streams together (unless equally long but split
+        differently) -> those streams; a stream wins over a pair, the first stream over a later one."""
         items = list(self.streams.items())
-        return {
+        pairs = {
             a.seq_len + b.seq_len: (ka, kb)
             for (ka, a), (kb, b) in itertools.combinations(items, 2)
             if a.seq_len != b.seq_len or a.local_len == b.local_len
         }
+        return {**pairs, **{i.seq_len: (k,) for k, i in reversed(items)}}
 
     def describe(self) -> str:
         parts = [f"{k}: {i.local_len} per rank (of {i.seq_len})" for k, i in self.streams.items()]
@@ -146,23 +159,20 @@ class _Forward:
 
     def watch_cat(
         self, tensors: Sequence[Tensor], dim: int = 0, axis: int | None = None, **_: Any
-    ) -> str | None:
+    ) -> tuple[str, ...] | None:
         """Record a ``torch.cat`` of local streams (or of their concatenations); returns their order."""
         dim = dim if axis is None else axis
         if not isinstance(tensors, (tuple, list)) or len(tensors) < 2:
             return None
-        parts = []
-        for t in tensors:
-            if not isinstance(t, Tensor) or not -t.dim() <= dim < t.dim():
-                return None
-            n = t.shape[dim]
-            key = next((k for k, i in self.streams.items() if i.local_len == n), None)
-            if key is None and not self.joined.get(n):
-                return None
-            parts.append((key,) if key is not None else self.joined[n])
-        streams = tuple(k for p in parts for k in p)
+        parts = [
+            self.keys(t.shape[dim]) if isinstance(t, Tensor) and -t.dim() <= dim < t.dim() else None
+            for t in tensors
+        ]
+        if None in parts:
+            return None
+        streams = tuple(k for part in parts for k in part)
         total = sum(t.shape[dim] for t in tensors)
-        if self.local(total) is not None:
+        if any(info.local_len == total for info in self.streams.values()):  # reads as that stream
             return None
         known = self.joined.get(total, streams)
         self.joined[total] = streams if known == streams else None
@@ -170,16 +180,13 @@ class _Forward:
 
     def layout(self, length: int, where: str) -> tuple[SequenceInfo, ...] | None:
         """The split sequences a local length of ``length`` tokens is made of; None: no split sequence."""
-        info = self.local(length)
-        if info is not None:
-            return (info,)
         if length in self.joined and self.joined[length] is None:
             raise ValueError(
                 f"{where}: sequences of {length} tokens put the streams together in different orders "
                 f"({self.describe()}); SP cannot tell which tokens are which"
             )
-        streams = self.joined.get(length)
-        return None if streams is None else tuple(self.streams[k] for k in streams)
+        keys = self.keys(length)
+        return None if keys is None else tuple(self.streams[k] for k in keys)
 
 
 def _local_lengths(full: dict[str, int], size: int, reserved: set[int]) -> dict[str, int]:
@@ -187,51 +194,18 @@ def _local_lengths(full: dict[str, int], size: int, reserved: set[int]) -> dict[
     every sum of two differs from the others and from ``reserved`` (full lengths, replicated dims)."""
     chosen: dict[str, int] = {}
     for key, n in full.items():
-        same = next((chosen[k] for k in chosen if full[k] == n), None)
-        if same is not None:
-            chosen[key] = same
-            continue
-        length = -(-n // size)
-        while True:
-            singles = [*set(chosen.values()), length]
-            sums = [a + b for a, b in itertools.combinations(singles, 2)]
-            lengths = singles + sums
-            if len(set(lengths)) == len(lengths) and not reserved.intersection(lengths):
-                break
+        same = [chosen[k] for k in chosen if full[k] == n]  # as long as an earlier stream: split alike
+        length = same[0] if same else -(-n // size)
+        while not same and not _distinct([*set(chosen.values()), length], reserved):
             length += 1
         chosen[key] = length
     return chosen
 
 
-def _tensors(value: Any) -> list[Tensor]:
-    """The tensors inside ``value`` (a tensor, or tuples / lists / dicts of them)."""
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
-
-
-def _mapped(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """``value`` with ``fn`` applied to each tensor inside it (same container types)."""
-    if isinstance(value, Tensor):
-        return fn(value)
-    if isinstance(value, (tuple, list)):
-        items = [_mapped(v, fn) for v in value]
-        return type(value)(items) if type(value) in (tuple, list) else type(value)(*items)
-    if isinstance(value, dict):
-        return {k: _mapped(v, fn) for k, v in value.items()}
-    return value
-
-
-@dataclass(frozen=True)
-class _PerToken:
-    """How to cut a per-token input: along ``dim``, as these streams (one, or two joined)."""
-
-    dim: int
-    streams: tuple[str, ...]
+def _distinct(singles: list[int], reserved: set[int]) -> bool:
+    """Whether these lengths and the sums of each two of them all differ, and none is reserved."""
+    lengths = singles + [a + b for a, b in itertools.combinations(singles, 2)]
+    return len(set(lengths)) == len(lengths) and not reserved.intersection(lengths)
 
 
 class _SPRuntime:
@@ -298,8 +272,7 @@ class _SPRuntime:
     # ---- entering a block -------------------------------------------------------------------------
     @torch.compiler.disable
     def enter(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if block is self.region[0]:
-            self._stop_watching()  # left over by a forward that raised between blocks
+        self._stop_watching()  # the mode between blocks, or one left over by a forward that raised
         slots = self.slots_for(block)
         streams = [(slot, dim, x) for slot, dim in slots.streams if (x := slot.get(args, kwargs)) is not None]
         for slot, dim, x in streams:
@@ -311,30 +284,23 @@ class _SPRuntime:
                 )
         if block is self.region[0]:
             self.forward = self._split_streams(block, slots, streams, args, kwargs)
-            for slot, dim, x in streams:
-                info = self.forward.streams[slot.key]
-                args, kwargs = slot.set(
-                    args, kwargs, split_sequence(x, self.group, dim, local_len=info.local_len)[0]
-                )
         elif self.forward is None:
             raise RuntimeError(
                 f"sequence_parallel: block {self.name(block)} ran before the region's first block"
             )
-        else:
-            self._stop_watching()
-            for slot, dim, x in streams:
-                info = self.forward.streams.get(slot.key)
-                if info is not None and x.shape[dim] == info.seq_len:  # passed whole to every block (a text)
-                    args, kwargs = slot.set(
-                        args, kwargs, split_sequence(x, self.group, dim, local_len=info.local_len)[0]
-                    )
-                elif self.forward.joined.get(x.shape[dim]):  # streams the model joined between blocks
-                    continue
-                elif info is None or x.shape[dim] != info.local_len:
-                    raise ValueError(
-                        f"sequence_parallel: block {self.name(block)} got the stream {slot.key!r} with "
-                        f"{x.shape[dim]} tokens along dim {dim}; this rank's split is {self.forward.describe()}"
-                    )
+        # Each stream: whole (entering the region, or passed whole to every block, as a text) -> this rank's
+        # slice; already this rank's slice, or streams the model joined between blocks -> as it is.
+        for slot, dim, x in streams:
+            info, length = self.forward.streams.get(slot.key), x.shape[dim]
+            if info is not None and length == info.seq_len:
+                args, kwargs = slot.set(
+                    args, kwargs, split_sequence(x, self.group, dim, local_len=info.local_len)[0]
+                )
+            elif (info is None or length != info.local_len) and not self.forward.joined.get(length):
+                raise ValueError(
+                    f"sequence_parallel: block {self.name(block)} got the stream {slot.key!r} with "
+                    f"{length} tokens along dim {dim}; this rank's split is {self.forward.describe()}"
+                )
         call = _BlockCall(self, block)
         args, kwargs = call.split_inputs(slots, args, kwargs)
         call.__enter__()
@@ -355,16 +321,19 @@ class _SPRuntime:
         probe = _Forward({k: SequenceInfo(n, n, 1, 1) for k, n in full.items()}, streams[0][2].shape[0])
         reserved = set(full.values())
         claimed = slots.claimed(args, kwargs)
-        for value in [*args, *kwargs.values()]:
-            for t in _tensors(value):  # a replicated tensor's non-batch dims: lengths its keys may have
-                if id(t) not in claimed and t.dim() > 1 and _token_dim(t, probe) is None:
-                    reserved.update(t.shape[1:])
+        # a replicated tensor's non-batch dims: lengths its keys may have
+        for t in tree_leaves((args, kwargs)):
+            if (
+                isinstance(t, Tensor)
+                and id(t) not in claimed
+                and t.dim() > 1
+                and _token_dim(t, probe) is None
+            ):
+                reserved.update(t.shape[1:])
         lengths = _local_lengths(full, self.size, reserved)
         infos = {
-            key: SequenceInfo(
-                seq_len=full[key], padded_len=lengths[key] * self.size, dim=dim, group_size=self.size
-            )
-            for (slot, dim, _), key in zip(streams, full, strict=True)
+            slot.key: SequenceInfo(full[slot.key], lengths[slot.key] * self.size, dim, self.size)
+            for slot, dim, _ in streams
         }
         return _Forward(infos, probe.batch)
 
@@ -375,17 +344,23 @@ class _SPRuntime:
         call.__exit__(None, None, None)
         if out is None:  # the block raised; torch re-raises after the hooks
             return None
-        call.check_routed()
+        if not call.routed:
+            raise ValueError(
+                f"{call.where}: no attention over the stream {next(iter(self.forward.streams))!r} went through "
+                "F.scaled_dot_product_attention, so SP cannot split this block: its tokens are mixed some other "
+                "way (e.g. linear attention, as in Sana, or an attention kernel called directly)"
+            )
         if block is not self.region[-1]:
             if torch._C._current_graph_task_id() == -1:  # not a checkpointed block re-run in backward
                 self.watch = _BetweenBlocks(self.forward)
                 self.watch.__enter__()
             return None
-        return _mapped(out, self._gather)
+        return tree_map_only(Tensor, self._gather, out)
 
     def _stop_watching(self, *_: Any) -> None:
         """Leave the between-blocks mode, if it is the innermost one (also as the model's exit hook)."""
-        if self.watch is not None and _innermost_mode() is self.watch:
+        modes = torch.overrides._get_current_function_mode_stack()
+        if self.watch is not None and modes and modes[-1] is self.watch:
             self.watch.__exit__(None, None, None)
         self.watch = None
 
@@ -409,12 +384,6 @@ def _accepts(forward: Callable[..., Any], name: ArgSpec) -> bool:
     return isinstance(name, str) and (name in params or any(p.kind == p.VAR_KEYWORD for p in params.values()))
 
 
-def _stream_lengths(forward: _Forward) -> dict[int, tuple[str, ...]]:
-    """Full length of each stream, and of each two streams together -> those streams."""
-    singles = {i.seq_len: (k,) for k, i in reversed(forward.streams.items())}
-    return {**forward.joint_lengths(), **singles}
-
-
 def _token_dim(t: Tensor, forward: _Forward) -> tuple[int, tuple[str, ...]] | None:
     """The token dim of a per-token input and the streams it spans; None: not a per-token input.
 
@@ -427,7 +396,7 @@ def _token_dim(t: Tensor, forward: _Forward) -> tuple[int, tuple[str, ...]] | No
     """
     if t.dim() == 0 or (t.dim() == 1 and t.shape[0] == forward.batch):
         return None
-    lengths = _stream_lengths(forward)
+    lengths = forward.lengths()
     if (
         (t.dim() > 2 or t.dtype == torch.bool)
         and t.dim() > 1
@@ -443,11 +412,6 @@ def _token_dim(t: Tensor, forward: _Forward) -> tuple[int, tuple[str, ...]] | No
         return lead, lengths[t.shape[lead]]
     later = [d for d in range(lead + 1, t.dim() - (t.dim() > 2)) if t.shape[d] in lengths]
     return (later[0], lengths[t.shape[later[0]]]) if len(later) == 1 else None
-
-
-def _innermost_mode() -> TorchFunctionMode | None:
-    stack = torch.overrides._get_current_function_mode_stack()
-    return stack[-1] if stack else None
 
 
 class _BetweenBlocks(TorchFunctionMode):
@@ -474,7 +438,7 @@ class _BlockCall(TorchFunctionMode):
         self.runtime = runtime
         self.block = block
         self.forward: _Forward = runtime.forward
-        self.pending: dict[int, tuple[Tensor, _PerToken]] = {}  # id -> a joint input waiting for its order
+        self.pending: dict[int, tuple[Tensor, int, tuple[str, ...]]] = {}  # id -> a joint input, dim, streams
         self.done: dict[int, Tensor] = {}
         self.routed = False
 
@@ -488,64 +452,60 @@ class _BlockCall(TorchFunctionMode):
             value = slot.get(args, kwargs)
             if value is not None:
                 args, kwargs = slot.set(
-                    args, kwargs, _mapped(value, lambda t, d=dim, s=slot: self._named(t, d, s))
+                    args, kwargs, tree_map_only(Tensor, lambda t, d=dim, s=slot: self._named(t, d, s), value)
                 )
         claimed = slots.claimed(args, kwargs)
-        args = tuple(_mapped(a, self._found) if id(a) not in claimed else a for a in args)
-        kwargs = {k: _mapped(v, self._found) if id(v) not in claimed else v for k, v in kwargs.items()}
+        args = tuple(a if id(a) in claimed else tree_map_only(Tensor, self._found, a) for a in args)
+        kwargs = {
+            k: v if id(v) in claimed else tree_map_only(Tensor, self._found, v) for k, v in kwargs.items()
+        }
         return args, kwargs
 
     def _named(self, t: Tensor, dim: int, slot: _ArgSlot) -> Tensor:
-        lengths = _stream_lengths(self.forward)
+        lengths = self.forward.lengths()
         if not -t.dim() <= dim < t.dim() or t.shape[dim] not in lengths:
             raise ValueError(
                 f"{self.where}: SPPlan.split[{slot.label!r}] got shape {tuple(t.shape)}; expected one of "
                 f"{sorted(lengths)} tokens (a stream, or two together) along dim {dim}"
             )
-        return self._cut(t, _PerToken(dim % t.dim(), lengths[t.shape[dim]]))
+        return self._cut(t, dim % t.dim(), lengths[t.shape[dim]])
 
     def _found(self, t: Tensor) -> Tensor:
         found = _token_dim(t, self.forward)
-        return t if found is None else self._cut(t, _PerToken(*found))
+        return t if found is None else self._cut(t, *found)
 
-    def _cut(self, t: Tensor, how: _PerToken) -> Tensor:
-        streams = how.streams
-        if (
-            len(streams) == 2
-            and self.forward.streams[streams[0]].seq_len != self.forward.streams[streams[1]].seq_len
-        ):
+    def _cut(self, t: Tensor, dim: int, streams: tuple[str, ...]) -> Tensor:
+        """This rank's tokens of a per-token input spanning ``streams`` along ``dim``, each stream cut on its own."""
+        infos = [self.forward.streams[key] for key in streams]
+        if len(infos) == 2 and infos[0].seq_len != infos[1].seq_len:
             order = self.runtime.joint_orders.get(frozenset(streams))
             if order is None:  # cut when first used, once the block has shown its joint order
-                self.pending[id(t)] = (t, how)
+                self.pending[id(t)] = (t, dim, streams)
                 return t
-            streams = order
-        pieces, start = [], 0
-        for key in streams:
-            info = self.forward.streams[key]
-            piece = t.narrow(how.dim, start, info.seq_len)
-            pieces.append(split_sequence(piece, self.runtime.group, how.dim, local_len=info.local_len)[0])
-            start += info.seq_len
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=how.dim)
+            infos = [self.forward.streams[key] for key in order]
+        parts = t.split([info.seq_len for info in infos], dim)
+        pieces = [
+            split_sequence(part, self.runtime.group, dim, local_len=info.local_len)[0]
+            for part, info in zip(parts, infos, strict=True)
+        ]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
     @torch.compiler.disable
     def _resolve_all(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return tuple(self._resolve(a) for a in args), {k: self._resolve(v) for k, v in kwargs.items()}
+        return tree_map_only(Tensor, self._resolve, (args, kwargs))
 
-    def _resolve(self, value: Any) -> Any:
-        if isinstance(value, Tensor) and id(value) in self.pending:
-            if id(value) not in self.done:
-                t, how = self.pending[id(value)]
-                if frozenset(how.streams) not in self.runtime.joint_orders:
-                    raise ValueError(
-                        f"{self.where}: the argument of shape {tuple(t.shape)} spans the streams "
-                        f"{' + '.join(how.streams)} but was used before the block concatenated them, so its "
-                        "order is unknown; name the streams in the order of this input in SPPlan.streams"
-                    )
-                self.done[id(value)] = self._cut(t, how)
-            return self.done[id(value)]
-        if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
-            return type(value)(self._resolve(v) for v in value)
-        return value
+    def _resolve(self, t: Tensor) -> Tensor:
+        """A joint input waiting for its order: cut now (once); any other tensor as it is."""
+        if id(t) in self.pending and id(t) not in self.done:
+            _, dim, streams = self.pending[id(t)]
+            if frozenset(streams) not in self.runtime.joint_orders:
+                raise ValueError(
+                    f"{self.where}: the argument of shape {tuple(t.shape)} spans the streams "
+                    f"{' + '.join(streams)} but was used before the block concatenated them, so its "
+                    "order is unknown; name the streams in the order of this input in SPPlan.streams"
+                )
+            self.done[id(t)] = self._cut(t, dim, streams)
+        return self.done.get(id(t), t)
 
     # ---- the mode ----------------------------------------------------------------------------------
     def __torch_function__(
@@ -629,15 +589,6 @@ class _BlockCall(TorchFunctionMode):
         )
         return out.transpose(1, 2)
 
-    def check_routed(self) -> None:
-        if not self.routed:
-            key = next(iter(self.forward.streams))
-            raise ValueError(
-                f"{self.where}: no attention over the stream {key!r} went through F.scaled_dot_product_attention, "
-                "so SP cannot split this block: its tokens are mixed some other way (e.g. linear attention, as "
-                "in Sana, or an attention kernel called directly)"
-            )
-
 
 def _streams_from_cp_plan(
     model: nn.Module, region: list[nn.Module], names: dict[int, str]
@@ -651,17 +602,15 @@ def _streams_from_cp_plan(
     first = region[0]
     params = inspect.signature(first.forward).parameters
     streams: dict[ArgSpec, int] = {}
-    if isinstance(cp_plan, Mapping):
-        for path, entry in cp_plan.items():
-            if not isinstance(path, str) or not (path == "" or fnmatch.fnmatchcase(names[id(first)], path)):
-                continue
+    for path, entry in cp_plan.items() if isinstance(cp_plan, Mapping) else ():
+        if isinstance(path, str) and (path == "" or fnmatch.fnmatchcase(names[id(first)], path)):
             for arg, spec in entry.items() if isinstance(entry, Mapping) else ():
-                dim, dims = getattr(spec, "split_dim", None), getattr(spec, "expected_dims", None)
+                dim = getattr(spec, "split_dim", None)
                 if (
                     isinstance(arg, str)
                     and arg in params
                     and isinstance(dim, int)
-                    and dims in (3, None)
+                    and getattr(spec, "expected_dims", None) in (3, None)
                     and not getattr(spec, "split_output", False)
                 ):
                     streams[arg] = dim
@@ -677,9 +626,7 @@ def _check_plan(plan: SPPlan) -> None:
     def is_dim(dim: Any) -> bool:
         return isinstance(dim, int) and not isinstance(dim, bool)
 
-    for name, mapping in (("streams", plan.streams), ("split", plan.split)):
-        if name == "streams" and mapping is None:
-            continue
+    for name, mapping in (("streams", {} if plan.streams is None else plan.streams), ("split", plan.split)):
         raise_if(
             not isinstance(mapping, Mapping) or not all(is_arg(k) and is_dim(d) for k, d in mapping.items()),
             TypeError,
@@ -690,14 +637,19 @@ def _check_plan(plan: SPPlan) -> None:
         ValueError,
         "SPPlan.streams is empty; name at least one block argument carrying the token stream",
     )
-    if not isinstance(plan.replicate, (tuple, list)) or not all(is_arg(k) for k in plan.replicate):
-        raise TypeError(
-            f"SPPlan.replicate={plan.replicate!r}; allowed: a tuple of argument positions or names"
-        )
+    raise_if(
+        not isinstance(plan.replicate, (tuple, list)) or not all(is_arg(k) for k in plan.replicate),
+        TypeError,
+        f"SPPlan.replicate={plan.replicate!r}; allowed: a tuple of argument positions or names",
+    )
 
 
-def _check_splits(splits: Any, group: dist.ProcessGroup | None) -> Splits:
-    size = dist.get_world_size(group)
+def _check_splits(splits: Any, group: dist.ProcessGroup | None, size: int) -> Splits:
+    """``{ulysses degree u: (group of u ranks, ring group of size / u ranks or None when u == size)}``."""
+
+    def has_size(group: Any, n: int) -> bool:
+        return isinstance(group, dist.ProcessGroup) and dist.get_world_size(group) == n
+
     if splits is None:
         return {size: (group, None)}
     raise_if(
@@ -711,17 +663,11 @@ def _check_splits(splits: Any, group: dist.ProcessGroup | None) -> Splits:
             and not isinstance(ulysses, bool)
             and ulysses >= 1
             and size % ulysses == 0
+            and isinstance(pair, tuple)
+            and len(pair) == 2
+            and has_size(pair[0], ulysses)
+            and (pair[1] is None if ulysses == size else has_size(pair[1], size // ulysses))
         )
-        ok = ok and isinstance(pair, tuple) and len(pair) == 2
-        if ok:
-            u_group, r_group = pair
-            ok = isinstance(u_group, dist.ProcessGroup) and dist.get_world_size(u_group) == ulysses
-            ok = ok and (
-                r_group is None
-                if ulysses == size
-                else isinstance(r_group, dist.ProcessGroup)
-                and dist.get_world_size(r_group) == size // ulysses
-            )
         raise_if(
             not ok,
             ValueError,
@@ -793,14 +739,8 @@ def sequence_parallel(
         f"sequence_parallel: plan must be an SPPlan, got {type(plan).__name__}",
     )
     _check_plan(plan)
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("sequence_parallel needs an initialized torch.distributed process group")
-    raise_if(
-        group is not None and not isinstance(group, dist.ProcessGroup),
-        TypeError,
-        f"sequence_parallel: group={group!r}; allowed: a ProcessGroup or None (the world)",
-    )
-    splits = _check_splits(splits, group)
+    size, _ = _group_size_and_rank(group, "sequence_parallel")
+    splits = _check_splits(splits, group, size)
     region, names = _region(model, blocks)
     taken = [
         names[id(b)]

@@ -220,9 +220,7 @@ class _RingAttention(torch.autograd.Function):
                 kk, vv, bias = ring.inputs(chunk, blocks, q)
                 chunk_out, chunk_lse = _kernel(q, kk, vv, bias, ring.scale)
                 chunk_lse = chunk_lse.to(acc)
-                if (
-                    bias is not None
-                ):  # a query all of whose keys here are masked gets no say (the kernel says 0)
+                if bias is not None:  # a query whose keys here are all masked gets no say (the kernel: lse 0)
                     chunk_lse = chunk_lse.masked_fill(
                         torch.isneginf(bias).all(-1).expand_as(chunk_lse), NEG_INF
                     )
@@ -231,9 +229,8 @@ class _RingAttention(torch.autograd.Function):
                 new = torch.exp(chunk_lse - merged).nan_to_num(0.0).unsqueeze(-1)
                 out = out * old + chunk_out.to(acc) * new
                 lse = merged
-        lse = lse.masked_fill(
-            torch.isneginf(lse), 0.0
-        )  # a query with no key at all: output 0, as SDPA's kernels
+        # a query with no key at all: output 0, as SDPA's kernels
+        lse = lse.masked_fill(torch.isneginf(lse), 0.0)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring = ring

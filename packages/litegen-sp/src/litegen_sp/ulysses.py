@@ -527,9 +527,8 @@ def ulysses_attention(
     q_heads, k_heads, v_heads = _AllToAll.apply(group, HEADS, SEQ, q, k, v) if ulysses > 1 else (q, k, v)
     mine = range(r_rank * ulysses, (r_rank + 1) * ulysses)  # the SP ranks whose tokens this rank now holds
     q_chunk = _chunk(q_layout, q.device, mine, whole)
-    if (
-        ring > 1
-    ):  # ring attention over the Ulysses groups' chunks: chunk i holds SP ranks i * U ... (i + 1) * U - 1
+    # With a ring: ring attention over the Ulysses groups' chunks, chunk i holding SP ranks i * U ... i * U + U - 1.
+    if ring > 1:
         kv_chunks = [
             _chunk(kv_layout, q.device, range(i * ulysses, (i + 1) * ulysses), whole) for i in range(ring)
         ]
