@@ -63,6 +63,7 @@ from .storage import (
     CheckpointError,
     DigestingWriter,
     agree,
+    each_rank,
     named_failures,
     naming_a_full_disk,
     on_rank_0,
@@ -176,7 +177,7 @@ class Checkpointer:
         """Write ``root/step_<step>/`` from the live objects, then point ``latest`` at it."""
         raise_if(not _is_step(step), ValueError, f"step={step!r}; expected an int >= 0")
         state_of = adapters(statefuls, self._rank)
-        self._finish_pending()  # the collective below also orders it before this save
+        self.wait()
         self._run = on_rank_0(self._prepare_root, self._group)
         state = {name: adapter.state_dict() for name, adapter in state_of.items()}
         start = time.perf_counter()
@@ -195,15 +196,19 @@ class Checkpointer:
             self._log(
                 f"step {step}: state staged in {time.perf_counter() - start:.2f} s, writing in the background"
             )
-            return
-        write = partial(
-            dcp.save, state, storage_writer=writer, process_group=self._group, no_dist=not self._distributed
-        )
-        with single_process_quiet():
-            self._complete(write, step, writer, sorted(state), self._group)
-        self._log(
-            f"step {step}: saved to {self.root / f'step_{step}'} in {time.perf_counter() - start:.2f} s"
-        )
+        else:
+            write = partial(
+                dcp.save,
+                state,
+                storage_writer=writer,
+                process_group=self._group,
+                no_dist=not self._distributed,
+            )
+            with single_process_quiet():
+                self._complete(write, step, writer, sorted(state), self._group)
+            self._log(
+                f"step {step}: saved to {self.root / f'step_{step}'} in {time.perf_counter() - start:.2f} s"
+            )
 
     def load(self, step: int | str = "latest", *, fall_back: bool = False, **statefuls: Any) -> int | None:
         """Load ``step`` (an int, or ``"latest"``) into the live objects; return the step, or None if none exists.
@@ -271,8 +276,11 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until a background save is written and published, on every rank."""
-        if self._finish_pending() and self._distributed:
-            dist.barrier(group=self._async_group)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()  # rank 0 publishes it
+            if self._distributed:
+                dist.barrier(group=self._async_group)
 
     def steps(self) -> list[int]:
         """The steps of the complete checkpoints under ``root``, ascending."""
@@ -302,21 +310,21 @@ class Checkpointer:
                     f"step={step}: no complete checkpoint {directory}; complete steps: {self.steps()}"
                 )
             return [directory.name], []
-        problems: list[str] = []
         try:
-            candidates = [d for d in [latest_directory(self.root)] if d is not None]
+            latest, problems = latest_directory(self.root), []
         except FileNotFoundError as error:
             if not fall_back:
                 raise
-            candidates, problems = [], [str(error)]
+            latest, problems = None, [str(error)]
+        names = [] if latest is None else [latest.name]
         if not fall_back:
-            return [d.name for d in candidates], []
-        latest_info = _info_or_none(candidates[0]) if candidates else None
+            return names, problems
+        latest_info = None if latest is None else _info_or_none(latest)
         run = None if latest_info is None else _run_of(latest_info)  # unknown: every run's steps
-        others = [d for d in reversed(_complete_dirs(self.root, run)) if d not in candidates]
-        if others and not candidates and not problems:
+        others = [d.name for d in reversed(_complete_dirs(self.root, run)) if d != latest]
+        if others and not names and not problems:
             problems.append(f"{self.root / LATEST_FILE} is missing")
-        return [d.name for d in candidates + others], problems
+        return names + others, problems
 
     def _prepare_root(self) -> str:
         """Rank 0, before a save: create the root, clear the run's crashed saves and removals left behind; return
@@ -339,13 +347,6 @@ class Checkpointer:
             shutil.rmtree(stale, ignore_errors=True)
         return run
 
-    def _finish_pending(self) -> bool:
-        """Wait for this rank's background save (rank 0 publishes it); return whether there was one."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-        return pending is not None
-
     def _complete(
         self,
         write: Callable[[], Any],
@@ -358,12 +359,7 @@ class Checkpointer:
         rank writes the checksums of its items and rank 0 publishes. A failure on any rank is raised on all."""
         with named_failures():
             write()
-        digest_file = problem = None
-        try:
-            digest_file = writer.write_digest_file(self._rank)
-        except Exception as error:  # a full disk, say: every rank learns it in the gather below
-            problem = error
-        checksums = dict(agree(problem, group, digest_file))
+        checksums = dict(each_rank(partial(writer.write_digest_file, self._rank), group))
         on_rank_0(partial(self._publish, step, Path(writer.path), names, checksums), group)
 
     def _publish(self, step: int, work_dir: Path, names: list[str], checksums: dict[str, str]) -> None:
@@ -405,7 +401,7 @@ class Checkpointer:
                 if self.keep
                 else []
             )
-            for directory in [replaced, *retired, *(_discard(d) for d in old)]:
+            for directory in [replaced, *retired, *map(_discard, old)]:
                 if directory is not None:  # deleting GBs takes a while: off the training loop's path
                     threading.Thread(
                         target=shutil.rmtree, args=(directory,), kwargs={"ignore_errors": True}
@@ -452,8 +448,9 @@ def verify_checkpoint(directory: Path, group: dist.ProcessGroup | None = None) -
 
 def _read_info(directory: Path) -> dict[str, Any]:
     path = directory / INFO_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {directory} is not a complete checkpoint")
+    raise_if(
+        not path.is_file(), FileNotFoundError, f"{path} is missing: {directory} is not a complete checkpoint"
+    )
     try:
         info = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -539,19 +536,18 @@ def _check_compatible(state: dict[str, Any], saved: Metadata, directory: Path) -
     flat, _ = flatten_state_dict(state)
     missing = [key for key in flat if key not in saved.state_dict_metadata]
     if missing:
-        held = sorted({key.split(".")[0] for key in saved.state_dict_metadata})
         raise ValueError(
             f"checkpoint {directory} lacks {len(missing)} entries the live objects need, e.g. {missing[:5]}; "
-            f"it holds {held}"
+            f"it holds {sorted({key.split('.')[0] for key in saved.state_dict_metadata})}"
         )
     for key, value in flat.items():
         meta = saved.state_dict_metadata[key]
-        if isinstance(value, torch.Tensor) and isinstance(meta, TensorStorageMetadata):
-            if tuple(value.shape) != tuple(meta.size):
-                raise ValueError(
-                    f"{key}: checkpoint {directory} holds shape {tuple(meta.size)}, "
-                    f"the live tensor has shape {tuple(value.shape)}"
-                )
+        live = isinstance(value, torch.Tensor) and isinstance(meta, TensorStorageMetadata)
+        if live and tuple(value.shape) != tuple(meta.size):
+            raise ValueError(
+                f"{key}: checkpoint {directory} holds shape {tuple(meta.size)}, "
+                f"the live tensor has shape {tuple(value.shape)}"
+            )
 
 
 def _complete_dirs(root: Path, run: str | None = None) -> list[Path]:

@@ -67,10 +67,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     layout = {
         key: key.removeprefix("layout.") for key in metadata.state_dict_metadata if key.startswith("layout.")
     }
-    root = directory.parent
-    latest = (
-        (root / LATEST_FILE).read_text(errors="replace").strip() if (root / LATEST_FILE).is_file() else None
-    )
+    pointer = directory.parent / LATEST_FILE
     model = entries.get("model", {})
     return {
         "path": str(directory),
@@ -88,8 +85,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "files": len(info["files"]),
         "bytes_on_disk": sum(info["files"].values()),
         "config": (directory / CONFIG_FILE).is_file(),
-        "latest": latest,
-        "checkpoints": [d.name for d in _complete_dirs(root)],
+        "latest": pointer.read_text(errors="replace").strip() if pointer.is_file() else None,
+        "checkpoints": [d.name for d in _complete_dirs(directory.parent)],
     }
 
 
@@ -179,7 +176,6 @@ def export(
             if progress is not None:
                 progress(done, total)
         _save(tensors, file)
-    written = list(files)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": total},
@@ -187,10 +183,10 @@ def export(
                 names[key]: file.name for keys, file in zip(shards, files, strict=True) for key in keys
             },
         }
-        written.append(_write_text(out / f"{stem}.safetensors.index.json", json.dumps(index, indent=2)))
+        files.append(_write_text(out / f"{stem}.safetensors.index.json", json.dumps(index, indent=2)))
     if config_text is not None:
-        written.append(_write_text(out / CONFIG_FILE, config_text))
-    return written
+        files.append(_write_text(out / CONFIG_FILE, config_text))
+    return files
 
 
 def entry_names(metadata: Metadata, name: str, directory: Path) -> dict[str, str]:
@@ -211,8 +207,10 @@ def entry_names(metadata: Metadata, name: str, directory: Path) -> dict[str, str
 
     names = tensors_under(name)
     if not names:
-        held = sorted({key.split(".")[0] for key in metadata.state_dict_metadata})
-        raise ValueError(f"name={name!r}: checkpoint {directory} has no tensors under it; it holds {held}")
+        raise ValueError(
+            f"name={name!r}: checkpoint {directory} has no tensors under it; it holds "
+            f"{sorted({key.split('.')[0] for key in metadata.state_dict_metadata})}"
+        )
     model = tensors_under("model")
     if set(names.values()) <= set(model.values()):
         names |= {key: fqn for key, fqn in model.items() if fqn not in set(names.values())}
@@ -253,13 +251,12 @@ def _save(tensors: dict[str, Any], path: Path) -> None:
     """Save the tensors (on CPU, contiguous, no shared storage) to ``path`` atomically."""
     out, seen = {}, set()
     for key, value in tensors.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        tensor = value.detach().to("cpu").contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        # tied weights share storage, which safetensors refuses: write a copy
-        out[key] = tensor.clone() if storage in seen else tensor
-        seen.add(storage)
+        if isinstance(value, torch.Tensor):  # python values have no place in safetensors
+            tensor = value.detach().to("cpu").contiguous()
+            storage = tensor.untyped_storage().data_ptr()
+            # tied weights share storage, which safetensors refuses: write a copy
+            out[key] = tensor.clone() if storage in seen else tensor
+            seen.add(storage)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(out, str(tmp), metadata={"format": "pt"})

@@ -152,8 +152,11 @@ def _weight_files(path: Path) -> dict[str, Path]:
                 f"shard file): {error!r}"
             ) from error
         absent = sorted({str(file) for file in files.values() if not file.is_file()})
-        if absent:
-            raise FileNotFoundError(f"path={str(path)!r} names shard files that do not exist: {absent[:5]}")
+        raise_if(
+            bool(absent),
+            FileNotFoundError,
+            f"path={str(path)!r} names shard files that do not exist: {absent[:5]}",
+        )
         return files
     if (
         path.is_file()
@@ -165,18 +168,13 @@ def _weight_files(path: Path) -> dict[str, Path]:
 
 def _stored_names(names: list[str], stored: set[str], prefix: str) -> dict[str, str]:
     """``{model name: stored name}``: as is, or with ``prefix`` + "." added / stripped if every name then matches."""
-    same = {name: name for name in names}
-    if not prefix or set(same.values()) == stored:
-        return same
     dotted = prefix + "."
-    added = {name: dotted + name for name in names}
-    if set(added.values()) == stored:
-        return added
-    if all(name.startswith(dotted) for name in names):
-        stripped = {name: name[len(dotted) :] for name in names}
-        if set(stripped.values()) == stored:
-            return stripped
-    return same
+    renames = [{name: name for name in names}]
+    if prefix:
+        renames.append({name: dotted + name for name in names})
+        if all(name.startswith(dotted) for name in names):
+            renames.append({name: name[len(dotted) :] for name in names})
+    return next((rename for rename in renames if set(rename.values()) == stored), renames[0])
 
 
 def _load_into(
@@ -200,10 +198,11 @@ def _load_into(
         with safe_open(str(file), framework="pt", device="cpu") as f:
             held = set(f.keys())
             for key in keys:
-                if rename[key] not in held:
-                    raise ValueError(
-                        f"{path}: its index puts {rename[key]} in {file}, which does not hold it"
-                    )
+                raise_if(
+                    rename[key] not in held,
+                    ValueError,
+                    f"{path}: its index puts {rename[key]} in {file}, which does not hold it",
+                )
                 shape = tuple(f.get_slice(rename[key]).get_shape())
                 if shape != tuple(state[key].shape):
                     raise ValueError(

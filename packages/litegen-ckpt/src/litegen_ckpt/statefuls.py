@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,12 +38,6 @@ except ImportError:  # numpy is optional: its RNG is saved only when it is insta
     numpy = None
 
 FLAT_OPTIMIZER = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-class Adapter(Protocol):
-    def state_dict(self) -> dict[str, Any]: ...
-    def template(self, saved: Metadata, prefix: str) -> dict[str, Any]: ...
-    def load(self, state: dict[str, Any]) -> None: ...
 
 
 def adapters(statefuls: dict[str, Any], rank: int) -> dict[str, Adapter]:
@@ -103,28 +97,23 @@ class ZeroOptimizerState:
     """
 
     def __init__(self, model: nn.Module, optimizer: ZeroRedundancyOptimizer) -> None:
-        self.model, self.optimizer = model, optimizer
-
-    def _owned(self) -> set[int]:
-        return {id(p) for group in self.optimizer.optim.param_groups for p in group["params"]}
+        self.optimizer = optimizer
+        # each parameter's clean FQN (no DDP / compile / checkpoint-wrapper prefixes), as DCP names it
+        self.fqns = {param: next(iter(_get_fqns(model, name))) for name, param in model.named_parameters()}
+        self.owned = {id(p) for group in optimizer.optim.param_groups for p in group["params"]}  # this rank's
 
     def state_dict(self) -> dict[str, Any]:
-        fqns, owned = parameter_fqns(self.model), self._owned()
         state: dict[str, Any] = {}
         for group in self.optimizer.param_groups:
-            for param in (p for p in group["params"] if id(p) in owned):
-                fqn = fqns[param]
-                for name, value in self.optimizer.optim.state.get(param, {}).items():
-                    state[f"state.{fqn}.{name}"] = value
-                for name, value in group.items():
-                    if name != "params":
-                        state[f"param_groups.{fqn}.{name}"] = value
+            for param in (p for p in group["params"] if id(p) in self.owned):
+                fqn = self.fqns[param]
+                state |= {f"state.{fqn}.{k}": v for k, v in self.optimizer.optim.state.get(param, {}).items()}
+                state |= {f"param_groups.{fqn}.{k}": v for k, v in group.items() if k != "params"}
         return state
 
     def template(self, saved: Metadata, prefix: str) -> dict[str, Any]:
-        fqns, owned = parameter_fqns(self.model), self._owned()
-        groups = self.optimizer.param_groups
-        wanted = {f"{prefix}.state.{fqns[p]}" for g in groups for p in g["params"] if id(p) in owned}
+        fqns, groups = self.fqns, self.optimizer.param_groups
+        wanted = {f"{prefix}.state.{fqns[p]}" for g in groups for p in g["params"] if id(p) in self.owned}
         wanted |= {f"{prefix}.param_groups.{fqns[g['params'][0]]}" for g in groups if g["params"]}
         return {
             key[len(prefix) + 1 :]: _empty_like_saved(meta)
@@ -134,7 +123,6 @@ class ZeroOptimizerState:
 
     def load(self, state: dict[str, Any]) -> None:
         """Rebuild torch's index-keyed state dict for the owned parameters and let ZeRO load it."""
-        fqns, owned = parameter_fqns(self.model), self._owned()
         per_fqn: dict[str, dict[str, Any]] = {}
         for key, value in state.items():
             if key.startswith("state."):
@@ -142,30 +130,14 @@ class ZeroOptimizerState:
                 per_fqn.setdefault(fqn, {})[name] = value
         native_state, groups, index = {}, [], 0
         for group in self.optimizer.param_groups:
-            first = fqns[group["params"][0]] if group["params"] else ""
+            first = self.fqns[group["params"][0]] if group["params"] else ""
             hypers = {k: state.get(f"param_groups.{first}.{k}", v) for k, v in group.items() if k != "params"}
             groups.append({**hypers, "params": list(range(index, index + len(group["params"])))})
             for param in group["params"]:
-                if id(param) in owned and fqns[param] in per_fqn:
-                    native_state[index] = per_fqn[fqns[param]]
+                if id(param) in self.owned and self.fqns[param] in per_fqn:
+                    native_state[index] = per_fqn[self.fqns[param]]
                 index += 1
         self.optimizer.load_state_dict({"state": native_state, "param_groups": groups})
-
-
-class StatefulState:
-    """Any object with ``state_dict()`` / ``load_state_dict()`` (EMA, data sampler, LR scheduler, ...)."""
-
-    def __init__(self, obj: Any) -> None:
-        self.obj = obj
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.obj.state_dict()
-
-    def template(self, saved: Metadata, prefix: str) -> dict[str, Any]:
-        return self.obj.state_dict()
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.obj.load_state_dict(state)
 
 
 class RNGState:
@@ -184,11 +156,11 @@ class RNGState:
         return {self.key: state}
 
     def template(self, saved: Metadata, prefix: str) -> dict[str, Any]:
-        state = self.state_dict()
-        for name in list(state[self.key]):
-            if not any(k.startswith(f"{prefix}.{self.key}.{name}") for k in saved.state_dict_metadata):
-                del state[self.key][name]  # e.g. saved without CUDA or numpy
-        return state
+        held = {
+            key.split(".")[2] for key in saved.state_dict_metadata if key.startswith(f"{prefix}.{self.key}.")
+        }
+        # only the generators saved (e.g. none for CUDA or numpy)
+        return {self.key: {name: v for name, v in self.state_dict()[self.key].items() if name in held}}
 
     def load(self, state: dict[str, Any]) -> None:
         state = state[self.key]
@@ -201,9 +173,7 @@ class RNGState:
             numpy.random.set_state((kind, numpy.asarray(key, dtype=numpy.uint32), pos, has_gauss, gauss))
 
 
-def parameter_fqns(model: nn.Module) -> dict[torch.Tensor, str]:
-    """Each parameter's clean FQN (no DDP / compile / checkpoint-wrapper prefixes), as DCP names it."""
-    return {param: next(iter(_get_fqns(model, name))) for name, param in model.named_parameters()}
+Adapter = InPlaceState | ZeroOptimizerState | RNGState  # what ``adapters`` returns, one per stateful
 
 
 def _empty_like_saved(meta: Any) -> Any:

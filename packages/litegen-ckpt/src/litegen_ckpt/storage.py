@@ -87,8 +87,7 @@ class Digest:
 
     def update(self, data: torch.Tensor) -> Digest:
         """Feed the next bytes, a 1-D uint8 tensor ``(n,)`` on any device."""
-        if self._ended:
-            raise RuntimeError("Digest.update after a piece that ended mid-block")
+        raise_if(self._ended, RuntimeError, "Digest.update after a piece that ended mid-block")
         whole = data.numel() // BLOCK * BLOCK
         if whole:
             body = data[:whole]
@@ -96,19 +95,16 @@ class Digest:
                 body = body.clone()
             self._sums.append(body.view(torch.int64).view(-1, BLOCK // 8).sum(1))
         if whole < data.numel():
-            last = torch.zeros(BLOCK, dtype=torch.uint8, device=data.device)
-            last[: data.numel() - whole] = data[whole:]
+            last = torch.nn.functional.pad(data[whole:], (0, whole + BLOCK - data.numel()))  # zero-padded
             self._sums.append(last.view(torch.int64).sum(0, keepdim=True))
             self._ended = True
         self._bytes += data.numel()
         return self
 
     def hexdigest(self) -> str:
-        total = weighted = 0
-        if self._sums:
-            sums = torch.cat(self._sums)
-            weights = torch.arange(1, sums.numel() + 1, device=sums.device)
-            total, weighted = torch.stack([sums.sum(), (sums * weights).sum()]).tolist()
+        sums = torch.cat(self._sums) if self._sums else torch.zeros(1, dtype=torch.int64)
+        weights = torch.arange(1, sums.numel() + 1, device=sums.device)
+        total, weighted = torch.stack([sums.sum(), (sums * weights).sum()]).tolist()
         return f"{self._bytes:x}:{total & _MASK:016x}{weighted & _MASK:016x}"
 
 
@@ -129,12 +125,12 @@ class DigestingWriter(dcp.FileSystemWriter):
         self.records: list[list[Any]] = []
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        pickled = set()
-        for item in plan.items:
-            if item.type == WriteItemType.BYTE_IO:
-                pickled.add(item.index)
-            else:
-                self.records.append(_record(item.index, "digest", tensor_digest(planner.resolve_data(item))))
+        pickled = {item.index for item in plan.items if item.type == WriteItemType.BYTE_IO}
+        self.records += [  # every tensor, where it lives, before it is written
+            _record(item.index, "digest", tensor_digest(planner.resolve_data(item)))
+            for item in plan.items
+            if item.index not in pickled
+        ]
         # torch.save's zip writer reports a full disk as a RuntimeError
         with naming_a_full_disk(Path(self.path), (OSError, RuntimeError)):
             written = super().write_data(plan, _Contiguous(planner))
@@ -507,21 +503,25 @@ def agree(problem: BaseException | None, group: Any = None, value: Any = None) -
     if first is not None:  # the same class where it is ours or a builtin one (FileNotFoundError, ...)
         name, message = first
         kind = CheckpointError if name == "CheckpointError" else getattr(builtins, name, None)
-        if isinstance(kind, type) and issubclass(kind, Exception):
-            raise kind(message) from problem
-        raise RuntimeError(f"{name}: {message}") from problem
+        known = isinstance(kind, type) and issubclass(kind, Exception)
+        raise (kind(message) if known else RuntimeError(f"{name}: {message}")) from problem
     return [value for value, _ in outcomes]
+
+
+def each_rank(work: Callable[[], Any] | None, group: Any = None) -> list[Any]:
+    """Each rank of ``group`` runs its ``work`` (None: nothing); every rank returns every rank's result, in rank
+    order, or raises the lowest rank's error (see ``agree``)."""
+    result = problem = None
+    try:
+        result = None if work is None else work()
+    except Exception as error:  # any: the other ranks learn it now, not from a collective timeout
+        problem = error
+    return agree(problem, group, result)
 
 
 def on_rank_0(work: Callable[[], Any], group: Any = None) -> Any:
     """Rank 0 of ``group`` runs ``work``; every rank returns its result, or raises its error (see ``agree``)."""
-    result = problem = None
-    if rank_and_size(group)[0] == 0:
-        try:
-            result = work()
-        except Exception as error:  # any: the other ranks learn it now, not from a collective timeout
-            problem = error
-    return agree(problem, group, result)[0]
+    return each_rank(work if rank_and_size(group)[0] == 0 else None, group)[0]
 
 
 @contextlib.contextmanager
@@ -558,8 +558,9 @@ def _read_into(stream: IO[bytes], offset: int, dest: torch.Tensor, path: Path, i
         done = digested = 0
         while done < size:
             got = stream.readinto(view[done : min(size, done + PIECE)])
-            if not got:
-                raise CheckpointError(f"checkpoint file {path} ends inside {index.fqn}: it was truncated")
+            raise_if(
+                not got, CheckpointError, f"checkpoint file {path} ends inside {index.fqn}: it was truncated"
+            )
             done += got
             ready = size if done == size else done // BLOCK * BLOCK
             if ready > digested:
