@@ -496,6 +496,12 @@ def check_world(c: LiteGenConfig, world_size: int, node_size: int) -> None:
         c.tp_size,
         f"a divisor of the node size LOCAL_WORLD_SIZE={node_size} (a TP group stays on one node)",
     )
+    _check(
+        not (c.encoder.fsdp and c.encoder.group) or world_size % node_size == 0,
+        "encoder.group",
+        c.encoder.group,
+        f"true only when the node size LOCAL_WORLD_SIZE={node_size} divides the world size {world_size}",
+    )
     dp_size = world_size // (c.sp_size * c.tp_size)
     group = c.group_size(node_size)
     if group is not None:

@@ -319,25 +319,14 @@ def start(config: LiteGenConfig) -> Runtime:
     splits = usp_meshes(device.type, world // sp, sp, config.sp_ring, timeout)
     splits[sp] = (mesh.get_group("sp"), None)
     group = config.group_size(node) if config.zero_degree == 3 else None
-    zero_mesh = (
-        grouped_mesh(device.type, group, timeout)
-        if group is not None
-        else _mesh(device.type, (world,), ("shard",), timeout)
-    )
+    world_mesh = _mesh(device.type, (world,), ("shard",), timeout)
     if tp > 1:
         zero_mesh = mesh["dp"]
+    else:
+        zero_mesh = grouped_mesh(device.type, group, timeout) if group is not None else world_mesh
     frozen_mesh = None  # what encoder.fsdp shards frozen modules over: the world, or each node
     if config.encoder.fsdp:
-        raise_if(
-            config.encoder.group and world % node != 0,
-            ValueError,
-            f"config: encoder.group=True needs LOCAL_WORLD_SIZE={node} to divide the world size {world}",
-        )
-        frozen_mesh = (
-            grouped_mesh(device.type, node, timeout)
-            if config.encoder.group
-            else _mesh(device.type, (world,), ("shard",), timeout)
-        )
+        frozen_mesh = grouped_mesh(device.type, node, timeout) if config.encoder.group else world_mesh
     if config.allow_tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
