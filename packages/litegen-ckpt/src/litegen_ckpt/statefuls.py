@@ -159,7 +159,7 @@ class RNGState:
         held = {
             key.split(".")[2] for key in saved.state_dict_metadata if key.startswith(f"{prefix}.{self.key}.")
         }
-        # only the generators saved (e.g. none for CUDA or numpy)
+        # the generators it saved: a run without CUDA or numpy saved none for them
         return {self.key: {name: v for name, v in self.state_dict()[self.key].items() if name in held}}
 
     def load(self, state: dict[str, Any]) -> None:
