@@ -16,6 +16,7 @@ Only trainable parameters are averaged; buffers and frozen parameters follow the
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 from collections.abc import Iterator, Mapping
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._prims_common import make_contiguous_strides_for
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
@@ -146,12 +148,11 @@ class ShardedEMA:
             not trainable, ValueError, f"model: {type(model).__name__} has no trainable parameter to average"
         )
         mesh = None
-        if sharded and dist.is_initialized() and any(not isinstance(p, DTensor) for _, p in trainable):
-            device_type = next(p.device.type for _, p in trainable if not isinstance(p, DTensor))
-            with (
-                unset_fake_temporarily()
-            ):  # a mesh is bookkeeping: real even under a FakeTensorMode (planning)
-                mesh = DeviceMesh.from_group(dist.group.WORLD, device_type)
+        plain = [p for _, p in trainable if not isinstance(p, DTensor)]  # sharded here over the world's ranks
+        if sharded and dist.is_initialized() and plain:
+            # a mesh is bookkeeping: real even under a FakeTensorMode (planning)
+            with unset_fake_temporarily():
+                mesh = DeviceMesh.from_group(dist.group.WORLD, plain[0].device.type)
         with torch.no_grad():
             self._slots = [self._make_slot(_clean_name(model, name), p, mesh) for name, p in trainable]
         names = [slot.name for slot in self._slots]
@@ -188,7 +189,7 @@ class ShardedEMA:
             mesh, placements, stride = param.device_mesh, param.placements, param.stride()
         elif mesh is not None:
             placements = [Shard(0) if rows is not None else Replicate()]
-            stride = _contiguous_stride(param.shape)
+            stride = make_contiguous_strides_for(param.shape)
         else:
             return _Slot(name, param, ema, ema, rows)
         shadow = DTensor.from_local(ema, mesh, placements, run_check=False, shape=param.shape, stride=stride)
@@ -226,6 +227,7 @@ class ShardedEMA:
         torch._foreach_lerp_(emas, sources, 1.0 - decay)
 
     @contextlib.contextmanager
+    @torch.no_grad()  # around the swaps only: the block inside runs in the caller's grad mode
     def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
         """Run ``model`` with the EMA weights inside the block; its own weights come back bit-exactly.
 
@@ -245,27 +247,24 @@ class ShardedEMA:
             f"model={type(model).__name__}: its parameters are not the ones this EMA was built from; pass "
             "the model the EMA was built from, after sharding (fully_shard replaces parameters)",
         )
-        with torch.no_grad():
-            backups = [slot.local_param().clone() for slot in self._slots]
+        backups = [slot.local_param().clone() for slot in self._slots]
         self._swapped = True
         try:
-            with torch.no_grad():
-                for slot in self._slots:
-                    if isinstance(slot.param, DTensor):
-                        sharded = isinstance(slot.shadow, DTensor)
-                        slot.local_param().copy_(slot.ema if sharded else _local_piece(slot.ema, slot.param))
-                    else:
-                        slot.param.copy_(slot.full(slot.ema))
+            for slot in self._slots:
+                if isinstance(slot.param, DTensor):
+                    sharded = isinstance(slot.shadow, DTensor)
+                    slot.local_param().copy_(slot.ema if sharded else _local_piece(slot.ema, slot.param))
+                else:
+                    slot.param.copy_(slot.full(slot.ema))
             yield model
         finally:
             self._swapped = False
             _reshard_fsdp(model)  # drop unsharded copies of the EMA weights (FSDP2 without reshard)
-            with torch.no_grad():
-                for slot, backup in zip(self._slots, backups, strict=True):
-                    if isinstance(slot.param, DTensor):
-                        slot.local_param().copy_(backup)
-                    else:
-                        slot.param.copy_(slot.full(backup))
+            for slot, backup in zip(self._slots, backups, strict=True):
+                if isinstance(slot.param, DTensor):
+                    slot.local_param().copy_(backup)
+                else:
+                    slot.param.copy_(slot.full(backup))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """``{clean name: EMA}``: DTensors when sharded, for ``torch.distributed.checkpoint``; no copies."""
@@ -336,10 +335,7 @@ class ShardedEMA:
         return out
 
     def _same_parameters(self, model: nn.Module) -> bool:
-        current = tuple(model.parameters())
-        return len(current) == len(self._params) and all(
-            a is b for a, b in zip(current, self._params, strict=True)
-        )
+        return all(a is b for a, b in itertools.zip_longest(model.parameters(), self._params))
 
     def _check_parameters(self, model: nn.Module, where: str) -> None:
         if self._same_parameters(model):
@@ -387,14 +383,6 @@ def _reshard_fsdp(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
-    stride, out = 1, []
-    for size in reversed(shape):
-        out.append(stride)
-        stride *= size
-    return tuple(reversed(out))
 
 
 def _rank() -> int:

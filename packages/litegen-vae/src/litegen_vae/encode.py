@@ -47,26 +47,8 @@ def sliced(fn: Encode, slice_size: int, dim: int = 0) -> Encode:
         batch_dim = _batch_dim(x, dim, "sliced")
         if x.size(batch_dim) <= slice_size:
             return fn(x, *args, **kwargs)
-        parts = [_flatten(fn(part, *args, **kwargs)) for part in x.split(slice_size, batch_dim)]
-        rebuild = parts[0][1]
-        columns = list(zip(*(leaves for leaves, _ in parts), strict=False))
-        if any(len(leaves) != len(columns) for leaves, _ in parts):
-            raise ValueError(
-                f"sliced: fn returned outputs of different structures for the slices of x of shape "
-                f"{tuple(x.shape)}; it must return the same structure for every batch"
-            )
-        combined = []
-        for index, column in enumerate(columns):
-            if isinstance(column[0], torch.Tensor):
-                combined.append(torch.cat(column, _output_dim(column[0], dim, index, "sliced")))
-            elif any(value != column[0] for value in column):
-                raise ValueError(
-                    f"sliced: fn's non-tensor output {index} differs between slices "
-                    f"({list(column)}); non-tensor outputs must not depend on the batch"
-                )
-            else:
-                combined.append(column[0])
-        return rebuild(combined)
+        outputs = [fn(part, *args, **kwargs) for part in x.split(slice_size, batch_dim)]
+        return _concatenate(outputs, dim, "sliced", tuple(x.shape))
 
     return sliced_fn
 
@@ -137,19 +119,15 @@ def compiled(fn: Encode, **compile_kwargs: Any) -> Encode:
     """
     _check_callable(fn, "compiled")
     _check_compile_options(compile_kwargs)
-    # Defaults for encoders: one graph for every batch size (the last uneven slice or rank part does not
-    # recompile), graph breaks allowed.
-    return _compile_or_eager(fn, {"dynamic": True, "fullgraph": False, **compile_kwargs})
-
-
-def _compile_or_eager(fn: Encode, options: dict[str, Any]) -> Encode:
-    """``torch.compile(fn, **options)`` that runs ``fn`` eagerly for good once compiling has failed."""
     import torch._dynamo  # noqa: F401 - torch.compile imports it anyway; here for is_dynamo_supported
     from torch._dynamo.exc import TorchDynamoException
 
     if not torch._dynamo.is_dynamo_supported():
         _log_fallback(fn, "torch.compile does not support this platform or Python version")
         return fn
+    # Defaults for encoders: one graph for every batch size (the last uneven slice or rank part does not
+    # recompile), graph breaks allowed.
+    options = {"dynamic": True, "fullgraph": False, **compile_kwargs}
     try:
         compiled_fn = torch.compile(fn, **options)
     except RuntimeError as error:  # e.g. an unknown mode
@@ -213,21 +191,21 @@ def _flatten(output: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
     rebuilders: list[tuple[int, Callable[[list[Any]], Any] | None]] = []
     for node in nodes:
         if isinstance(node, (torch.Tensor, *_CONSTANT_TYPES)):
-            children, rebuild = [node], None
-        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            leaves.append(node)
+            rebuilders.append((1, None))
+            continue
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
             fields = {f.name: getattr(node, f.name) for f in dataclasses.fields(node) if f.init}
-            children, rebuild_fields = _flatten(fields)
-            rebuild = functools.partial(_replace_fields, node, rebuild_fields)
         elif hasattr(node, "__dict__"):
-            children, rebuild_attributes = _flatten(dict(vars(node)))
-            rebuild = functools.partial(_replace_attributes, node, rebuild_attributes)
+            fields = dict(vars(node))
         else:
             raise TypeError(
                 f"fn returned a {type(node).__name__}, which is neither a tensor, a container of "
                 f"tensors, an object with tensor attributes nor one of {[t.__name__ for t in _CONSTANT_TYPES]}"
             )
+        children, rebuild_fields = _flatten(fields)
         leaves += children
-        rebuilders.append((len(children), rebuild))
+        rebuilders.append((len(children), functools.partial(_rebuild_object, node, rebuild_fields)))
 
     def rebuild_output(new_leaves: list[Any]) -> Any:
         new_nodes, start = [], 0
@@ -240,16 +218,39 @@ def _flatten(output: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
     return leaves, rebuild_output
 
 
-def _replace_fields(obj: Any, rebuild_fields: Callable[[list[Any]], dict], new_leaves: list[Any]) -> Any:
-    return dataclasses.replace(obj, **rebuild_fields(new_leaves))
-
-
-def _replace_attributes(
-    obj: Any, rebuild_attributes: Callable[[list[Any]], dict], new_leaves: list[Any]
-) -> Any:
+def _rebuild_object(obj: Any, rebuild_fields: Callable[[list[Any]], dict], new_leaves: list[Any]) -> Any:
+    """``obj`` with its dataclass fields, or else its attributes, rebuilt from ``new_leaves``."""
+    fields = rebuild_fields(new_leaves)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **fields)
     new = copy.copy(obj)
-    vars(new).update(rebuild_attributes(new_leaves))
+    vars(new).update(fields)
     return new
+
+
+def _concatenate(outputs: list[Any], dim: int, wrapper: str, shape: tuple[int, ...]) -> Any:
+    """One output from the outputs of consecutive slices of a batch ``x`` of ``shape``: tensors concatenated on
+    ``dim``, constants checked equal."""
+    parts = [_flatten(output) for output in outputs]
+    columns = list(zip(*(leaves for leaves, _ in parts), strict=False))
+    raise_if(
+        any(len(leaves) != len(columns) for leaves, _ in parts),
+        ValueError,
+        f"{wrapper}: fn returned outputs of different structures for the slices of x of shape {shape}; it "
+        "must return the same structure for every batch",
+    )
+    combined = []
+    for index, column in enumerate(columns):
+        if isinstance(column[0], torch.Tensor):
+            combined.append(torch.cat(column, _output_dim(column[0], dim, index, wrapper)))
+        elif any(value != column[0] for value in column):
+            raise ValueError(
+                f"{wrapper}: fn's non-tensor output {index} differs between slices "
+                f"({list(column)}); non-tensor outputs must not depend on the batch"
+            )
+        else:
+            combined.append(column[0])
+    return parts[0][1](combined)
 
 
 def _check_compile_options(options: dict[str, Any]) -> None:

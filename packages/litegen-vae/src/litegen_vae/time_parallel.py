@@ -25,7 +25,9 @@ and refuses (the same error on every rank) a VAE with a time-mixing operation th
 
 from __future__ import annotations
 
+import functools
 import inspect
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -39,7 +41,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from litegen_vae.encode import _all_gather_cat, _check_group, _flatten, raise_if
+from litegen_vae.encode import (
+    _all_gather_cat,
+    _all_gather_rows,
+    _check_group,
+    _concatenate,
+    _flatten,
+    data_parallel,
+    raise_if,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +109,14 @@ class TimeParallelEncode:
         self._check_frames(x.size(2))
         if self._world() == 1:
             return self.vae.encode(x, *args, **kwargs)
-        pg = self._group()
-        _check_same_shape(x, pg)
+        pg = dist.group.WORLD if self.group is None else self.group
+        rows = _all_gather_rows(torch.tensor(x.shape, device=x.device), pg).tolist()
+        raise_if(
+            any(row != rows[0] for row in rows),
+            ValueError,
+            f"time_parallel: the ranks of the group passed clips of shapes {rows}; every rank must pass "
+            "the same clip",
+        )
         with torch.no_grad():
             key = (x.dtype, x.device)
             if key not in self._verified:
@@ -111,65 +127,55 @@ class TimeParallelEncode:
     # ---- the encode ----------------------------------------------------------------------------
     def _encode(self, x: torch.Tensor, args: tuple, kwargs: dict, pg: dist.ProcessGroup) -> Any:
         """Whole groups of ``world`` clips split by batch (when gathering), the rest split in time."""
-        world, rank = dist.get_world_size(pg), dist.get_rank(pg)
-        whole = x.size(0) // world * world if self.gather else 0
-        parts = []
+        whole = x.size(0) // dist.get_world_size(pg) * dist.get_world_size(pg) if self.gather else 0
+        outputs = []
         if whole:  # each rank encodes whole clips, no halo traffic
-            mine = x[rank * whole // world : (rank + 1) * whole // world]
-            leaves, rebuild = _flatten(self.vae.encode(mine, *args, **kwargs))
-            parts.append(([_gather_batch(leaf, world, pg) for leaf in leaves], rebuild))
+            outputs.append(data_parallel(self.vae.encode, pg)(x[:whole], *args, **kwargs))
         if whole < x.size(0):
-            parts.append(self._encode_in_time(x[whole:], args, kwargs, pg, self.gather))
-        if len(parts) == 1:
-            return parts[0][1](parts[0][0])
-        (first, rebuild), (second, _) = parts
-        return rebuild([_cat_batch(a, b) for a, b in zip(first, second, strict=True)])
+            outputs.append(self._encode_in_time(x[whole:], args, kwargs, pg, self.gather))
+        return _concatenate(outputs, 0, "time_parallel", tuple(x.shape))
 
     def _encode_in_time(
         self, x: torch.Tensor, args: tuple, kwargs: dict, pg: dist.ProcessGroup, gather: bool
-    ) -> tuple[list[Any], Callable[[list[Any]], Any]]:
-        """Every rank encodes its span of every clip of ``x``; the leaves of the output, gathered."""
-        world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+    ) -> Any:
+        """Every rank encodes its span of every clip of ``x``; ``vae.encode``'s output, gathered."""
+        run = _Run(pg)
         spans = self.spans(x.size(2))
-        start, stop = spans[rank]
+        start, stop = spans[run.rank]
         first = 0 if start == 0 else 1 + (start - 1) * self.ratio  # frames of the span
         last = 0 if stop == 0 else 1 + (stop - 1) * self.ratio
-        run = _Run(pg, rank, world)
         with self._hooked(run, x, first, last) as clip:
             leaves, rebuild = _flatten(self.vae.encode(clip, *args, **kwargs))
-        drop = 1 if self.chunked and rank > 0 else 0  # the throw-away first chunk
+        drop = 1 if self.chunked and run.rank > 0 else 0  # the throw-away first chunk
         lengths = [b - a for a, b in spans]
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, torch.Tensor) and leaf.dim() == 5:
-                local = leaf.narrow(2, drop, lengths[rank])
+                local = leaf.narrow(2, drop, lengths[run.rank])
                 leaves[i] = _all_gather_cat(local, lengths, 2, pg) if gather else local.contiguous()
-        return leaves, rebuild
+        return rebuild(leaves)
 
     @contextmanager
     def _hooked(self, run: _Run, x: torch.Tensor, first: int, last: int) -> Iterator[torch.Tensor]:
         """Hooks on the encoder's layers for one call; yields the clip to pass to ``vae.encode``."""
-        handles = []
-        for conv in self.convs:
-            hook = _cache_hook(run, conv) if conv.context is None else _context_hook(run, conv)
-            handles.append(conv.module.register_forward_pre_hook(hook, with_kwargs=True))
+        handles = [
+            conv.module.register_forward_pre_hook(functools.partial(_conv_hook, run, conv), with_kwargs=True)
+            for conv in self.convs
+        ]
         for module in self.attentions:
             handles.append(module.register_forward_pre_hook(run.attention_pre_hook, with_kwargs=True))
             handles.append(module.register_forward_hook(run.attention_post_hook))
-        own = x[:, :, first:last]
-        if self.chunked:  # frame 0 (or a throw-away) alone, then the rest of the span as one chunk
-            lead = x[:, :, max(first - 1, 0) : max(first, 1)]
-            own = own[:, :, 1:] if first == 0 else own
+        own = x[:, :, max(first, int(self.chunked)) : last]  # chunked: frame 0 is encoded on its own
         run.empty = own.size(2) == 0  # it still takes part in every exchange, offering nothing
         span = own if own.size(2) else torch.zeros_like(x[:, :, : self.ratio])
-        if self.chunked:
-            clip = lead.expand(-1, -1, 1 + WAN_CHUNK, -1, -1)
+        if self.chunked:  # frame 0 (or a throw-away) alone, then the rest of the span as one chunk
+            clip = x[:, :, max(first - 1, 0) : max(first, 1)].expand(-1, -1, 1 + WAN_CHUNK, -1, -1)
             handles.append(
                 self.vae.encoder.register_forward_pre_hook(_chunk_hook(run, span), with_kwargs=True)
             )
         else:
             clip, run.enabled = span, True
         try:
-            with _CollectiveMode(run):
+            with run:
                 yield clip
         finally:
             for handle in handles:
@@ -187,7 +193,7 @@ class TimeParallelEncode:
         reference, _ = _flatten(self.vae.encode(probe, *args, **kwargs))
         problem = ""
         try:
-            leaves, _ = self._encode_in_time(probe, args, kwargs, pg, gather=True)
+            leaves, _ = _flatten(self._encode_in_time(probe, args, kwargs, pg, gather=True))
         except RuntimeError as error:
             problem, leaves = str(error), reference
         error = max(
@@ -202,9 +208,8 @@ class TimeParallelEncode:
         status = torch.tensor([float(bool(problem)), error], dtype=torch.float64, device=x.device)
         dist.all_reduce(status, op=dist.ReduceOp.MAX, group=pg)
         if status[0] > 0 or status[1] > tolerance:
-            name = type(self.vae).__name__
             raise ValueError(
-                f"time_parallel: {name} does not encode exactly with its frames split over {world} ranks "
+                f"time_parallel: {type(self.vae).__name__} does not encode exactly with its frames split over {world} ranks "
                 f"(probe clip {tuple(shape)}: relative error {status[1].item():.2e} > {tolerance:g}"
                 f"{'; ' + problem if problem else ''}); its encoder mixes frames in a way these hooks do "
                 "not cover (supported: causal temporal convolutions, GroupNorm over the clip, attention "
@@ -219,12 +224,11 @@ class TimeParallelEncode:
 
     def _check_frames(self, frames: int) -> None:
         if frames < 1 or (frames - 1) % self.frame_unit:
-            name = type(self.vae).__name__
             chunks = (
                 f"; its encode drops the frames after the last chunk of {WAN_CHUNK}" if self.chunked else ""
             )
             raise ValueError(
-                f"time_parallel: a clip of {frames} frames; {name} takes 1 + {self.frame_unit}k frames "
+                f"time_parallel: a clip of {frames} frames; {type(self.vae).__name__} takes 1 + {self.frame_unit}k frames "
                 f"(frame 0 on its own, then {self.ratio} frames per latent frame{chunks}), e.g. "
                 f"{1 + self.frame_unit * max((frames - 1) // self.frame_unit, 0)} or "
                 f"{1 + self.frame_unit * ((frames - 1) // self.frame_unit + 1)}"
@@ -233,10 +237,7 @@ class TimeParallelEncode:
     def _world(self) -> int:
         if self.group is None and not (dist.is_available() and dist.is_initialized()):
             return 1
-        return dist.get_world_size(self._group())
-
-    def _group(self) -> dist.ProcessGroup:
-        return dist.group.WORLD if self.group is None else self.group
+        return dist.get_world_size(self.group)
 
 
 def time_parallel(
@@ -285,17 +286,18 @@ def _plan(vae: nn.Module) -> tuple[list[_Conv], bool]:
     convs, inner = [], set()
     for path, module in vae.encoder.named_modules():
         conv = getattr(module, "conv", None)
-        if isinstance(conv, nn.Conv3d) and (
+        wrapped = isinstance(conv, nn.Conv3d) and (
             hasattr(module, "time_causal_padding") or hasattr(module, "is_causal")
-        ):
+        )
+        if wrapped:
             inner.add(conv)
-            found = _wrapped_conv(module, conv, f"{name}.encoder.{path}")
         elif isinstance(module, nn.Conv3d) and module not in inner:
-            found = _plain_conv(module, f"{name}.encoder.{path}")
+            conv = module
         else:
             continue
-        if found is not None:
-            convs.append(found)
+        if conv.kernel_size[0] > 1 or conv.stride[0] > 1:  # pointwise in time: nothing to exchange
+            where = f"{name}.encoder.{path}"
+            convs.append(_wrapped_conv(module, conv, where) if wrapped else _plain_conv(conv, where))
     raise_if(
         not convs,
         TypeError,
@@ -305,11 +307,9 @@ def _plan(vae: nn.Module) -> tuple[list[_Conv], bool]:
     return convs, chunked
 
 
-def _wrapped_conv(module: nn.Module, conv: nn.Conv3d, path: str) -> _Conv | None:
+def _wrapped_conv(module: nn.Module, conv: nn.Conv3d, path: str) -> _Conv:
     """A module that pads in time, then calls ``module.conv`` (HunyuanVideo, LTX-Video, Mochi, CogVideoX)."""
     kernel, stride = conv.kernel_size[0], conv.stride[0]
-    if kernel == 1 and stride == 1:
-        return None
     raise_if(
         "conv_cache" in inspect.signature(module.forward).parameters
         and getattr(module, "pad_mode", "") != "replicate",
@@ -331,11 +331,9 @@ def _wrapped_conv(module: nn.Module, conv: nn.Conv3d, path: str) -> _Conv | None
     return _Conv(conv, kernel, stride, front)
 
 
-def _plain_conv(conv: nn.Conv3d, path: str) -> _Conv | None:
-    """An ``nn.Conv3d`` called directly: pointwise in time, or Wan's causal conv (``_padding``, ``cache_x``)."""
+def _plain_conv(conv: nn.Conv3d, path: str) -> _Conv:
+    """An ``nn.Conv3d`` called directly: Wan's causal conv (``_padding``, ``cache_x``)."""
     kernel, stride = conv.kernel_size[0], conv.stride[0]
-    if kernel == 1 and stride == 1:
-        return None
     front = getattr(conv, "_padding", (0,) * 6)[4]
     cached = hasattr(conv, "_padding") and "cache_x" in inspect.signature(conv.forward).parameters
     if cached and conv.padding[0] == 0 and conv.dilation[0] == 1 and kernel >= stride:
@@ -350,11 +348,13 @@ def _plain_conv(conv: nn.Conv3d, path: str) -> _Conv | None:
 
 
 # ---- one call's exchanges -----------------------------------------------------------------------
-class _Run:
-    """One rank's state during one time-parallel encode: who it is and whether its hooks exchange."""
+class _Run(TorchFunctionMode):
+    """One rank's state during one time-parallel encode: who it is and whether its hooks exchange. Entered as
+    a torch function mode, it routes clip-wide GroupNorms and frame-causal attention through its exchanges."""
 
-    def __init__(self, group: dist.ProcessGroup, rank: int, world: int) -> None:
-        self.group, self.rank, self.world = group, rank, world
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.group, self.rank, self.world = group, dist.get_rank(group), dist.get_world_size(group)
         self.empty = False  # no frames of its own in this pass (a dummy span keeps the collectives)
         self.enabled = False  # off during Wan's first chunk
         self.attention = False  # inside an attention with a frame-causal mask
@@ -367,18 +367,14 @@ class _Run:
         a rank whose span is shorter than ``need`` is looked through to the ranks before it.
         """
         count = min(own.size(2), width)
-        tail = own[:, :, own.size(2) - count :]
-        if count < width:
-            tail = torch.cat([tail.new_zeros((*tail.shape[:2], width - count, *tail.shape[3:])), tail], 2)
-        row = torch.cat([tail.reshape(-1), tail.new_tensor([count])])
-        rows = row.new_empty(self.world * row.numel())
-        dist.all_gather_into_tensor(rows, row, group=self.group)
+        tail = F.pad(own[:, :, own.size(2) - count :], (0, 0, 0, 0, width - count, 0))  # zeros in front
+        rows = _all_gather_rows(torch.cat([tail.reshape(-1), tail.new_tensor([count])]), self.group)
         if self.rank == 0:
             return None
-        frames = []
-        for part in rows.view(self.world, -1)[: self.rank]:
-            offered = int(part[-1].item())
-            frames.append(part[:-1].view(tail.shape)[:, :, width - offered :])
+        # each row: a rank's tail, then how many of its last frames it offers
+        frames = [
+            part[:-1].view(tail.shape)[:, :, width - int(part[-1].item()) :] for part in rows[: self.rank]
+        ]
         return torch.cat(frames, 2)[:, :, -need:] if need else own[:, :, :0]
 
     def own(self, x: torch.Tensor, context: int) -> torch.Tensor:
@@ -399,85 +395,71 @@ class _Run:
     def attention_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.attention = False
 
-    def group_norm(self, x: torch.Tensor, groups: int, weight, bias, eps: float) -> torch.Tensor:
-        """GroupNorm of ``x: (b, C, ...)`` with the statistics of every rank's frames together."""
-        b, channels = x.shape[:2]
-        flat = x.reshape(b, groups, -1)
+    def group_norm(self, input, num_groups, weight=None, bias=None, eps=1e-5):  # noqa: A002 - F.group_norm's names
+        """GroupNorm of ``input: (b, C, ...)`` with the statistics of every rank's frames together."""
+        b, channels = input.shape[:2]
+        flat = input.reshape(b, num_groups, -1)
         keep = 0.0 if self.empty else 1.0
         stats = torch.stack(
             [
                 flat.sum(-1, dtype=torch.float64) * keep,
                 flat.pow(2).sum(-1, dtype=torch.float64) * keep,
-                torch.full((b, groups), flat.size(-1) * keep, dtype=torch.float64, device=x.device),
+                torch.full((b, num_groups), flat.size(-1) * keep, dtype=torch.float64, device=input.device),
             ],
             -1,
         )
         dist.all_reduce(stats, group=self.group)
         mean = stats[..., 0] / stats[..., 2]
         rstd = (stats[..., 1] / stats[..., 2] - mean.square()).clamp_min(0).add(eps).rsqrt()
-        compute = torch.promote_types(x.dtype, torch.float32)
-        out = (flat.to(compute) - mean.to(compute)[..., None]).mul_(rstd.to(compute)[..., None]).view(x.shape)
-        shape = (1, channels) + (1,) * (x.dim() - 2)
+        compute = torch.promote_types(input.dtype, torch.float32)
+        out = (
+            (flat.to(compute) - mean.to(compute)[..., None])
+            .mul_(rstd.to(compute)[..., None])
+            .view(input.shape)
+        )
+        shape = (1, channels) + (1,) * (input.dim() - 2)
         if weight is not None:
             out.mul_(weight.to(compute).view(shape))
         if bias is not None:
             out.add_(bias.to(compute).view(shape))
-        return out.to(x.dtype)
+        return out.to(input.dtype)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (
+            self.enabled
+            and func is F.group_norm
+            and (args[0].dim() == 5 or (self.attention and args[0].dim() == 3))
+        ):
+            return self.group_norm(*args, **kwargs)
+        if self.enabled and self.attention and func is F.scaled_dot_product_attention:
+            return self.attention_over_frames(*args, **kwargs)
+        return func(*args, **kwargs)
 
     def attention_over_frames(self, q, k, v, attn_mask=None, *args: Any, **kwargs: Any) -> torch.Tensor:
         """SDPA of this rank's queries over the keys and values of the ranks before and its own."""
         own = torch.cat([k, v], -1)
-        if self.empty:
-            own = own[..., :0, :]
-        lengths = torch.tensor([own.size(-2)], device=own.device)
-        all_lengths = lengths.new_empty(self.world)
-        dist.all_gather_into_tensor(all_lengths, lengths, group=self.group)
-        longest = int(all_lengths.max().item())
-        padded = F.pad(own, (0, 0, 0, longest - own.size(-2)))
-        rows = padded.new_empty((self.world * padded.size(0), *padded.shape[1:]))
-        dist.all_gather_into_tensor(rows, padded.contiguous(), group=self.group)
-        rows = rows.view(self.world, *padded.shape)
-        before = [rows[r][..., : int(all_lengths[r].item()), :] for r in range(self.rank)]
-        keys, values = torch.cat([*before, torch.cat([k, v], -1)], -2).split(k.size(-1), -1)
-        earlier = sum(part.size(-2) for part in before)
+        lengths = _all_gather_rows(
+            torch.tensor([0 if self.empty else own.size(-2)], device=own.device), self.group
+        )
+        lengths = lengths.view(-1).tolist()
+        earlier = sum(lengths[: self.rank])
+        before = _all_gather_cat(own[..., : lengths[self.rank], :], lengths, own.dim() - 2, self.group)
+        keys, values = torch.cat([before[..., :earlier, :], own], -2).split(k.size(-1), -1)
         if attn_mask is not None and earlier:
             visible = attn_mask.new_ones if attn_mask.dtype == torch.bool else attn_mask.new_zeros
             attn_mask = torch.cat([visible((*attn_mask.shape[:-1], earlier)), attn_mask], -1)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask, *args, **kwargs)
 
 
-class _CollectiveMode(TorchFunctionMode):
-    """Routes clip-wide GroupNorms and frame-causal attention of one encode through ``run``."""
-
-    def __init__(self, run: _Run) -> None:
-        super().__init__()
-        self.run = run
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        run = self.run
-        if run.enabled and func is F.group_norm:
-            x = args[0]
-            if x.dim() == 5 or (run.attention and x.dim() == 3):
-                return run.group_norm(*_group_norm_args(*args, **kwargs))
-        if run.enabled and run.attention and func is F.scaled_dot_product_attention:
-            return run.attention_over_frames(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-def _group_norm_args(input, num_groups, weight=None, bias=None, eps=1e-5):  # noqa: A002 - F.group_norm's names
-    return input, num_groups, weight, bias, eps
-
-
-def _context_hook(run: _Run, conv: _Conv) -> Callable:
-    """Before a conv whose input starts with ``conv.context`` frames of padding or cache: the real ones."""
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        if not run.enabled:
-            return None
-        x = args[0]
-        own = run.own(x, conv.context)
-        halo = run.boundary(own, conv.kernel - 1, conv.kernel - conv.stride)
+def _conv_hook(run: _Run, conv: _Conv, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """Forward pre-hook of a causal conv: the frames before the span, written over the ``conv.context`` frames
+    of padding or cache in front of its input, or passed as Wan's ``cache_x`` (``conv.context`` None)."""
+    if not run.enabled:
+        return None
+    x, width = args[0], conv.kernel - 1
+    if conv.context is not None:
+        halo = run.boundary(run.own(x, conv.context), width, conv.kernel - conv.stride)
         if halo is None:
             return None
         # The context frames are padding or a cache the caller has just concatenated in front: write
@@ -485,40 +467,23 @@ def _context_hook(run: _Run, conv: _Conv) -> Callable:
         start = conv.context - halo.size(2)
         x[:, :, start : conv.context].copy_(halo)
         return (x[:, :, start:], *args[1:]), kwargs
-
-    return hook
-
-
-def _cache_hook(run: _Run, conv: _Conv) -> Callable:
-    """Before a Wan causal conv ``forward(x, cache_x)``: ``cache_x`` becomes the frames before the span."""
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        if not run.enabled:
-            return None
-        x, width = args[0], conv.kernel - 1
+    own = run.own(x, 0)
+    if run.rank == 0:  # its padding (zeros) and cache come before its frames
         cache = args[1] if len(args) > 1 else kwargs.get("cache_x")
-        own = x[:, :, x.size(2) :] if run.empty else x
-        if run.rank == 0:  # its padding (zeros) and cache come before its frames
-            front = [] if cache is None else [cache.to(x.device)]
-            missing = width - sum(f.size(2) for f in front)
-            if missing > 0:
-                front.insert(0, x.new_zeros((*x.shape[:2], missing, *x.shape[3:])))
-            own = torch.cat([*front, own], 2)
-        halo = run.boundary(own, width, width)
-        if halo is None:
-            return None
-        return (x, halo), {k: v for k, v in kwargs.items() if k != "cache_x"}
-
-    return hook
+        cache = [] if cache is None else [cache.to(x.device)]
+        own = torch.cat([x.new_zeros((*x.shape[:2], width, *x.shape[3:])), *cache, own], 2)
+    halo = run.boundary(own, width, width)
+    if halo is None:
+        return None
+    return (x, halo), {k: v for k, v in kwargs.items() if k != "cache_x"}
 
 
 def _chunk_hook(run: _Run, span: torch.Tensor) -> Callable:
     """Before each call of Wan's encoder: the first chunk runs locally; the second becomes the span."""
-    calls = [0]
+    calls = itertools.count()
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        item, second = divmod(calls[0], 2)
-        calls[0] += 1
+        item, second = divmod(next(calls), 2)
         run.enabled = bool(second)
         if not second:
             return None
@@ -544,26 +509,3 @@ def _frame_causal(mask: torch.Tensor) -> bool:
     if not bool((counts == (index // per + 1) * per).all()):
         return False
     return bool((allowed == (index < counts[..., None])).all())
-
-
-def _check_same_shape(x: torch.Tensor, group: dist.ProcessGroup) -> None:
-    shape = torch.tensor(x.shape, device=x.device)
-    shapes = shape.new_empty(dist.get_world_size(group) * 5)
-    dist.all_gather_into_tensor(shapes, shape, group=group)
-    rows = [tuple(row) for row in shapes.view(-1, 5).tolist()]
-    raise_if(
-        any(row != rows[0] for row in rows),
-        ValueError,
-        f"time_parallel: the ranks of the group passed clips of shapes {rows}; every rank must pass "
-        "the same clip",
-    )
-
-
-def _gather_batch(leaf: Any, world: int, group: dist.ProcessGroup) -> Any:
-    if not isinstance(leaf, torch.Tensor):
-        return leaf
-    return _all_gather_cat(leaf.detach(), [leaf.size(0)] * world, 0, group)
-
-
-def _cat_batch(a: Any, b: Any) -> Any:
-    return torch.cat([a, b]) if isinstance(a, torch.Tensor) else a

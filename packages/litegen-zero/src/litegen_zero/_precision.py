@@ -57,12 +57,14 @@ class MixedPrecision:
         self._autocast = autocast and dtype != torch.float32
         self.scaler: torch.amp.GradScaler | None = None
         if dtype == torch.float16:
-            kind = self.device.type
+            options = {"init_scale": init_scale, "growth_interval": growth_interval}
             self.scaler = (
-                ShardedGradScaler(kind, init_scale=init_scale, growth_interval=growth_interval, process_group=process_group or dist.group.WORLD)
+                ShardedGradScaler(
+                    self.device.type, process_group=process_group or dist.group.WORLD, **options
+                )
                 if sharded and dist.is_initialized()
-                else torch.amp.GradScaler(kind, init_scale=init_scale, growth_interval=growth_interval)
-            )  # fmt: skip
+                else torch.amp.GradScaler(self.device.type, **options)
+            )
         self.skipped_steps = 0
         self._finite = True  # the last clip_grad_norm_'s norm, until the step
 

@@ -110,8 +110,7 @@ def shard(
         ValueError,
         f"group_size={group_size!r} with degree={degree}; group_size needs degree=3",
     )
-    group_size = _check_group_size(group_size, world)
-    _check_mesh(mesh, group_size)
+    group_size = _check_layout(group_size, mesh, world)
     param_dtype = _check_dtype("param_dtype", param_dtype)
     reduce_dtype = _check_dtype("reduce_dtype", reduce_dtype)
     raise_if(
@@ -125,44 +124,31 @@ def shard(
         ValueError,
         f"offload={offload!r} with degree={degree}; allowed: False, or True with degree=3",
     )
-    names = {id(p): name for name, p in model.named_parameters()}
     raise_if(
         not any(p.requires_grad for p in model.parameters()),
         ValueError,
         f"model {type(model).__name__} has no trainable parameter (requires_grad=True)",
     )
-    groups = _groups_by_name(optimizer, names)
-    if groups is not None:
-        _check_optimizer_class(type(optimizer), degree)
+    groups = _groups_by_name(optimizer, model, degree)
     units = _resolve_blocks(model, blocks)
 
     if degree <= 1:
         model = _wrap_ddp(model, mesh, reduce_dtype)
         inner = getattr(model, "module", model)
     else:
-        mesh = mesh if mesh is not None else _default_mesh(world, group_size)
-        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
         offload_policy = (
             CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
         )
+        options = {
+            "mesh": mesh if mesh is not None else _default_mesh(world, group_size),
+            "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+            "offload_policy": offload_policy,
+        }
         for unit in reversed(units):  # reverse pre-order: nested units before the modules holding them
-            fully_shard(
-                unit,
-                mesh=mesh,
-                reshard_after_forward=degree == 3,
-                mp_policy=policy,
-                offload_policy=offload_policy,
-            )
-        fully_shard(
-            model,
-            mesh=mesh,
-            reshard_after_forward=None if degree == 3 else False,
-            mp_policy=policy,
-            offload_policy=offload_policy,
-        )
+            fully_shard(unit, reshard_after_forward=degree == 3, **options)
+        fully_shard(model, reshard_after_forward=None if degree == 3 else False, **options)
         inner = model
-    new_params = dict(inner.named_parameters())
-    optimizer = _rebuild_optimizer(optimizer, groups, new_params, model, degree)
+    optimizer = _rebuild_optimizer(optimizer, groups, dict(inner.named_parameters()), model, degree)
     if dist.get_rank() == 0:
         logger.info(
             "shard: degree %d = %s over %d ranks, %d block units + root, param_dtype=%s, "
@@ -194,8 +180,7 @@ def shard_frozen(
     """
     _check_model(model)
     world = _world_size()
-    group_size = _check_group_size(group_size, world)
-    _check_mesh(mesh, group_size)
+    group_size = _check_layout(group_size, mesh, world)
     dtype = _check_dtype("dtype", dtype)
     units = _resolve_blocks(model, blocks)
 
@@ -203,9 +188,8 @@ def shard_frozen(
     if dtype is not None:
         model.to(dtype)
     mesh = mesh if mesh is not None else _default_mesh(world, group_size)
-    for unit in reversed(units):
+    for unit in [*reversed(units), model]:  # explicit for the root too: it frees its shards as well
         fully_shard(unit, mesh=mesh, reshard_after_forward=True)
-    fully_shard(model, mesh=mesh, reshard_after_forward=True)  # explicit: the root frees its shards too
     return model
 
 
@@ -231,31 +215,27 @@ def _device_type() -> str:
     return "cuda" if torch.cuda.is_available() and "nccl" in str(dist.get_backend()) else "cpu"
 
 
-def _check_group_size(group_size: int | bool | None, world: int) -> int | None:
-    """The shard-group size asked for (True: LOCAL_WORLD_SIZE), checked to divide the world size."""
-    if group_size is None or group_size is False:
-        return None
+def _check_layout(group_size: int | bool | None, mesh: DeviceMesh | None, world: int) -> int | None:
+    """The shard-group size asked for (True: LOCAL_WORLD_SIZE), checked to divide the world size, or the
+    ``mesh`` to shard over (not both); returns the group size."""
     if group_size is True:
         group_size = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if not isinstance(group_size, int) or group_size < 1 or world % group_size:
-        divisors = [k for k in range(1, world + 1) if world % k == 0]
-        raise ValueError(
-            f"group_size={group_size!r} does not divide the world size {world}; allowed: {divisors}, "
-            "True (the node size, LOCAL_WORLD_SIZE) or None"
-        )
-    return group_size
-
-
-def _check_mesh(mesh: DeviceMesh | None, group_size: int | None) -> None:
+    if group_size is not None and group_size is not False:
+        if not isinstance(group_size, int) or group_size < 1 or world % group_size:
+            divisors = [k for k in range(1, world + 1) if world % k == 0]
+            raise ValueError(
+                f"group_size={group_size!r} does not divide the world size {world}; allowed: {divisors}, "
+                "True (the node size, LOCAL_WORLD_SIZE) or None"
+            )
     if mesh is None:
-        return
+        return group_size or None
     raise_if(
         not isinstance(mesh, DeviceMesh),
         TypeError,
         f"mesh={mesh!r}; allowed: None or a torch.distributed.device_mesh.DeviceMesh",
     )
     raise_if(
-        group_size is not None,
+        group_size not in (None, False),
         ValueError,
         f"group_size={group_size} and mesh={mesh} both given; pass one of them",
     )
@@ -266,6 +246,7 @@ def _check_mesh(mesh: DeviceMesh | None, group_size: int | None) -> None:
         )
     if mesh.get_coordinate() is None:
         raise ValueError(f"rank {dist.get_rank()} is not in mesh {mesh}; every calling rank must be in it")
+    return None
 
 
 def _check_dtype(name: str, value: DtypeLike) -> torch.dtype | None:
@@ -298,8 +279,11 @@ def _resolve_blocks(model: nn.Module, blocks: Blocks | None) -> list[nn.Module]:
     return [m for m in below_root if isinstance(m, kinds) or any(m is item for item in items)]
 
 
-def _groups_by_name(optimizer: Optimizer | OptimizerFactory, names: dict[int, str]) -> list[dict] | None:
-    """The optimizer's param groups with parameter FQNs in place of parameters (None for a factory)."""
+def _groups_by_name(
+    optimizer: Optimizer | OptimizerFactory, model: nn.Module, degree: int
+) -> list[dict] | None:
+    """The optimizer's param groups with the parameters' FQNs in ``model`` in place of parameters (None for a
+    factory), checked to be rebuildable."""
     if not isinstance(optimizer, Optimizer):
         if callable(optimizer):
             return None
@@ -311,6 +295,7 @@ def _groups_by_name(optimizer: Optimizer | OptimizerFactory, names: dict[int, st
             f"optimizer {type(optimizer).__name__} already holds state for {len(optimizer.state)} parameters; "
             "shard() rebuilds it empty: build it, or load its checkpoint, after shard()"
         )
+    names = {id(p): name for name, p in model.named_parameters()}
     groups = []
     for index, group in enumerate(optimizer.param_groups):
         foreign = [tuple(p.shape) for p in group["params"] if id(p) not in names]
@@ -320,6 +305,7 @@ def _groups_by_name(optimizer: Optimizer | OptimizerFactory, names: dict[int, st
                 f"(shapes {foreign[:3]}); allowed: parameters of the model passed to shard()"
             )
         groups.append({**group, "params": [names[id(p)] for p in group["params"]]})
+    _check_optimizer_class(type(optimizer), degree)
     return groups
 
 
@@ -368,17 +354,12 @@ def _wrap_ddp(model: nn.Module, mesh: DeviceMesh | None, reduce_dtype: torch.dty
     Under a ``FakeTensorMode`` (memory planning) the model is returned unwrapped: DDP's C++ reducer cannot take
     fake tensors, and with ``gradient_as_bucket_view`` its buckets are the gradients, so the memory is the same.
     """
-    if mesh is None:
-        group = None
-    else:
-        group = (mesh if mesh.ndim == 1 else mesh._flatten()).get_group()
+    group = None if mesh is None else (mesh if mesh.ndim == 1 else mesh._flatten()).get_group()
     if active_fake_mode() is not None:
         return model
-    device_ids = None
-    if _device_type() == "cuda":
-        device = torch.cuda.current_device()
-        model.to(device)
-        device_ids = [device]
+    device_ids = [torch.cuda.current_device()] if _device_type() == "cuda" else None
+    if device_ids:
+        model.to(device_ids[0])
     ddp = DistributedDataParallel(
         model, device_ids=device_ids, process_group=group, gradient_as_bucket_view=True
     )

@@ -22,6 +22,7 @@ all-gathered part by part before it (gradient: each rank keeps its slice, no com
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -95,14 +96,13 @@ def tensor_parallel(
     if not isinstance(mesh, DeviceMesh) or mesh.ndim != 1:
         raise ValueError(f"mesh={mesh!r}; allowed: a 1-D DeviceMesh of the tensor-parallel ranks")
     tp = mesh.size()
+    source = "the given plan"
     if plan is None:
-        plan = getattr(model, "_tp_plan", None) or _plan_by_structure(model, blocks, strict)
-        source = "the model's _tp_plan" if getattr(model, "_tp_plan", None) else "structure"
-    else:
-        source = "the given plan"
+        plan = getattr(model, "_tp_plan", None)
+        source = "the model's _tp_plan" if plan else "structure"
+        plan = plan or _plan_by_structure(model, blocks, strict)
     styles, packed = _expand(model, plan)
-    norms = _head_norms(model, styles)  # these checks raise on every rank before any collective
-    _set_local_heads(model, styles, tp)
+    norms = _split_attentions(model, styles, tp)  # its checks raise on every rank before any collective
     styles.update(norms)
     if tp > 1 and (styles or packed):
         names = {id(p): n for n, p in model.named_parameters()}
@@ -114,7 +114,9 @@ def tensor_parallel(
         for group in optimizer.param_groups if optimizer is not None else []:
             group["params"] = [new[names[id(p)]] if id(p) in names else p for p in group["params"]]
         for name, parts in packed.items():
-            model.get_submodule(name).register_forward_pre_hook(_GatherPacked(mesh, parts))
+            model.get_submodule(name).register_forward_pre_hook(
+                functools.partial(_gather_packed, mesh, parts)
+            )
         for name in norms:  # their output is a view of a DTensor's local tensor: attention processors that
             # write into q / k in place (CogVideoX's rotary on the video tokens) need a tensor of their own
             model.get_submodule(name).register_forward_hook(_own_output)
@@ -135,19 +137,12 @@ def _own_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.T
     return output.clone()
 
 
-class _GatherPacked:
+def _gather_packed(mesh: DeviceMesh, parts: list[int], module: nn.Module, args: tuple) -> tuple:
     """Forward pre-hook: ``x (..., n / tp)`` holding each rank's slice of every packed part -> ``(..., n)``."""
-
-    def __init__(self, mesh: DeviceMesh, parts: list[int]) -> None:
-        self.mesh, self.parts = mesh, parts
-
-    def __call__(self, module: nn.Module, args: tuple) -> tuple:
-        x, *rest = args
-        total = sum(self.parts)
-        pieces = x.split([x.shape[-1] * p // total for p in self.parts], dim=-1)
-        dim = x.dim() - 1
-        full = [DTensor.from_local(p, self.mesh, [Shard(dim)], run_check=False).full_tensor() for p in pieces]
-        return (torch.cat(full, dim=-1), *rest)
+    x, *rest = args
+    pieces = x.split([x.shape[-1] * p // sum(parts) for p in parts], dim=-1)
+    full = [DTensor.from_local(p, mesh, [Shard(x.dim() - 1)], run_check=False).full_tensor() for p in pieces]
+    return (torch.cat(full, dim=-1), *rest)
 
 
 def _plan_by_structure(model: nn.Module, blocks: Sequence[nn.Module] | None, strict: bool) -> dict[str, str]:
@@ -160,9 +155,19 @@ def _plan_by_structure(model: nn.Module, blocks: Sequence[nn.Module] | None, str
         attention = _attention_plan(block)
         found = attention | _mlp_plan(block, set(attention))
         if not found and strict:
+            unplaced = [  # attentions with q/k/v but no output projection the structure can place
+                n or "(the block)"
+                for n, m in block.named_modules()
+                if _heads(m) is not None and _qkv(m) is not None
+            ]
+            why = (
+                f": its attention {', '.join(unplaced)} has q/k/v but no output projection of its own (a fused "
+                "projection over a concatenation, e.g. cat(attention, mlp) in a single-stream block, whose packed "
+                "layout the structure does not tell)"
+            )
             raise ValueError(
                 f"tensor_parallel: block {prefix!r} ({type(block).__name__}) has no linear layer the plan can "
-                f"place{_why_unplaced(block)} (attention with a heads attribute and q/k/v + output Linears, or an "
+                f"place{why if unplaced else ''} (attention with a heads attribute and q/k/v + output Linears, or an "
                 "MLP of two chained Linears); allowed: pass plan={module name: 'colwise' | 'rowwise' | "
                 "ParallelStyle} for this model (the facade: initialize(..., tp_plan=...))"
             )
@@ -196,8 +201,8 @@ def _attention_plan(block: nn.Module) -> dict[str, str]:
         if heads is None or qkv is None:
             continue
         prefix = f"{name}." if name else ""
-        outs = [prefix + n for n in _OUTPUT_NAMES if _is_linear(module, n)]
-        output = outs[0] if outs else _following_output(block, name, module.get_submodule(qkv[0]))
+        output = next((prefix + n for n in _OUTPUT_NAMES if _is_linear(module, n)), None)
+        output = output or _following_output(block, name, module.get_submodule(qkv[0]))
         if output is None:
             continue
         joint_ins = [n for n in _JOINT_INPUT_NAMES if _is_linear(module, n)]
@@ -225,20 +230,6 @@ def _following_output(block: nn.Module, attention: str, query: nn.Linear) -> str
     return None
 
 
-def _why_unplaced(block: nn.Module) -> str:
-    """A note on the attentions of ``block`` that have q/k/v but no output the structure can place."""
-    names = [
-        n or "(the block)" for n, m in block.named_modules() if _heads(m) is not None and _qkv(m) is not None
-    ]
-    if not names:
-        return ""
-    return (
-        f": its attention {', '.join(names)} has q/k/v but no output projection of its own (a fused projection "
-        "over a concatenation, e.g. cat(attention, mlp) in a single-stream block, whose packed layout the "
-        "structure does not tell)"
-    )
-
-
 def _mlp_plan(block: nn.Module, claimed: set[str]) -> dict[str, str]:
     """MLPs among the Linears no attention claimed, outermost first; modules holding an attention's unclaimed
     Linears (an attention that could not be placed) are not searched as a whole."""
@@ -252,9 +243,9 @@ def _mlp_plan(block: nn.Module, claimed: set[str]) -> dict[str, str]:
     plan: dict[str, str] = {}
     found: list[str] = []
     for name, module in block.named_modules():
-        if "" in found:  # the block itself is the MLP
-            break
-        if any(name.startswith(f"{mlp}.") for mlp in found):
+        if any(
+            mlp == "" or name.startswith(f"{mlp}.") for mlp in found
+        ):  # inside an MLP (or the block is one)
             continue
         prefix = f"{name}." if name else ""
         linears = [
@@ -326,11 +317,15 @@ def _expand(model: nn.Module, plan: Plan) -> tuple[dict[str, ParallelStyle], dic
     return styles, packed
 
 
-def _head_norms(model: nn.Module, styles: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
-    """QK-norms with weights inside attentions whose q/k are split: rows split, gradients summed over TP.
-    A QK-norm over all heads at once (Wan's ``rms_norm_across_heads``) cannot be split exactly: refused."""
+def _split_attentions(
+    model: nn.Module, styles: dict[str, ParallelStyle], tp: int
+) -> dict[str, ParallelStyle]:
+    """Check every head count and split width against ``tp``, then give each attention whose q/k are split its
+    local counts and widths (``heads``, ``kv_heads``, ``inner_dim``, ``all_head_size``: the ones reshapes and
+    biases use). Returns its QK-norms with weights: rows split, gradients summed over TP. A QK-norm over all
+    heads at once (Wan's ``rms_norm_across_heads``) cannot be split exactly: refused."""
     owners = {n.rsplit(".", 1)[0] for n, s in styles.items() if isinstance(s, ColwiseParallel) and "." in n}
-    norms = {}
+    norms, changes = {}, []
     for owner in sorted(owners):
         attention = model.get_submodule(owner)
         heads = _heads(attention)
@@ -350,28 +345,15 @@ def _head_norms(model: nn.Module, styles: dict[str, ParallelStyle]) -> dict[str,
                 )
             if any(True for _ in norm.parameters()):
                 norms[f"{owner}.{name}"] = SequenceParallel(sequence_dim=0, use_local_output=True)
-    return norms
-
-
-def _set_local_heads(model: nn.Module, styles: dict[str, ParallelStyle], tp: int) -> None:
-    """Check every head count and split width against ``tp``, then give each attention its local counts and
-    widths (``heads``, ``kv_heads``, ``inner_dim``, ``all_head_size``: the ones reshapes and biases use)."""
-    owners = {
-        name.rsplit(".", 1)[0] for name, s in styles.items() if isinstance(s, ColwiseParallel) and "." in name
-    }
-    changes = []
-    for owner in sorted(owners):
-        module = model.get_submodule(owner)
-        widths = _WIDTH_ATTRS if _heads(module) is not None else ()
-        for attr in _HEAD_ATTRS + _KV_HEAD_ATTRS + widths:
-            count = getattr(module, attr, None)
+        for attr in _HEAD_ATTRS + _KV_HEAD_ATTRS + (_WIDTH_ATTRS if heads is not None else ()):
+            count = getattr(attention, attr, None)
             if isinstance(count, int) and not isinstance(count, bool):
                 if count % tp:
                     raise ValueError(
-                        f"tensor_parallel: {owner} ({type(module).__name__}) has {attr}={count}, not divisible "
+                        f"tensor_parallel: {owner} ({type(attention).__name__}) has {attr}={count}, not divisible "
                         f"by tp_size={tp}; allowed: tp_size in {[d for d in range(1, count + 1) if count % d == 0]}"
                     )
-                changes.append((module, attr, count // tp))
+                changes.append((attention, attr, count // tp))
     for name, style in styles.items():
         layer = model.get_submodule(name)
         if isinstance(layer, nn.Embedding):  # colwise: its embedding dim; rowwise: its rows
@@ -385,3 +367,4 @@ def _set_local_heads(model: nn.Module, styles: dict[str, ParallelStyle], tp: int
             )
     for module, attr, local in changes:
         setattr(module, attr, local)
+    return norms
