@@ -129,6 +129,13 @@ def run_configs(
             out["weights"] = max(rel(state[k], v) for k, v in reference.state_dict().items())
         else:
             out["weights"] = 0.0 if state == {} else float("inf")
+        saved = {k: v.clone() for k, v in state.items()}
+        with (
+            torch.no_grad()
+        ):  # training goes on: the state taken before must not change (a copy at every degree)
+            for p in model.parameters():
+                p.add_(1.0)
+        out["snapshot"] = all(torch.equal(state[k], v) for k, v in saved.items())
         results.append(out)
     return results
 
@@ -136,7 +143,9 @@ def run_configs(
 def check(results: list[list[dict]], tol: float = 1e-5) -> None:
     for per_rank in results:
         for r in per_rank:
-            assert r["loss"] <= tol and r["norm"] <= tol and r["weights"] <= tol, r
+            assert (
+                r["loss"] <= tol and r["norm"] <= tol and r["weights"] <= tol and r.get("snapshot", True)
+            ), r
 
 
 DEGREES = [{"degree": d} for d in range(4)] + [{"degree": 3, "offload": True}]

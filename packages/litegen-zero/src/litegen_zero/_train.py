@@ -68,9 +68,13 @@ def no_sync(model: nn.Module) -> Iterator[None]:
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights on CPU on rank 0 (clean names, as in the unwrapped model); {} elsewhere.
+    """A copy of the whole model's weights on CPU on rank 0 (clean names, as in the unwrapped model); {} elsewhere.
 
     A collective for sharded models: call it on every rank.
     """
     _check_model(model)
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # torch hands out a CPU model's own tensors (and whole local shards): copy those, so the result is a snapshot
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in [*model.parameters(), *model.buffers()]]
+    live = {t.untyped_storage().data_ptr() for t in local if t.device.type == "cpu"}
+    return {k: v.clone() if v.untyped_storage().data_ptr() in live else v for k, v in state.items()}
