@@ -198,11 +198,8 @@ class ShardedEMA:
 
     def decay_at(self, step: int) -> float:
         """The decay ``update(step)`` uses: 0 (copy) before ``update_after_step``, then constant or warm-up."""
-        raise_if(
-            isinstance(step, bool) or not isinstance(step, int),
-            TypeError,
-            f"step={step!r}; allowed: an int (the optimizer step count)",
-        )
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step={step!r}; allowed: an int (the optimizer step count)")
         if step < self.update_after_step:
             return 0.0
         if self.warmup is None:

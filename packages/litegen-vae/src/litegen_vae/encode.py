@@ -95,12 +95,11 @@ def data_parallel(fn: Encode, group: dist.ProcessGroup | None = None, dim: int =
                 f"data_parallel: the ranks of the group passed batches of {[row[0] for row in rows]} "
                 f"items on dim {dim}; every rank must pass the same full batch"
             )
-        raise_if(
-            any(row[1] != rows[0][1] for row in rows),
-            ValueError,
-            f"data_parallel: fn's non-tensor outputs {constants!r} differ between ranks; "
-            "non-tensor outputs must not depend on the batch",
-        )
+        if any(row[1] != rows[0][1] for row in rows):
+            raise ValueError(
+                f"data_parallel: fn's non-tensor outputs {constants!r} differ between ranks; "
+                "non-tensor outputs must not depend on the batch"
+            )
         for column, (i, d) in enumerate(tensors.items()):
             local = leaves[i].detach() if mine else leaves[i].detach().narrow(d, 0, 0)
             leaves[i] = _all_gather_cat(local, [row[2 + column] for row in rows], d, pg)
@@ -233,12 +232,11 @@ def _concatenate(outputs: list[Any], dim: int, wrapper: str, shape: tuple[int, .
     ``dim``, constants checked equal."""
     parts = [_flatten(output) for output in outputs]
     columns = list(zip(*(leaves for leaves, _ in parts), strict=False))
-    raise_if(
-        any(len(leaves) != len(columns) for leaves, _ in parts),
-        ValueError,
-        f"{wrapper}: fn returned outputs of different structures for the slices of x of shape {shape}; it "
-        "must return the same structure for every batch",
-    )
+    if any(len(leaves) != len(columns) for leaves, _ in parts):
+        raise ValueError(
+            f"{wrapper}: fn returned outputs of different structures for the slices of x of shape {shape}; it "
+            "must return the same structure for every batch"
+        )
     combined = []
     for index, column in enumerate(columns):
         if isinstance(column[0], torch.Tensor):
@@ -314,11 +312,8 @@ def _check_group(group: Any, wrapper: str = "data_parallel") -> None:
 
 
 def _batch_dim(x: Any, dim: int, wrapper: str) -> int:
-    raise_if(
-        not isinstance(x, torch.Tensor),
-        TypeError,
-        f"{wrapper}: x must be a torch.Tensor, got {type(x).__name__}",
-    )
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{wrapper}: x must be a torch.Tensor, got {type(x).__name__}")
     if not -x.dim() <= dim < x.dim():
         raise ValueError(
             f"{wrapper}: dim={dim} is out of range for x of shape {tuple(x.shape)}; "

@@ -194,11 +194,8 @@ def shard_frozen(
 
 
 def _check_model(model: object) -> None:
-    raise_if(
-        not isinstance(model, nn.Module),
-        TypeError,
-        f"model={type(model).__name__}; allowed: a torch.nn.Module",
-    )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model={type(model).__name__}; allowed: a torch.nn.Module")
 
 
 def _world_size() -> int:

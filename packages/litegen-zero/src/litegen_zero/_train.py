@@ -12,7 +12,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from litegen_zero._shard import _check_model, raise_if
+from litegen_zero._shard import _check_model
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -25,12 +25,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     """
     _check_model(model)
     for name, value in (("max_norm", max_norm), ("norm_type", norm_type)):
-        raise_if(
-            isinstance(value, bool) or not isinstance(value, (int, float)),
-            TypeError,
-            f"{name}={value!r}; allowed: a number > 0 (or inf)",
-        )
-        raise_if(not value > 0, ValueError, f"{name}={value!r}; allowed: a number > 0 (or inf)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}={value!r}; allowed: a number > 0 (or inf)")
+        if not value > 0:
+            raise ValueError(f"{name}={value!r}; allowed: a number > 0 (or inf)")
     groups: dict[object, list[nn.Parameter]] = {}  # one group per DTensor layout (TP x FSDP mixes meshes)
     for p in model.parameters():
         if p.grad is not None:
