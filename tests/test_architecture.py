@@ -82,3 +82,35 @@ def test_every_package_has_the_required_layout():
             "tests",
         ]:
             assert (root / part).exists(), f"{root.name} lacks {part}"
+
+
+def _raise_if_copies() -> dict[str, str]:
+    """Each package's private ``raise_if`` (no cross-package import), as an AST dump, by file."""
+    copies = {}
+    for path in sorted((ROOT / "packages").glob("*/src/*/*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name == "raise_if":
+                copies[str(path.relative_to(ROOT))] = ast.dump(node)
+    return copies
+
+
+def test_the_private_raise_if_copies_are_the_same_lines():
+    copies = _raise_if_copies()
+    assert len(copies) == 6, sorted(copies)
+    assert len(set(copies.values())) == 1, sorted(copies)
+
+
+def test_raise_if_formats_a_lazy_message_only_on_failure():
+    from litegen_sp.ulysses import raise_if
+
+    def message() -> str:
+        calls.append(1)
+        return "x=1; allowed: 2"
+
+    calls: list[int] = []
+    raise_if(False, ValueError, message)
+    assert calls == []
+    with pytest.raises(ValueError, match="^x=1; allowed: 2$"):
+        raise_if(True, ValueError, message)
+    with pytest.raises(TypeError, match="^plain$"):
+        raise_if(True, TypeError, "plain")

@@ -569,7 +569,10 @@ def _read_into(stream: IO[bytes], offset: int, dest: torch.Tensor, path: Path, i
     return digest.hexdigest()
 
 
-def raise_if(bad: bool, error: type[Exception], message: str) -> None:
-    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective)."""
+def raise_if(bad: bool, error: type[Exception], message: str | Callable[[], str]) -> None:
+    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective).
+
+    ``message`` may be a zero-argument callable, called only when ``bad``: per-call checks format nothing.
+    """
     if bad:
-        raise error(message)
+        raise error(message if isinstance(message, str) else message())

@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -198,8 +198,11 @@ class ShardedEMA:
 
     def decay_at(self, step: int) -> float:
         """The decay ``update(step)`` uses: 0 (copy) before ``update_after_step``, then constant or warm-up."""
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise TypeError(f"step={step!r}; allowed: an int (the optimizer step count)")
+        raise_if(
+            isinstance(step, bool) or not isinstance(step, int),
+            TypeError,
+            lambda: f"step={step!r}; allowed: an int (the optimizer step count)",
+        )
         if step < self.update_after_step:
             return 0.0
         if self.warmup is None:
@@ -386,7 +389,10 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def raise_if(bad: bool, error: type[Exception], message: str) -> None:
-    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective)."""
+def raise_if(bad: bool, error: type[Exception], message: str | Callable[[], str]) -> None:
+    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective).
+
+    ``message`` may be a zero-argument callable, called only when ``bad``: per-call checks format nothing.
+    """
     if bad:
-        raise error(message)
+        raise error(message if isinstance(message, str) else message())

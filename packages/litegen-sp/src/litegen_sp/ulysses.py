@@ -34,10 +34,13 @@ FLASH_MAX_HEAD_DIM = 256
 SEQ, HEADS = 1, 2  # the dims of (batch, seq, heads, head_dim)
 
 
-def raise_if(bad: bool, error: type[Exception], message: str) -> None:
-    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective)."""
+def raise_if(bad: bool, error: type[Exception], message: str | Callable[[], str]) -> None:
+    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective).
+
+    ``message`` may be a zero-argument callable, called only when ``bad``: per-call checks format nothing.
+    """
     if bad:
-        raise error(message)
+        raise error(message if isinstance(message, str) else message())
 
 
 @dataclass(frozen=True)
@@ -56,20 +59,32 @@ class SequenceInfo:
 
 
 def _group_size_and_rank(group: dist.ProcessGroup | None, where: str, name: str = "group") -> tuple[int, int]:
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"{where} needs an initialized torch.distributed process group")
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise TypeError(
+    raise_if(
+        not dist.is_available() or not dist.is_initialized(),
+        RuntimeError,
+        lambda: f"{where} needs an initialized torch.distributed process group",
+    )
+    raise_if(
+        group is not None and not isinstance(group, dist.ProcessGroup),
+        TypeError,
+        lambda: (
             f"{where}: {name}={group!r} ({type(group).__name__}); allowed: a ProcessGroup or None (the world)"
-        )
+        ),
+    )
     return dist.get_world_size(group), dist.get_rank(group)
 
 
 def _normalize_dim(dim: int, x: Tensor, where: str) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"{where}: dim={dim!r} ({type(dim).__name__}); allowed: an int")
-    if not -x.dim() <= dim < x.dim():
-        raise ValueError(f"{where}: dim={dim} is out of range for a tensor of shape {tuple(x.shape)}")
+    raise_if(
+        isinstance(dim, bool) or not isinstance(dim, int),
+        TypeError,
+        lambda: f"{where}: dim={dim!r} ({type(dim).__name__}); allowed: an int",
+    )
+    raise_if(
+        not -x.dim() <= dim < x.dim(),
+        ValueError,
+        lambda: f"{where}: dim={dim} is out of range for a tensor of shape {tuple(x.shape)}",
+    )
     return dim % x.dim()
 
 
@@ -118,20 +133,28 @@ def split_sequence(
     ``info.local_len`` tokens along ``dim``. No communication; the backward places the local gradient
     into zeros of ``x``'s shape.
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"split_sequence: x must be a Tensor, got {type(x).__name__}")
+    raise_if(
+        not isinstance(x, Tensor),
+        TypeError,
+        lambda: f"split_sequence: x must be a Tensor, got {type(x).__name__}",
+    )
     dim = _normalize_dim(dim, x, "split_sequence (x)")
     seq_len = x.shape[dim]
-    if seq_len == 0:
-        raise ValueError(f"split_sequence: x has no tokens along dim={dim} (shape {tuple(x.shape)})")
+    raise_if(
+        seq_len == 0,
+        ValueError,
+        lambda: f"split_sequence: x has no tokens along dim={dim} (shape {tuple(x.shape)})",
+    )
     size, rank = _group_size_and_rank(group, "split_sequence")
     fewest = -(-seq_len // size)
-    if local_len is not None and (
-        isinstance(local_len, bool) or not isinstance(local_len, int) or local_len < fewest
-    ):
-        raise ValueError(
+    raise_if(
+        local_len is not None
+        and (isinstance(local_len, bool) or not isinstance(local_len, int) or local_len < fewest),
+        ValueError,
+        lambda: (
             f"split_sequence: local_len={local_len!r}; allowed: an int >= ceil({seq_len} / {size}) = {fewest}"
-        )
+        ),
+    )
     padded_len = (fewest if local_len is None else local_len) * size
     info = SequenceInfo(seq_len=seq_len, padded_len=padded_len, dim=dim, group_size=size)
     return _local_slice(x, info, dim, rank), info
@@ -145,21 +168,31 @@ def gather_sequence(
     ``x_local``: ``info.local_len`` tokens along ``dim``. Returns ``info.seq_len`` tokens on every
     rank. Backward: this rank's slice of the incoming gradient times the group size (no communication).
     """
-    if not isinstance(x_local, Tensor):
-        raise TypeError(f"gather_sequence: x_local must be a Tensor, got {type(x_local).__name__}")
-    if not isinstance(info, SequenceInfo):
-        raise TypeError(f"gather_sequence: info must be the SequenceInfo from split_sequence, got {info!r}")
+    raise_if(
+        not isinstance(x_local, Tensor),
+        TypeError,
+        lambda: f"gather_sequence: x_local must be a Tensor, got {type(x_local).__name__}",
+    )
+    raise_if(
+        not isinstance(info, SequenceInfo),
+        TypeError,
+        lambda: f"gather_sequence: info must be the SequenceInfo from split_sequence, got {info!r}",
+    )
     dim = _normalize_dim(info.dim if dim is None else dim, x_local, "gather_sequence (x_local)")
     size, _ = _group_size_and_rank(group, "gather_sequence")
-    if size != info.group_size:
-        raise ValueError(
-            f"gather_sequence: the group has {size} ranks but info was made for {info.group_size}"
-        )
-    if x_local.shape[dim] != info.local_len:
-        raise ValueError(
+    raise_if(
+        size != info.group_size,
+        ValueError,
+        lambda: f"gather_sequence: the group has {size} ranks but info was made for {info.group_size}",
+    )
+    raise_if(
+        x_local.shape[dim] != info.local_len,
+        ValueError,
+        lambda: (
             f"gather_sequence: x_local has shape {tuple(x_local.shape)}, {x_local.shape[dim]} tokens along "
             f"dim={dim}; info expects local_len={info.local_len} (seq_len={info.seq_len}, P={size})"
-        )
+        ),
+    )
     return _GatherSequence.apply(x_local, group, info, dim)
 
 
@@ -207,14 +240,24 @@ class _AllToAll(torch.autograd.Function):
 
 
 def _check_options(where: str, causal: bool, scale: float | None, dropout_p: float) -> None:
-    if not isinstance(causal, bool):
-        raise TypeError(f"{where}: causal={causal!r}; allowed: True or False")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"{where}: scale={scale!r}; allowed: None (1/sqrt(head_dim)) or a number")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"{where}: dropout_p={dropout_p!r}; allowed: a number in [0, 1)")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{where}: dropout_p={dropout_p!r}; allowed: a number in [0, 1)")
+    raise_if(
+        not isinstance(causal, bool), TypeError, lambda: f"{where}: causal={causal!r}; allowed: True or False"
+    )
+    raise_if(
+        scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))),
+        TypeError,
+        lambda: f"{where}: scale={scale!r}; allowed: None (1/sqrt(head_dim)) or a number",
+    )
+    raise_if(
+        isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)),
+        TypeError,
+        lambda: f"{where}: dropout_p={dropout_p!r}; allowed: a number in [0, 1)",
+    )
+    raise_if(
+        not 0.0 <= dropout_p < 1.0,
+        ValueError,
+        lambda: f"{where}: dropout_p={dropout_p!r}; allowed: a number in [0, 1)",
+    )
 
 
 def _check_attention_shapes(where: str, q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -227,16 +270,26 @@ def _check_attention_shapes(where: str, q: Tensor, k: Tensor, v: Tensor) -> None
                 f"{where}: {name} has shape {tuple(t.shape)}; expected 4 dims (batch, seq, heads, head_dim)"
             )
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise ValueError(f"{where}: q, k, v must share dtype and device ({q.dtype}/{k.dtype}/{v.dtype})")
-    if not q.shape[0] == k.shape[0] == v.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"{where}: batch and q/k head_dim must match: {shapes}")
-    if k.shape[1:3] != v.shape[1:3]:
-        raise ValueError(f"{where}: k and v must have the same seq and heads: {shapes}")
-    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
-        raise ValueError(
-            f"{where}: heads={q.shape[2]} must be a multiple of kv_heads={k.shape[2]} (GQA): {shapes}"
-        )
+    raise_if(
+        not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device),
+        ValueError,
+        lambda: f"{where}: q, k, v must share dtype and device ({q.dtype}/{k.dtype}/{v.dtype})",
+    )
+    raise_if(
+        not q.shape[0] == k.shape[0] == v.shape[0] or q.shape[3] != k.shape[3],
+        ValueError,
+        lambda: f"{where}: batch and q/k head_dim must match: {shapes}",
+    )
+    raise_if(
+        k.shape[1:3] != v.shape[1:3],
+        ValueError,
+        lambda: f"{where}: k and v must have the same seq and heads: {shapes}",
+    )
+    raise_if(
+        k.shape[2] == 0 or q.shape[2] % k.shape[2],
+        ValueError,
+        lambda: f"{where}: heads={q.shape[2]} must be a multiple of kv_heads={k.shape[2]} (GQA): {shapes}",
+    )
 
 
 @functools.cache
@@ -300,27 +353,37 @@ def _layout(where: str, spec: int | Sequence[SequenceInfo] | None, local_len: in
     if spec is None or (isinstance(spec, int) and not isinstance(spec, bool)):
         padded = local_len * size
         seq_len = padded if spec is None else spec
-        if not padded - size < seq_len <= padded:
-            raise ValueError(
+        raise_if(
+            not padded - size < seq_len <= padded,
+            ValueError,
+            lambda: (
                 f"ulysses_attention: {where}={spec!r} does not fit a local length of {local_len} on {size} ranks; "
                 f"allowed: {max(1, padded - size + 1)}..{padded} (SequenceInfo.seq_len)"
-            )
-        return (SequenceInfo(seq_len=seq_len, padded_len=padded, dim=1, group_size=size),)
-    if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence) or not spec:
-        raise TypeError(
-            f"ulysses_attention: {where}={spec!r}; allowed: None, an int or a list of SequenceInfo"
+            ),
         )
-    if not all(isinstance(info, SequenceInfo) and info.group_size == size for info in spec):
-        raise ValueError(
+        return (SequenceInfo(seq_len=seq_len, padded_len=padded, dim=1, group_size=size),)
+    raise_if(
+        isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence) or not spec,
+        TypeError,
+        lambda: f"ulysses_attention: {where}={spec!r}; allowed: None, an int or a list of SequenceInfo",
+    )
+    raise_if(
+        not all(isinstance(info, SequenceInfo) and info.group_size == size for info in spec),
+        ValueError,
+        lambda: (
             f"ulysses_attention: {where}={spec!r}; allowed: the SequenceInfos that split_sequence returned on "
             f"this group of {size} ranks"
-        )
+        ),
+    )
     lengths = [info.local_len for info in spec]
-    if sum(lengths) != local_len:
-        raise ValueError(
+    raise_if(
+        sum(lengths) != local_len,
+        ValueError,
+        lambda: (
             f"ulysses_attention: {where} describes {sum(lengths)} local tokens "
             f"({' + '.join(map(str, lengths))}), but the tensor has {local_len}"
-        )
+        ),
+    )
     return tuple(spec)
 
 
@@ -364,8 +427,11 @@ def _check_mask(
     where the form has 1); returned 4-D."""
     if mask is None:
         return None
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{where}: attn_mask must be a Tensor or None, got {type(mask).__name__}")
+    raise_if(
+        not isinstance(mask, Tensor),
+        TypeError,
+        lambda: f"{where}: attn_mask must be a Tensor or None, got {type(mask).__name__}",
+    )
     shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
     batch, heads = q.shape[0], q.shape[2]
     fits = any(shape[2] == fq and shape[3] in (1, fk) for fq, fk in forms)
@@ -428,21 +494,31 @@ def ulysses_attention(
         attn_mask = attn_mask[..., :1, :]  # a per-key mask expanded over the queries (Lumina-Next) is per key
     _check_attention_shapes("ulysses_attention", q, k, v)
     _check_options("ulysses_attention", causal, scale, dropout_p)
-    if not isinstance(kv_replicated, bool):
-        raise TypeError(f"ulysses_attention: kv_replicated={kv_replicated!r}; allowed: True or False")
-    if not kv_replicated and (q.shape[2] % ulysses or k.shape[2] % ulysses):
-        raise ValueError(
+    raise_if(
+        not isinstance(kv_replicated, bool),
+        TypeError,
+        lambda: f"ulysses_attention: kv_replicated={kv_replicated!r}; allowed: True or False",
+    )
+    raise_if(
+        not kv_replicated and (q.shape[2] % ulysses or k.shape[2] % ulysses),
+        ValueError,
+        lambda: (
             f"ulysses_attention: heads={q.shape[2]} and kv_heads={k.shape[2]} must both be divisible by the Ulysses "
             f"group size {ulysses} (q {tuple(q.shape)}, k {tuple(k.shape)}); a ring_group takes the rest of the "
             "sequence-parallel degree"
-        )
-    if attn_fn is not None and not callable(attn_fn):
-        raise TypeError(f"ulysses_attention: attn_fn={attn_fn!r}; allowed: None or a callable")
+        ),
+    )
+    raise_if(
+        attn_fn is not None and not callable(attn_fn),
+        TypeError,
+        lambda: f"ulysses_attention: attn_fn={attn_fn!r}; allowed: None or a callable",
+    )
     kernel = attn_fn or attention
     q_layout = _layout("seq_len", seq_len, q.shape[1], size)
     if kv_replicated:
-        if causal:
-            raise ValueError("ulysses_attention: causal=True needs sequence-sharded k/v, not kv_replicated")
+        raise_if(
+            causal, ValueError, "ulysses_attention: causal=True needs sequence-sharded k/v, not kv_replicated"
+        )
         forms = [(1, k.shape[1]), (q.shape[1], k.shape[1]), (_true_len(q_layout), k.shape[1])]
         mask = _check_mask(attn_mask, q, forms, "ulysses_attention")
         if mask is not None and mask.shape[2] not in (1, q.shape[1]):  # whole query x key: this rank's rows
@@ -451,20 +527,25 @@ def ulysses_attention(
             )
         out = kernel(q, k, v, causal=False, scale=scale, attn_mask=mask, dropout_p=dropout_p)
         return _checked_output(out, (*q.shape[:3], v.shape[3]))
-    if kv_seq_len is None and k.shape[1] != q.shape[1]:
-        raise ValueError(
+    raise_if(
+        kv_seq_len is None and k.shape[1] != q.shape[1],
+        ValueError,
+        lambda: (
             f"ulysses_attention: k/v have {k.shape[1]} local tokens and q {q.shape[1]}; pass kv_seq_len when k/v "
             "are split from other sequences, or kv_replicated=True when every rank holds the whole k/v"
-        )
+        ),
+    )
     kv_layout = q_layout if kv_seq_len is None else _layout("kv_seq_len", kv_seq_len, k.shape[1], size)
-    if causal and (len(q_layout) > 1 or kv_layout != q_layout or ring > 1):
-        raise ValueError(
-            "ulysses_attention: causal=True needs q and k/v made of the same single sequence, and no ring_group"
-        )
-    if ring > 1 and (attn_fn is not None or dropout_p):
-        raise ValueError(
-            "ulysses_attention: attn_fn and dropout_p need ring_group=None (ring kernels are fixed)"
-        )
+    raise_if(
+        causal and (len(q_layout) > 1 or kv_layout != q_layout or ring > 1),
+        ValueError,
+        "ulysses_attention: causal=True needs q and k/v made of the same single sequence, and no ring_group",
+    )
+    raise_if(
+        ring > 1 and (attn_fn is not None or dropout_p),
+        ValueError,
+        "ulysses_attention: attn_fn and dropout_p need ring_group=None (ring kernels are fixed)",
+    )
     forms = [(1, k.shape[1]), (_true_len(q_layout), _true_len(kv_layout))]
     mask = _check_mask(attn_mask, q, forms, "ulysses_attention")
     keyed = mask is not None and mask.shape[2] == 1 and mask.shape[3] == k.shape[1]  # split like k
@@ -514,9 +595,12 @@ def _true_len(layout: Layout) -> int:
 
 
 def _checked_output(out: Tensor, expected: tuple[int, ...]) -> Tensor:
-    if tuple(out.shape) != expected:
-        raise ValueError(
+    raise_if(
+        tuple(out.shape) != expected,
+        ValueError,
+        lambda: (
             f"ulysses_attention: attn_fn returned shape {tuple(out.shape)}, expected {expected} "
             "(batch, seq, heads, head_dim)"
-        )
+        ),
+    )
     return out

@@ -95,11 +95,14 @@ def data_parallel(fn: Encode, group: dist.ProcessGroup | None = None, dim: int =
                 f"data_parallel: the ranks of the group passed batches of {[row[0] for row in rows]} "
                 f"items on dim {dim}; every rank must pass the same full batch"
             )
-        if any(row[1] != rows[0][1] for row in rows):
-            raise ValueError(
+        raise_if(
+            any(row[1] != rows[0][1] for row in rows),
+            ValueError,
+            lambda: (
                 f"data_parallel: fn's non-tensor outputs {constants!r} differ between ranks; "
                 "non-tensor outputs must not depend on the batch"
-            )
+            ),
+        )
         for column, (i, d) in enumerate(tensors.items()):
             local = leaves[i].detach() if mine else leaves[i].detach().narrow(d, 0, 0)
             leaves[i] = _all_gather_cat(local, [row[2 + column] for row in rows], d, pg)
@@ -232,11 +235,14 @@ def _concatenate(outputs: list[Any], dim: int, wrapper: str, shape: tuple[int, .
     ``dim``, constants checked equal."""
     parts = [_flatten(output) for output in outputs]
     columns = list(zip(*(leaves for leaves, _ in parts), strict=False))
-    if any(len(leaves) != len(columns) for leaves, _ in parts):
-        raise ValueError(
+    raise_if(
+        any(len(leaves) != len(columns) for leaves, _ in parts),
+        ValueError,
+        lambda: (
             f"{wrapper}: fn returned outputs of different structures for the slices of x of shape {shape}; it "
             "must return the same structure for every batch"
-        )
+        ),
+    )
     combined = []
     for index, column in enumerate(columns):
         if isinstance(column[0], torch.Tensor):
@@ -312,8 +318,11 @@ def _check_group(group: Any, wrapper: str = "data_parallel") -> None:
 
 
 def _batch_dim(x: Any, dim: int, wrapper: str) -> int:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{wrapper}: x must be a torch.Tensor, got {type(x).__name__}")
+    raise_if(
+        not isinstance(x, torch.Tensor),
+        TypeError,
+        lambda: f"{wrapper}: x must be a torch.Tensor, got {type(x).__name__}",
+    )
     if not -x.dim() <= dim < x.dim():
         raise ValueError(
             f"{wrapper}: dim={dim} is out of range for x of shape {tuple(x.shape)}; "
@@ -331,7 +340,10 @@ def _output_dim(leaf: torch.Tensor, dim: int, index: int, wrapper: str) -> int:
     return dim % leaf.dim()
 
 
-def raise_if(bad: bool, error: type[Exception], message: str) -> None:
-    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective)."""
+def raise_if(bad: bool, error: type[Exception], message: str | Callable[[], str]) -> None:
+    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective).
+
+    ``message`` may be a zero-argument callable, called only when ``bad``: per-call checks format nothing.
+    """
     if bad:
-        raise error(message)
+        raise error(message if isinstance(message, str) else message())

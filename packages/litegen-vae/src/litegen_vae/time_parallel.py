@@ -111,11 +111,14 @@ class TimeParallelEncode:
             return self.vae.encode(x, *args, **kwargs)
         pg = dist.group.WORLD if self.group is None else self.group
         rows = _all_gather_rows(torch.tensor(x.shape, device=x.device), pg).tolist()
-        if any(row != rows[0] for row in rows):
-            raise ValueError(
+        raise_if(
+            any(row != rows[0] for row in rows),
+            ValueError,
+            lambda: (
                 f"time_parallel: the ranks of the group passed clips of shapes {rows}; every rank must pass "
                 "the same clip"
-            )
+            ),
+        )
         with torch.no_grad():
             key = (x.dtype, x.device)
             if key not in self._verified:
@@ -309,24 +312,28 @@ def _plan(vae: nn.Module) -> tuple[list[_Conv], bool]:
 def _wrapped_conv(module: nn.Module, conv: nn.Conv3d, path: str) -> _Conv:
     """A module that pads in time, then calls ``module.conv`` (HunyuanVideo, LTX-Video, Mochi, CogVideoX)."""
     kernel, stride = conv.kernel_size[0], conv.stride[0]
-    if (
+    raise_if(
         "conv_cache" in inspect.signature(module.forward).parameters
-        and getattr(module, "pad_mode", "") != "replicate"
-    ):
-        raise ValueError(
+        and getattr(module, "pad_mode", "") != "replicate",
+        ValueError,
+        lambda: (
             f"time_parallel: {path} carries a convolution cache from one frame batch to the next: the "
             "VAE's encode runs its encoder over frame batches in sequence (each normalised with its own "
             "statistics), so no split of the frames over ranks reproduces it exactly (CogVideoX)"
-        )
+        ),
+    )
     if hasattr(module, "time_causal_padding"):
         front, back = module.time_causal_padding[4], module.time_causal_padding[5]
     else:
         front, back = (kernel - 1, 0) if module.is_causal else ((kernel - 1) // 2, (kernel - 1) // 2)
-    if back or front != kernel - 1 or conv.padding[0] or conv.dilation[0] != 1 or kernel < stride:
-        raise ValueError(
+    raise_if(
+        back or front != kernel - 1 or conv.padding[0] or conv.dilation[0] != 1 or kernel < stride,
+        ValueError,
+        lambda: (
             f"time_parallel: {path} is not a causal temporal convolution (kernel {kernel}, stride {stride}, "
             f"padding {front} before and {back} after the frames); only causal ones split exactly"
-        )
+        ),
+    )
     return _Conv(conv, kernel, stride, front)
 
 

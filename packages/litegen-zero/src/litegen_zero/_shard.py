@@ -194,8 +194,11 @@ def shard_frozen(
 
 
 def _check_model(model: object) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model={type(model).__name__}; allowed: a torch.nn.Module")
+    raise_if(
+        not isinstance(model, nn.Module),
+        TypeError,
+        lambda: f"model={type(model).__name__}; allowed: a torch.nn.Module",
+    )
 
 
 def _world_size() -> int:
@@ -376,7 +379,10 @@ def _default_mesh(world: int, group_size: int | None) -> DeviceMesh:
     return init_device_mesh(_device_type(), (world // group_size, group_size), mesh_dim_names=_MESH_DIMS)
 
 
-def raise_if(bad: bool, error: type[Exception], message: str) -> None:
-    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective)."""
+def raise_if(bad: bool, error: type[Exception], message: str | Callable[[], str]) -> None:
+    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective).
+
+    ``message`` may be a zero-argument callable, called only when ``bad``: per-call checks format nothing.
+    """
     if bad:
-        raise error(message)
+        raise error(message if isinstance(message, str) else message())

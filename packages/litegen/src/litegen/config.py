@@ -21,6 +21,7 @@ import re
 import reprlib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple, Union
@@ -321,10 +322,13 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     raise_if(not ok, ValueError, f"config: {key}={value!r} is not allowed; {allowed}")
 
 
-def raise_if(bad: bool, error: type[Exception], message: str) -> None:
-    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective)."""
+def raise_if(bad: bool, error: type[Exception], message: str | Callable[[], str]) -> None:
+    """``if bad: raise error(message)``: the package's argument checks (on every rank, before any collective).
+
+    ``message`` may be a zero-argument callable, called only when ``bad``: per-call checks format nothing.
+    """
     if bad:
-        raise error(message)
+        raise error(message if isinstance(message, str) else message())
 
 
 def _coerce_fields(obj: Any, prefix: str = "") -> None:
