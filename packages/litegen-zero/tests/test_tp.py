@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from bad_input import refusals
 from litegen_zero import clip_grad_norm_, full_state_dict, tensor_parallel
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -184,16 +184,7 @@ def bad_calls() -> list[str]:
         lambda: tensor_parallel(Net(), mesh, plan={"blocks.*.attn.to_q": "diagonal"}),
         lambda: tensor_parallel(transformers.T5EncoderModel(t5), mesh),
     ]
-    errors = []
-    for call in calls:
-        try:
-            call()
-            errors.append("no error")
-        except ValueError as exc:
-            errors.append(str(exc))
-    t = torch.ones(1)
-    dist.all_reduce(t)
-    return [*errors, t.item()]
+    return refusals(calls)
 
 
 def world2_checks() -> dict:
