@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import threading
+import time
 
 import numpy
 import pytest
@@ -328,3 +331,20 @@ def test_rotation_keeps_the_highest_steps_and_the_loaded_one_and_a_rewind_retire
     assert complete_steps(tmp_path) == [6, 7] and (tmp_path / "latest").read_text() == "step_7"
     (tmp_path / "step_7" / "litegen.json").write_text("{garbled")  # fall-back can only go back, never to 8
     assert Checkpointer(tmp_path).load(model=nn.Linear(2, 2), fall_back=True) == 6
+
+
+def test_close_waits_for_the_deletion_of_rotated_checkpoints(tmp_path, monkeypatch):
+    rmtree = shutil.rmtree
+
+    def slow_rmtree(path, **kwargs) -> None:  # deleting GBs takes a while
+        time.sleep(0.3)
+        rmtree(path, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", slow_rmtree)
+    threads = set(threading.enumerate())
+    run = Checkpointer(tmp_path, keep=1)
+    for step in range(3):
+        run.save(step, model=nn.Linear(2, 2))
+    run.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_2"]
+    assert set(threading.enumerate()) <= threads

@@ -164,6 +164,7 @@ class Checkpointer:
         self._group = process_group
         self._rank, self._world_size = rank_and_size(process_group)
         self._pending: Future[None] | None = None
+        self._deleting: list[threading.Thread] = []  # old checkpoints being deleted; close() joins them
         self._async_group: dist.ProcessGroup | None = None
         if async_save:
             if self._distributed:  # a collective: every rank of the world constructs the Checkpointer
@@ -287,8 +288,11 @@ class Checkpointer:
         return [_step_of(d) for d in _complete_dirs(self.root)]
 
     def close(self) -> None:
-        """Finish a background save and free the async resources (the CPU copy, the thread, the group)."""
+        """Finish a background save and the deletion of rotated checkpoints; free the async resources (the CPU
+        copy, the thread, the group)."""
         self.wait()
+        for thread in self._deleting:
+            thread.join()
         if self.async_save:
             self._stager.close()
             self._executor.shutdown()
@@ -401,11 +405,14 @@ class Checkpointer:
                 if self.keep
                 else []
             )
+            self._deleting = [thread for thread in self._deleting if thread.is_alive()]
             for directory in [replaced, *retired, *map(_discard, old)]:
                 if directory is not None:  # deleting GBs takes a while: off the training loop's path
-                    threading.Thread(
+                    thread = threading.Thread(
                         target=shutil.rmtree, args=(directory,), kwargs={"ignore_errors": True}
-                    ).start()
+                    )
+                    thread.start()
+                    self._deleting.append(thread)
 
     def _log(self, message: str, level: int = logging.INFO) -> None:
         if self._rank == 0:
