@@ -4,9 +4,9 @@
 
 Workload: the demo DiT (tools/dit.py, dim 256, depth 4, 16 x 16 latents = 64 tokens, 8 samples per rank, 16 text
 tokens), AdamW; one config adds a frozen MiniLM-sized BERT (transformers BertModel, random weights) sharded by
-``encoder.fsdp``, one a VAE whose encode runs before the step. Eight configurations: DDP, ZeRO-2, ZeRO-3, ZeRO-3 + SP 2, ZeRO-3 + selective checkpointing 0.5,
+``encoder.fsdp``, one a VAE whose encode runs before the step. Nine configurations: DDP, ZeRO-2, ZeRO-3, ZeRO-3 + SP 2, ZeRO-3 + selective checkpointing 0.5,
 ZeRO-2 + sharded EMA, ZeRO-3 + the sharded encoder, ZeRO-2 + a VAE's encode (diffusers AutoencoderKL, 3 levels, 8 x 3
-x 128 x 128 images per rank).
+x 128 x 128 images per rank), ZeRO-3 + TP 2 (the blocks' attention and MLP split over the two ranks).
 
 Predicted: ``litegen.plan.plans`` in one process over a fake world of 2 (rank 0). Measured: ``litegen.plan.measure``
 in a real gloo world of 2 (torchrun, a fresh one per config), the same steps on real tensors, rank 0: the tracker's
@@ -42,6 +42,7 @@ CONFIGS = {
     "zero2_ema_sharded": {"zero_degree": 2, "ema": {"enable": True, "sharded": True}},
     "zero3_minilm_sharded": {"zero_degree": 3, "encoder": {"fsdp": True}},
     "zero2_vae_encode": {"zero_degree": 2},
+    "zero3_tp2": {"zero_degree": 3, "tp_size": 2},
 }
 BATCH, TEXT = 8, 16
 

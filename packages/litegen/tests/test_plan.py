@@ -8,6 +8,7 @@ with its parts, and the search's recommendation and its "nothing fits" answer.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,35 @@ def test_a_plan_of_the_demo_config():
     small = litegen("plan", "--config", "tools/configs/default.yaml", *DIT, *INPUTS, "--world-size", "2",
                     "--device-memory", "1MiB")  # fmt: skip
     assert small.returncode == 1 and "does NOT fit" in small.stdout, small.stdout + small.stderr
+
+
+PLAN_TP = """
+import json, sys
+import torch
+from dit import DiT
+from litegen.plan import Workload, plans
+
+inputs = {"x": [4, 4, 8, 8], "t": [4], "text": [4, 16, 384]}
+work = Workload(lambda: DiT(input_size=8, dim=64, depth=2, heads=2),
+                lambda: {name: torch.randn(shape) for name, shape in inputs.items()})
+found = plans([{"zero_degree": 3}, {"zero_degree": 3, "tp_size": 2}], work, world_size=4)
+print(json.dumps([plan.parts if hasattr(plan, "parts") else repr(plan) for plan in found]))
+"""
+
+
+def test_a_plan_with_tensor_parallelism_holds_a_quarter_of_the_split_weights():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tools")}
+    done = subprocess.run(
+        [sys.executable, "-c", PLAN_TP], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    zero3, tp2 = json.loads(done.stdout.splitlines()[-1])
+    assert isinstance(tp2, dict), tp2
+    # ZeRO-3 over 4 ranks holds 1/4 of every weight; TP 2 x ZeRO-3 over dp 2 holds 1/4 of the blocks' split
+    # weights and 1/2 of the rest (embedders, final layer, norms): more than ZeRO-3 alone, less than dp 2
+    assert zero3["parameters"] < tp2["parameters"] < 2 * zero3["parameters"], (zero3, tp2)
+    for parts in (zero3, tp2):  # AdamW's two states (and a 4-byte step per tensor) follow the shards
+        assert 0 <= parts["optimizer state"] - 2 * parts["parameters"] < 0.01 * parts["parameters"], parts
 
 
 def test_fit_lists_what_fits_cheapest_first():

@@ -39,11 +39,12 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from torch.overrides import TorchFunctionMode
 
 from .config import LiteGenConfig, config_as_dict, load_config, raise_if
 
@@ -128,8 +129,8 @@ class Plan:
         )
         head = (
             f"rank {self.rank} of {self.world_size}: zero_degree {self.config['zero_degree']}, sp_size "
-            f"{self.config['sp_size']}, selective_ratio {self.config['selective_ratio']}, precision "
-            f"{self.config['precision']}"
+            f"{self.config['sp_size']}, tp_size {self.config['tp_size']}, selective_ratio "
+            f"{self.config['selective_ratio']}, precision {self.config['precision']}"
         )
         encode = (
             [f"{'encode':<22}{_gib(self.encode):>12}  (encoders / VAE, before the step)"]
@@ -225,7 +226,8 @@ def _trace(
             model = workload.model()
             optimizer = workload.optimizer([p for p in model.parameters() if p.requires_grad])
             encoders = [make() for make, _ in workload.encoders]
-            model, optimizer, *encoders = gen.initialize(model, optimizer, *encoders)
+            with _RealStaysReal() if fake and config.tp_size > 1 else contextlib.nullcontext():
+                model, optimizer, *encoders = gen.initialize(model, optimizer, *encoders)
             vae = workload.vae[0]().requires_grad_(False) if workload.vae is not None else None
             encode_fn = gen.initialize(vae.encode) if vae is not None else None  # built on the device
             tracker = (
@@ -261,6 +263,20 @@ def _trace(
                     time.perf_counter() - start, encode)  # fmt: skip
     finally:
         gen.close()
+
+
+class _RealStaysReal(TorchFunctionMode):
+    """Inside the fake trace, an op whose tensor arguments are all plain real tensors (made before the trace: a
+    DeviceMesh's rank map, when FSDP joins the dp and tp meshes of a TP parameter) runs for real."""
+
+    def __torch_function__(
+        self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        real = tensors and all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
+        with unset_fake_temporarily() if real else contextlib.nullcontext():
+            return func(*args, **kwargs)
 
 
 def _parts(tracker: MemTracker) -> dict[str, int]:
