@@ -39,7 +39,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from litegen_zero._shard import _check_model, find_blocks
+from litegen_zero._shard import _check_model, find_blocks, raise_if
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +93,11 @@ def tensor_parallel(
     parameters. Returns ``model``; ``shard()`` / ``shard_frozen()`` come after.
     """
     _check_model(model)
-    if not isinstance(mesh, DeviceMesh) or mesh.ndim != 1:
-        raise ValueError(f"mesh={mesh!r}; allowed: a 1-D DeviceMesh of the tensor-parallel ranks")
+    raise_if(
+        not isinstance(mesh, DeviceMesh) or mesh.ndim != 1,
+        ValueError,
+        f"mesh={mesh!r}; allowed: a 1-D DeviceMesh of the tensor-parallel ranks",
+    )
     tp = mesh.size()
     source = "the given plan"
     if plan is None:
@@ -291,19 +294,23 @@ def _expand(model: nn.Module, plan: Plan) -> tuple[dict[str, ParallelStyle], dic
     packed: dict[str, list[int]] = {}
     for pattern, style in plan.items():
         matches = [n for n in linears if fnmatch.fnmatchcase(n, pattern)]
-        if not matches:
-            raise ValueError(
-                f"tensor_parallel: plan entry {pattern!r} matches no nn.Linear or nn.Embedding of "
-                f"{type(model).__name__}; allowed: names or fnmatch patterns of Linear / Embedding submodules"
-            )
+        raise_if(
+            not matches,
+            ValueError,
+            f"tensor_parallel: plan entry {pattern!r} matches no nn.Linear or nn.Embedding of "
+            f"{type(model).__name__}; allowed: names or fnmatch patterns of Linear / Embedding submodules",
+        )
         kind = type(style).__name__
         for name in matches:
             if kind == "PackedRowwiseParallel":  # diffusers' packed layout: kept whole, its input gathered
                 packed[name] = list(
                     style.blocks or getattr(linears[name], "_tp_packed_row_blocks", None) or []
                 )
-                if not packed[name]:
-                    raise ValueError(f"tensor_parallel: {name!r} is PackedRowwiseParallel without blocks")
+                raise_if(
+                    not packed[name],
+                    ValueError,
+                    f"tensor_parallel: {name!r} is PackedRowwiseParallel without blocks",
+                )
             elif isinstance(style, str) and style in _STYLES:
                 styles[name] = _STYLES[style]()
             elif isinstance(style, ParallelStyle):
@@ -337,12 +344,13 @@ def _split_attentions(
             head_dim = model.get_submodule(query).out_features // heads
             shape = getattr(norm, "normalized_shape", None) or getattr(norm, "dim", None)
             size = int(shape[-1]) if isinstance(shape, (tuple, list, torch.Size)) else head_dim
-            if size != head_dim:
-                raise ValueError(
-                    f"tensor_parallel: {owner}.{name} ({type(norm).__name__}) normalizes {size} features, all heads "
-                    f"at once (head_dim is {head_dim}); a split over heads changes it: allowed: a plan that leaves "
-                    f"{owner} replicated, or tp_size 1"
-                )
+            raise_if(
+                size != head_dim,
+                ValueError,
+                f"tensor_parallel: {owner}.{name} ({type(norm).__name__}) normalizes {size} features, all heads "
+                f"at once (head_dim is {head_dim}); a split over heads changes it: allowed: a plan that leaves "
+                f"{owner} replicated, or tp_size 1",
+            )
             if any(True for _ in norm.parameters()):
                 norms[f"{owner}.{name}"] = SequenceParallel(sequence_dim=0, use_local_output=True)
         for attr in _HEAD_ATTRS + _KV_HEAD_ATTRS + (_WIDTH_ATTRS if heads is not None else ()):
@@ -360,11 +368,12 @@ def _split_attentions(
             width = layer.embedding_dim if isinstance(style, ColwiseParallel) else layer.num_embeddings
         else:
             width = layer.out_features if isinstance(style, ColwiseParallel) else layer.in_features
-        if width % tp:
-            raise ValueError(
-                f"tensor_parallel: {name} splits {width} features over tp_size={tp}; allowed: a tp_size "
-                f"dividing {width}"
-            )
+        raise_if(
+            width % tp != 0,
+            ValueError,
+            f"tensor_parallel: {name} splits {width} features over tp_size={tp}; allowed: a tp_size "
+            f"dividing {width}",
+        )
     for module, attr, local in changes:
         setattr(module, attr, local)
     return norms

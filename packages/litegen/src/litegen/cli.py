@@ -12,6 +12,7 @@ planned fits, 2 bad arguments or not a readable checkpoint.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -25,7 +26,11 @@ from litegen_ckpt.offline import checkpoint_directory
 
 from .config import DTYPES, raise_if
 
-OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+OPTIMIZERS = {
+    "adamw": torch.optim.AdamW,
+    "adam": torch.optim.Adam,
+    "sgd": functools.partial(torch.optim.SGD, lr=1e-3),
+}
 _INPUTS_HELP = (
     'JSON: this rank\'s forward arguments by name, a shape (float32) or {"shape": [...], "dtype": "int64"}, e.g. '
     '{"x": [4, 4, 32, 32], "t": [4], "text": [4, 120, 384]}'
@@ -226,7 +231,7 @@ def _plan(args: argparse.Namespace) -> int:
         vae=(_factory(args.vae, args.vae_kwargs, None), _inputs(args.vae_inputs, "--vae-inputs"))
         if args.vae
         else None,
-        optimizer=OPTIMIZERS[args.optimizer] if args.optimizer != "sgd" else _sgd,
+        optimizer=OPTIMIZERS[args.optimizer],
     )
     world = dict(world_size=args.world_size, rank=args.rank, gpus_per_node=args.gpus_per_node)
     if args.fit is None:
@@ -300,10 +305,6 @@ def _advice(part: str) -> str:
         "parameters": "more GPUs to shard over",
         "gathered parameters": "smaller blocks (FSDP gathers one block at a time)",
     }.get(part, "more GPUs or a smaller model")
-
-
-def _sgd(params: Any) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=1e-3)
 
 
 def _factory(spec: str, kwargs: dict, config_json: str | None) -> Any:

@@ -301,7 +301,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     for kind in allowed:
         if kind is type(None) and value is None:
             return None
-        if kind is bool and isinstance(value, bool):
+        if kind in (bool, str) and isinstance(value, kind):
             return value
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -312,8 +312,6 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 f"config: {key}={value!r} is not allowed; a finite number",
             )
             return float(value)
-        if kind is str and isinstance(value, str):
-            return value
     names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
     raise TypeError(f"config: {key!r} must be {names}, got {value!r} ({type(value).__name__})")
 

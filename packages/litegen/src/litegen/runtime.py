@@ -255,10 +255,11 @@ def tasks_per_node(spec: str, nodes: int) -> list[int]:
         counts += [int(match.group(1))] * int(match.group(2) or 1)
     if len(counts) == 1 and nodes > 1:
         counts *= nodes
-    if len(counts) != nodes:
-        raise ValueError(
-            f"SLURM_STEP_TASKS_PER_NODE={spec!r} gives {len(counts)} nodes, the node list {nodes}"
-        )
+    raise_if(
+        len(counts) != nodes,
+        ValueError,
+        f"SLURM_STEP_TASKS_PER_NODE={spec!r} gives {len(counts)} nodes, the node list {nodes}",
+    )
     return counts
 
 
@@ -270,14 +271,12 @@ def _init_process_group(timeout: float, launch: Launch) -> bool:
     use_cuda = torch.cuda.is_available()
     backend = "cuda:nccl,cpu:gloo" if use_cuda else "gloo"
     td = datetime.timedelta(seconds=timeout)
+    if use_cuda:
+        torch.cuda.set_device(launch.local_rank)  # 0 in a world of one
     if launch.launcher != "none":
         _warn_about_shared_rendezvous_store()
-        if use_cuda:
-            torch.cuda.set_device(launch.local_rank)
         dist.init_process_group(backend, timeout=td)
     else:
-        if use_cuda:
-            torch.cuda.set_device(0)
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=td)
     return True
 
@@ -306,10 +305,11 @@ def start(config: LiteGenConfig) -> Runtime:
             config.tp_size,
         )
     check_world(config, world, node)
-    if "nccl" in str(dist.get_backend()):
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if "nccl" in dist.get_backend()
+        else torch.device("cpu")
+    )
     sp, tp = config.sp_size, config.tp_size
     timeout = datetime.timedelta(seconds=config.collective_timeout)
     if tp > 1:  # TP innermost; FSDP2 shards over mesh["dp"] (config: sp 1, no group_zero)
@@ -352,11 +352,9 @@ def usp_meshes(device_type: str, dp: int, sp: int, ring: int | None, timeout: da
     """For each Ulysses x Ring split of the SP groups (only ``sp / ring x ring`` when ``ring`` is set;
     pure Ulysses reuses the SP group): a ``("dp", "ring", "ulysses")`` mesh, Ulysses innermost, and its
     (Ulysses group, ring group)."""
-    degrees = [sp // ring] if ring is not None else [u for u in range(1, sp + 1) if sp % u == 0]
+    degrees = {sp // ring} if ring is not None else {u for u in range(1, sp + 1) if sp % u == 0}
     splits = {}
-    for ulysses in degrees:
-        if ulysses == sp:
-            continue
+    for ulysses in sorted(degrees - {sp}):
         mesh = _mesh(device_type, (dp, sp // ulysses, ulysses), ("dp", "ring", "ulysses"), timeout)
         splits[ulysses] = (mesh.get_group("ulysses"), mesh.get_group("ring"))
     return splits
