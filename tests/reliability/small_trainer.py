@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--config", default="{}", help="LiteGen config overrides, JSON")
     parser.add_argument("--stop", default=None, help="RANK:STEP")
+    parser.add_argument("--start-late", default=None, help="RANK:SECONDS, slept before joining the world")
     parser.add_argument("--hang-in-save", type=int, default=None)
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--rss-at", type=int, default=200)
@@ -125,6 +126,8 @@ def main() -> None:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))  # torchrun, else an srun step
     progress = args.run_dir / "progress"
     progress.mkdir(parents=True, exist_ok=True)
+    if args.start_late is not None and rank == int(args.start_late.split(":")[0]):
+        time.sleep(float(args.start_late.split(":")[1]))
     try:
         train(args, config, rank, progress, first_attempt)
     except Exception as error:

@@ -2,7 +2,8 @@
 ``CollectiveTimeoutError`` that names the collective; torchrun then ends the whole job (nothing hangs).
 
 Two runs at once (they mostly wait): ZeRO-3, where rank 0 waits in the parameter all-gather of the next
-forward, and DDP with async checkpoints, where it waits in the gradient all-reduce of the next backward.
+forward, and DDP with async checkpoints, where it waits in the gradient all-reduce of the next backward. In the
+ZeRO-3 run rank 1 also starts later than ``collective_timeout``: joining the world is not a collective.
 """
 
 from __future__ import annotations
@@ -12,18 +13,24 @@ import json
 from reliability_launch import wait_for
 
 TIMEOUT_S = 10
-RUNS = {
-    "zero3-forward": ({"zero_degree": 3}, "gloo:all_gather on process group 'default_pg'"),
+RUNS = {  # name: config, the collective rank 0 waits in, extra trainer arguments
+    # rank 1 also joins the world later than collective_timeout: the rendezvous waits for it (torch's default)
+    "zero3-forward": (
+        {"zero_degree": 3},
+        "gloo:all_gather on process group 'default_pg'",
+        ["--start-late", "1:15"],
+    ),
     "ddp-backward": (
         {"zero_degree": 0, "checkpoint_async": True},
         "gloo:all_reduce on process group 'default_pg'",
+        [],
     ),
 }
 
 
 def test_a_hung_peer_fails_the_others_with_a_named_timeout(tmp_path, launch):
     runs = {}
-    for name, (config, _) in RUNS.items():
+    for name, (config, _, extra) in RUNS.items():
         config = {**config, "collective_timeout": TIMEOUT_S}
         runs[name] = launch(
             tmp_path / name,
@@ -35,6 +42,7 @@ def test_a_hung_peer_fails_the_others_with_a_named_timeout(tmp_path, launch):
             json.dumps(config),
             "--stop",
             "1:4",
+            *extra,
         )  # rank 1 stops calling collectives after step 4 (and its save)
     for name, run in runs.items():
         run_dir = tmp_path / name

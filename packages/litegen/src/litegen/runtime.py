@@ -11,9 +11,10 @@ innermost, FSDP2 shards over its ``dp`` dim, ``tensor_parallel`` splits over its
 ZeRO-3 adds a ``("replicate", "shard")`` mesh whose shard groups are contiguous blocks of
 ``group_size`` ranks (a node), each holding whole SP groups.
 
-Every group LiteGen creates gets ``collective_timeout`` (torch gives new groups 30 minutes), and a
-backend timeout is re-raised as ``CollectiveTimeoutError`` naming the collective that hung, read from
-torch's flight recorder (on by default for gloo; ``TORCH_FR_BUFFER_SIZE=0`` turns it off).
+Every group LiteGen creates gets ``collective_timeout`` (torch gives new groups 30 minutes; the rendezvous keeps
+torch's default, so a rank that starts late is not an error), and a backend timeout is re-raised as
+``CollectiveTimeoutError`` naming the collective that hung, read from torch's flight recorder (on by default for
+gloo; ``TORCH_FR_BUFFER_SIZE=0`` turns it off).
 """
 
 from __future__ import annotations
@@ -275,7 +276,8 @@ def _init_process_group(timeout: float, launch: Launch) -> bool:
         torch.cuda.set_device(launch.local_rank)  # 0 in a world of one
     if launch.launcher != "none":
         _warn_about_shared_rendezvous_store()
-        dist.init_process_group(backend, timeout=td)
+        dist.init_process_group(backend)  # the rendezvous waits for late ranks as long as torch's default
+        dist.set_timeout(td)  # the collectives get collective_timeout
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=td)
     return True
