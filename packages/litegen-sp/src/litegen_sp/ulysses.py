@@ -269,7 +269,6 @@ def _check_attention_shapes(where: str, q: Tensor, k: Tensor, v: Tensor) -> None
             raise ValueError(
                 f"{where}: {name} has shape {tuple(t.shape)}; expected 4 dims (batch, seq, heads, head_dim)"
             )
-    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     raise_if(
         not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device),
         ValueError,
@@ -278,18 +277,24 @@ def _check_attention_shapes(where: str, q: Tensor, k: Tensor, v: Tensor) -> None
     raise_if(
         not q.shape[0] == k.shape[0] == v.shape[0] or q.shape[3] != k.shape[3],
         ValueError,
-        lambda: f"{where}: batch and q/k head_dim must match: {shapes}",
+        lambda: f"{where}: batch and q/k head_dim must match: {_shapes(q, k, v)}",
     )
     raise_if(
         k.shape[1:3] != v.shape[1:3],
         ValueError,
-        lambda: f"{where}: k and v must have the same seq and heads: {shapes}",
+        lambda: f"{where}: k and v must have the same seq and heads: {_shapes(q, k, v)}",
     )
     raise_if(
         k.shape[2] == 0 or q.shape[2] % k.shape[2],
         ValueError,
-        lambda: f"{where}: heads={q.shape[2]} must be a multiple of kv_heads={k.shape[2]} (GQA): {shapes}",
+        lambda: (
+            f"{where}: heads={q.shape[2]} must be a multiple of kv_heads={k.shape[2]} (GQA): {_shapes(q, k, v)}"
+        ),
     )
+
+
+def _shapes(q: Tensor, k: Tensor, v: Tensor) -> str:
+    return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
 
 
 @functools.cache

@@ -375,7 +375,7 @@ def _mesh(
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
     for name in names:
         group = mesh.get_group(name)
-        if group is not dist.group.WORLD:  # the default group keeps the timeout it was created with
+        if group is not dist.group.WORLD:  # the default group's was set when it was created
             dist.set_timeout(timeout, group)
     return mesh
 
